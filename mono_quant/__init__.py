@@ -1,0 +1,54 @@
+"""mono-quant: model-agnostic post-training quantization for PyTorch (INT8, INT4, FP16/BF16).
+
+Example:
+    >>> import torch, mono_quant as mq
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    >>> q_model, skipped = mq.dynamic_quantize(model, dtype=torch.qint8)
+    >>> q_model(torch.randn(2, 64)).shape
+    torch.Size([2, 10])
+"""
+
+from mono_quant.calibration import Calibrator
+from mono_quant.config import (
+    Granularity,
+    HistogramMethod,
+    Mode,
+    ObserverKind,
+    QuantDtype,
+    QuantizationConfig,
+    Scheme,
+)
+from mono_quant.errors import CalibrationError, ConfigError, QuantizationError, SerializationError
+from mono_quant.fidelity import FidelityReport, compare
+from mono_quant.observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
+from mono_quant.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize
+from mono_quant.report import LayerReport, QuantizationReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "Calibrator",
+    "ConfigError",
+    "FidelityReport",
+    "Granularity",
+    "HistogramMethod",
+    "HistogramObserver",
+    "LayerReport",
+    "MinMaxObserver",
+    "Mode",
+    "MovingAverageMinMaxObserver",
+    "ObserverKind",
+    "QuantDtype",
+    "QuantizationConfig",
+    "QuantizationError",
+    "QuantizationReport",
+    "QuantizationResult",
+    "Scheme",
+    "SerializationError",
+    "__version__",
+    "compare",
+    "dynamic_quantize",
+    "quantize",
+    "static_quantize",
+]

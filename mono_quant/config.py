@@ -1,0 +1,211 @@
+"""``QuantizationConfig``: one validated, immutable description of what to quantize and how.
+
+Strings, enums and torch dtypes are all accepted for ``dtype``; everything is normalized to the
+enums below at construction, so the rest of the library compares enums, never strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from mono_quant.errors import ConfigError
+
+
+class QuantDtype(str, Enum):
+    """Target precision of the quantized weights."""
+
+    INT8 = "int8"
+    INT4 = "int4"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def bits(self) -> int:
+        return {"int8": 8, "int4": 4, "fp16": 16, "bf16": 16}[self.value]
+
+    @property
+    def is_integer(self) -> bool:
+        return self in (QuantDtype.INT8, QuantDtype.INT4)
+
+
+class Mode(str, Enum):
+    """How activations are treated. ``dynamic``/``static`` compute in int8; ``weight_only`` in float."""
+
+    DYNAMIC = "dynamic"
+    STATIC = "static"
+    WEIGHT_ONLY = "weight_only"
+
+
+class Scheme(str, Enum):
+    SYMMETRIC = "symmetric"
+    ASYMMETRIC = "asymmetric"
+
+
+class Granularity(str, Enum):
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+    PER_GROUP = "per_group"
+
+
+class ObserverKind(str, Enum):
+    MINMAX = "minmax"
+    MOVING_AVERAGE = "moving_average"
+    HISTOGRAM = "histogram"
+
+
+class HistogramMethod(str, Enum):
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+_DTYPE_ALIASES: dict[Any, QuantDtype] = {
+    torch.qint8: QuantDtype.INT8,
+    torch.int8: QuantDtype.INT8,
+    torch.quint4x2: QuantDtype.INT4,
+    torch.float16: QuantDtype.FP16,
+    torch.bfloat16: QuantDtype.BF16,
+    "qint8": QuantDtype.INT8,
+    "float16": QuantDtype.FP16,
+    "half": QuantDtype.FP16,
+    "bfloat16": QuantDtype.BF16,
+}
+
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+def parse_enum(enum_type: type[Enum], value: Any, argument: str) -> Any:
+    """Return ``value`` as a member of ``enum_type`` or raise a ``ConfigError`` naming ``argument``.
+
+    Example:
+        >>> parse_enum(Mode, "static", "mode")
+        <Mode.STATIC: 'static'>
+    """
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(str(value).lower())
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_type)
+        raise ConfigError(f"{argument}={value!r} is not supported; expected one of {choices}") from None
+
+
+def parse_dtype(value: Any) -> QuantDtype:
+    """Normalize a dtype name, enum or torch dtype (``torch.qint8`` is accepted as a name only).
+
+    Example:
+        >>> parse_dtype(torch.qint8), parse_dtype("fp16")
+        (<QuantDtype.INT8: 'int8'>, <QuantDtype.FP16: 'fp16'>)
+    """
+    if isinstance(value, QuantDtype):
+        return value
+    key = value.lower() if isinstance(value, str) else value
+    if key in _DTYPE_ALIASES:
+        return _DTYPE_ALIASES[key]
+    return parse_enum(QuantDtype, value, "dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationConfig:
+    """What to quantize and how. Immutable; ``replace(**changes)`` makes a validated variant.
+
+    Mode rules: ``int4`` is always weight-only (group-wise); ``fp16``/``bf16`` are casts and ignore
+    ``mode``; ``static`` needs calibration data. ``granularity`` applies to int8 weights;
+    int4 is always per-group with ``group_size``.
+
+    Example:
+        >>> cfg = QuantizationConfig(dtype="int8", mode="static", observer="histogram", exclude=("head",))
+        >>> cfg.mode, cfg.observer
+        (<Mode.STATIC: 'static'>, <ObserverKind.HISTOGRAM: 'histogram'>)
+    """
+
+    dtype: Any = QuantDtype.INT8
+    mode: Any = Mode.DYNAMIC
+    scheme: Any = Scheme.SYMMETRIC
+    granularity: Any = Granularity.PER_CHANNEL
+    group_size: int = 128
+    observer: Any = ObserverKind.MINMAX
+    histogram_method: Any = HistogramMethod.PERCENTILE
+    percentile: float = 99.99
+    activation_scheme: Any = Scheme.ASYMMETRIC
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] = ()
+    layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES
+    min_numel: int = 0
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        dtype = parse_dtype(self.dtype)
+        put("dtype", dtype)
+        mode = parse_enum(Mode, self.mode, "mode")
+        if dtype is QuantDtype.INT4:
+            if mode is Mode.STATIC:
+                raise ConfigError("mode='static' is not supported with dtype='int4'; int4 is weight-only")
+            mode = Mode.WEIGHT_ONLY
+        put("mode", mode)
+        put("scheme", parse_enum(Scheme, self.scheme, "scheme"))
+        put("granularity", parse_enum(Granularity, self.granularity, "granularity"))
+        put("observer", parse_enum(ObserverKind, self.observer, "observer"))
+        put("histogram_method", parse_enum(HistogramMethod, self.histogram_method, "histogram_method"))
+        put("activation_scheme", parse_enum(Scheme, self.activation_scheme, "activation_scheme"))
+        if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
+            raise ConfigError(f"group_size={self.group_size!r} must be an even integer >= 2")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ConfigError(f"percentile={self.percentile!r} must be in (50, 100]")
+        if not isinstance(self.min_numel, int) or self.min_numel < 0:
+            raise ConfigError(f"min_numel={self.min_numel!r} must be a non-negative integer")
+        put("include", _patterns(self.include, "include"))
+        put("exclude", _patterns(self.exclude, "exclude") or ())
+        types = tuple(self.layer_types)
+        if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+            raise ConfigError(f"layer_types={self.layer_types!r} must be a non-empty tuple of nn.Module classes")
+        put("layer_types", types)
+
+    def replace(self, **changes: Any) -> QuantizationConfig:
+        """Return a validated copy with ``changes`` applied; unknown names raise ``ConfigError``.
+
+        Example:
+            >>> QuantizationConfig().replace(dtype="int4").mode
+            <Mode.WEIGHT_ONLY: 'weight_only'>
+        """
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; expected some of {sorted(fields)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (enums as strings, layer types as class names).
+
+        Example:
+            >>> QuantizationConfig().to_dict()["dtype"]
+            'int8'
+        """
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Enum):
+                value = value.value
+            elif f.name == "layer_types":
+                value = [t.__name__ for t in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def _patterns(value: Any, argument: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{argument}={value!r} must be a glob pattern or a sequence of them")
+    return tuple(value)

@@ -1,0 +1,177 @@
+"""The only place that calls private torch ops (``_int_mm``, int4/int8 packed matmuls).
+
+Every function here has a plain-torch fallback for shapes or devices the private op does not cover,
+so the rest of the library never needs to know which kernel ran.
+
+Measured on this project's CPU (2 threads, 1024x4096 layer): ``_int_mm`` with the int8 weight kept
+``[out, in]`` and passed transposed is ~3x faster at batch 1 than with a contiguous ``[in, out]``
+copy; the int4/int8 weight-only kernels are only fast with bfloat16 activations (float32 inputs are
+10-60x slower), so they run in bfloat16 and cast back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CUDA_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA requires M > 16
+_INT4_INNER_K_TILES = 8
+_INT4_ROW_MULTIPLE = 16
+_INT8_PACK_K_MULTIPLE = 16  # _weight_int8pack_mm segfaults on CPU otherwise (torch 2.13)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 quantization of each row of a 2-D float tensor.
+
+    Returns ``(q, scale)`` with ``q`` int8 ``[M, K]`` and ``scale`` float ``[M, 1]``; ``x ~= q * scale``.
+    Four ops: abs-max, clamp, multiply-round, cast (no clamp needed: ``|x / scale| <= 127``).
+
+    Example:
+        >>> q, s = quantize_per_row(torch.tensor([[0.5, -1.0]]))
+        >>> q.tolist(), round(s.item() * 127, 4)
+        ([[64, -127]], 1.0)
+    """
+    amax = x.abs().amax(-1, keepdim=True).clamp_min_(1e-12)
+    q = torch.round(x * (127.0 / amax)).to(torch.int8)
+    return q, amax.div_(127.0)
+
+
+def quantize_per_tensor(x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Static int8 quantization with a calibrated scale (given as its inverse) and zero point.
+
+    Example:
+        >>> quantize_per_tensor(torch.tensor([0.0, 1.0, 20.0]), torch.tensor(10.0), torch.tensor(-5.0))
+        tensor([ -5,   5, 127], dtype=torch.int8)
+    """
+    return torch.round(x * inv_scale).add_(zero_point).clamp_(-128, 127).to(torch.int8)
+
+
+def int_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``a @ weight.T`` for int8 ``a [M, K]`` and int8 ``weight [N, K]``, accumulated in int32.
+
+    CUDA needs ``M > 16`` and ``K, N`` multiples of 8: small ``M`` is zero-padded; other shapes
+    (and devices without the op) fall back to a float matmul of the integer values, which is exact
+    while ``K * 127 * 128 < 2**24`` and within float32 rounding beyond.
+
+    Example:
+        >>> a = torch.tensor([[1, 2]], dtype=torch.int8); w = torch.tensor([[3, 4], [-1, 0]], dtype=torch.int8)
+        >>> int_mm(a, w)
+        tensor([[11, -1]], dtype=torch.int32)
+    """
+    rows = a.shape[0]
+    if a.device.type == "cpu":
+        return torch._int_mm(a, weight.t())
+    if a.device.type == "cuda" and a.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0:
+        if rows < _CUDA_INT_MM_MIN_ROWS:
+            padded = a.new_zeros((32, a.shape[1]))
+            padded[:rows] = a
+            return torch._int_mm(padded, weight.t())[:rows]
+        return torch._int_mm(a, weight.t())
+    return torch.round(a.float() @ weight.float().t()).to(torch.int32)
+
+
+def rescale(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``acc * scale + bias`` in one fused op (``scale`` broadcasts to ``acc``), float32 out.
+
+    Example:
+        >>> rescale(torch.tensor([[2, 4]], dtype=torch.int32), torch.tensor([0.5, 0.25]), torch.ones(2))
+        tensor([[2., 2.]])
+    """
+    if bias is None:
+        return acc * scale
+    return torch.addcmul(bias, acc, scale)
+
+
+def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """A contiguous tensor whose storage starts on an ``alignment``-byte boundary.
+
+    safetensors hands out tensors that may be only 8-byte aligned; ``_weight_int8pack_mm`` crashes
+    on those for batch > 1, so weights are realigned once (never per call).
+    """
+    t = t.contiguous()
+    return t if t.data_ptr() % alignment == 0 else t.clone()
+
+
+def prepare_int8_weight_only(weight: torch.Tensor) -> torch.Tensor:
+    """The int8 ``[N, K]`` weight as the weight-only kernel needs it (contiguous, aligned).
+
+    Example:
+        >>> prepare_int8_weight_only(torch.zeros(4, 8, dtype=torch.int8)).is_contiguous()
+        True
+    """
+    return _aligned(weight)
+
+
+def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight * scale[:, None]).T`` without materializing the float weight; output in x's dtype.
+
+    ``weight`` must come from ``prepare_int8_weight_only``. Runs in bfloat16 on CPU (the fast path).
+
+    Example:
+        >>> w = prepare_int8_weight_only(torch.ones(8, 16, dtype=torch.int8))
+        >>> int8_weight_only_mm(torch.ones(2, 16), w, torch.full((8,), 0.5))[0, 0]
+        tensor(8.)
+    """
+    compute = torch.bfloat16 if x.device.type == "cpu" or x.dtype not in _HALF_DTYPES else x.dtype
+    if weight.shape[1] % _INT8_PACK_K_MULTIPLE == 0:
+        out = torch._weight_int8pack_mm(x.to(compute), weight, scale.to(compute))
+    else:  # the CPU kernel crashes for K not a multiple of 16: cast the weight (small layers only)
+        out = (x.to(compute) @ weight.to(compute).t()) * scale.to(compute)
+    return out.to(x.dtype)
+
+
+def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -t.shape[0] % multiple
+    return t if not extra else torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """Pack unsigned 4-bit values ``[N, K]`` (0..15, any int dtype) for ``int4_mm`` on their device.
+
+    The kernels need ``N`` to be a multiple of 16: rows are zero-padded here and the padded outputs
+    are sliced off in ``int4_mm``.
+
+    Example:
+        >>> pack_int4(torch.zeros(8, 64, dtype=torch.int32)).dtype
+        torch.uint8
+    """
+    values = _pad_rows(values.to(torch.int32), _INT4_ROW_MULTIPLE)
+    if values.device.type == "cpu":
+        return torch._convert_weight_to_int4pack_for_cpu(values.contiguous(), _INT4_INNER_K_TILES)
+    nibbles = values.to(torch.uint8)
+    byte_packed = (nibbles[:, ::2] << 4 | nibbles[:, 1::2]).contiguous()
+    return torch._convert_weight_to_int4pack(byte_packed, _INT4_INNER_K_TILES)
+
+
+def int4_scales_and_zeros(scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """The ``[K/group, N, 2]`` bfloat16 (scale, offset) table the int4 kernels take.
+
+    Our convention ``w = (q - zp) * s`` with ``q`` in [-8, 7] is the kernels' ``(u - 8) * s + z``
+    with ``u = q + 8`` and ``z = -zp * s``.
+
+    Example:
+        >>> int4_scales_and_zeros(torch.ones(16, 2), None).shape
+        torch.Size([2, 16, 2])
+    """
+    zeros = torch.zeros_like(scale) if zero_point is None else -zero_point.float() * scale
+    table = _pad_rows(torch.stack([scale, zeros], dim=-1), _INT4_ROW_MULTIPLE)
+    return table.transpose(0, 1).to(torch.bfloat16).contiguous()
+
+
+def int4_mm(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, out_features: int
+) -> torch.Tensor:
+    """``x [M, K] @ W.T`` for an int4 group-wise weight packed by ``pack_int4``; output in x's dtype.
+
+    Example:
+        >>> q = torch.full((8, 128), 9)  # u = 9 -> q = 1
+        >>> sz = int4_scales_and_zeros(torch.full((8, 1), 0.5), None)
+        >>> int4_mm(torch.ones(1, 128), pack_int4(q), 128, sz, 8)[0, 0]
+        tensor(64.)
+    """
+    x16 = x.to(torch.bfloat16)
+    if x.device.type == "cpu":
+        out = torch._weight_int4pack_mm_for_cpu(x16, packed, group_size, scales_and_zeros)
+    else:
+        out = torch._weight_int4pack_mm(x16, packed, group_size, scales_and_zeros)
+    return out[:, :out_features].to(x.dtype)

@@ -1,0 +1,74 @@
+"""``QuantizedLayer``: the contract every quantized module class fulfils.
+
+A class declares which float type and dtypes it covers, says why it cannot take a given module
+(``unsupported_reason``), builds itself from a float module (``from_float``) or as an empty shell
+to load a file into (``from_metadata``), and converts back (``dequantize``). Its ``state_dict`` uses
+the file-format tensor names (``weight``, ``weight_scale``, ``weight_packed``, ``input_scale``...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from mono_quant.config import QuantDtype, QuantizationConfig
+
+
+class ActivationQParams(NamedTuple):
+    """Calibrated per-tensor int8 parameters of a layer's input: ``x ~= (q - zero_point) * scale``."""
+
+    scale: torch.Tensor  # float32 scalar
+    zero_point: torch.Tensor  # int8 scalar (0 when symmetric)
+
+
+class QuantizedLayer:
+    """Mixin for quantized modules; see the module docstring for the contract."""
+
+    float_type: ClassVar[type[nn.Module]]
+    dtypes: ClassVar[tuple[QuantDtype, ...]]
+    needs_calibration: ClassVar[bool] = False
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
+        """Why ``module`` cannot become this class under ``config`` (``None`` when it can)."""
+        return None
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module, config: QuantizationConfig, activation: ActivationQParams | None = None
+    ) -> QuantizedLayer:
+        raise NotImplementedError
+
+    @classmethod
+    def from_metadata(cls, module: nn.Module, metadata: dict[str, Any]) -> QuantizedLayer:
+        """An instance shaped like ``module`` per ``metadata``, ready for ``load_state_dict``."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able description stored per layer in files (kind, mode, bits, scheme, ...)."""
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as float32 values, shaped like the float module's weight."""
+        raise NotImplementedError
+
+    def dequantize(self) -> nn.Module:
+        """A plain float module (``nn.Linear``/``nn.Conv2d``/``nn.Embedding``) with the dequantized weight."""
+        raise NotImplementedError
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Total storage bytes of the given tensors (``None`` counts 0).
+
+    Example:
+        >>> tensor_bytes(torch.zeros(4, dtype=torch.int8), None, torch.zeros(2))
+        12
+    """
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def copy_bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach().float().clone()

@@ -1,0 +1,93 @@
+"""fp16 / bf16 layers: the float module with its weights cast, computing in the half dtype.
+
+Inputs are cast to the half dtype at the layer boundary and outputs cast back to the input's dtype
+(``float32`` for embeddings), so the surrounding model is unaffected. Tensor names are unchanged.
+On CPU this is a storage format (half the bytes); on CUDA it is also an execution speedup.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from mono_quant.config import Mode, QuantDtype, QuantizationConfig
+from mono_quant.modules.base import ActivationQParams, QuantizedLayer
+
+_TORCH_DTYPES = {QuantDtype.FP16: torch.float16, QuantDtype.BF16: torch.bfloat16}
+
+
+class _HalfMixin(QuantizedLayer):
+    dtypes = (QuantDtype.FP16, QuantDtype.BF16)
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module, config: QuantizationConfig, activation: ActivationQParams | None = None
+    ) -> nn.Module:
+        layer = copy.deepcopy(module).to(_TORCH_DTYPES[config.dtype])
+        layer.__class__ = cls
+        return layer
+
+    @classmethod
+    def from_metadata(cls, module: nn.Module, metadata: dict[str, Any]) -> nn.Module:
+        return cls.from_float(module, QuantizationConfig(dtype=metadata["dtype"]))
+
+    def _cast_call(self, x: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
+        x = x.to(self.weight.dtype) if x.is_floating_point() else x
+        return self.float_type.forward(self, x).to(output_dtype)
+
+    def metadata(self) -> dict[str, Any]:
+        dtype = QuantDtype.FP16 if self.weight.dtype == torch.float16 else QuantDtype.BF16
+        return {"kind": self.float_type.__name__, "mode": Mode.WEIGHT_ONLY.value, "bits": 16, "dtype": dtype.value}
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.detach().float()
+
+    def dequantize(self) -> nn.Module:
+        layer = copy.deepcopy(self).float()
+        layer.__class__ = self.float_type
+        return layer
+
+
+class HalfLinear(_HalfMixin, nn.Linear):
+    """``nn.Linear`` in fp16/bf16.
+
+    Example:
+        >>> HalfLinear.from_float(nn.Linear(4, 2), QuantizationConfig(dtype="bf16"))(torch.ones(1, 4)).dtype
+        torch.float32
+    """
+
+    float_type = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._cast_call(x, x.dtype)
+
+
+class HalfConv2d(_HalfMixin, nn.Conv2d):
+    """``nn.Conv2d`` in fp16/bf16.
+
+    Example:
+        >>> HalfConv2d.from_float(nn.Conv2d(1, 2, 3), QuantizationConfig(dtype="bf16"))(torch.ones(1, 1, 5, 5)).shape
+        torch.Size([1, 2, 3, 3])
+    """
+
+    float_type = nn.Conv2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._cast_call(x, x.dtype)
+
+
+class HalfEmbedding(_HalfMixin, nn.Embedding):
+    """``nn.Embedding`` in fp16/bf16, returning float32 rows.
+
+    Example:
+        >>> HalfEmbedding.from_float(nn.Embedding(5, 3), QuantizationConfig(dtype="fp16"))(torch.tensor([1])).dtype
+        torch.float32
+    """
+
+    float_type = nn.Embedding
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self._cast_call(indices, torch.float32)

@@ -1,0 +1,136 @@
+"""``Int4Linear``: group-wise int4 weights, float activations, the fused int4 matmul kernels.
+
+The canonical state (what files hold) is the compressed-tensors layout: ``weight_packed`` int32
+``[out, in/8]``, ``weight_scale`` ``[out, in/group]``, optional ``weight_zero_point``, ``weight_shape``.
+The kernel's own packed form depends on the device, so it is built from the canonical state on the
+first forward on a device and cached (not saved).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mono_quant import kernels
+from mono_quant.config import Granularity, Mode, QuantDtype, QuantizationConfig, Scheme
+from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias
+from mono_quant.qparams import (
+    QuantizedWeight,
+    dequantize_weight,
+    pack_int4_words,
+    quantize_weight,
+    unpack_int4_words,
+)
+
+_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class Int4Linear(nn.Module, QuantizedLayer):
+    """Drop-in ``nn.Linear`` replacement with int4 group-wise weights (about 1/7 of float bytes).
+
+    Example:
+        >>> layer = Int4Linear.from_float(nn.Linear(256, 64), QuantizationConfig(dtype="int4"))
+        >>> layer(torch.randn(2, 256)).shape, layer.weight_packed.shape
+        (torch.Size([2, 64]), torch.Size([64, 32]))
+    """
+
+    float_type = nn.Linear
+    dtypes = (QuantDtype.INT4,)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, scheme: Scheme) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.scheme = group_size, scheme
+        groups = in_features // group_size
+        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups))
+        asymmetric = scheme is Scheme.ASYMMETRIC
+        self.register_buffer(
+            "weight_zero_point", torch.zeros(out_features, groups, dtype=torch.int8) if asymmetric else None
+        )
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._kernel_state: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module._drop_kernel_state())
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
+        size = module.in_features
+        if size % config.group_size:
+            return f"group_size={config.group_size} does not divide in_features={size}"
+        if config.group_size not in _KERNEL_GROUP_SIZES:
+            return f"group_size={config.group_size} has no int4 kernel; use one of {_KERNEL_GROUP_SIZES}"
+        return None
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Linear, config: QuantizationConfig, activation: ActivationQParams | None = None
+    ) -> Int4Linear:
+        qw = quantize_weight(module.weight, 4, config.scheme, Granularity.PER_GROUP, config.group_size)
+        layer = cls(module.in_features, module.out_features, module.bias is not None, config.group_size, config.scheme)
+        layer.weight_packed = pack_int4_words(qw.data)
+        layer.weight_scale = qw.scale
+        layer.weight_zero_point = qw.zero_point
+        layer.bias = copy_bias(module)
+        return layer
+
+    @classmethod
+    def from_metadata(cls, module: nn.Linear, metadata: dict[str, Any]) -> Int4Linear:
+        return cls(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            int(metadata["group_size"]),
+            Scheme(metadata["scheme"]),
+        )
+
+    def _drop_kernel_state(self) -> None:
+        self._kernel_state = None
+
+    def _kernel_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self._kernel_state
+        if state is None or state[0] != device:
+            unsigned = unpack_int4_words(self.weight_packed, self.in_features).to(torch.int32) + 8
+            table = kernels.int4_scales_and_zeros(self.weight_scale, self.weight_zero_point)
+            state = (device, kernels.pack_int4(unsigned.to(device)), table.to(device))
+            self._kernel_state = state
+        return state[1], state[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed, table = self._kernel_inputs(x.device)
+        x2 = x.reshape(-1, self.in_features)
+        out = kernels.int4_mm(x2, packed, self.group_size, table, self.out_features)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "kind": "Linear",
+            "mode": Mode.WEIGHT_ONLY.value,
+            "bits": 4,
+            "scheme": self.scheme.value,
+            "group_size": self.group_size,
+        }
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = unpack_int4_words(self.weight_packed, self.in_features)
+        return dequantize_weight(QuantizedWeight(q, self.weight_scale, self.weight_zero_point))
+
+    def dequantize(self) -> nn.Linear:
+        layer = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight_packed.device
+        )
+        with torch.no_grad():
+            layer.weight.copy_(self.dequantized_weight())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, scheme={self.scheme.value}, bias={self.bias is not None}"
+        )

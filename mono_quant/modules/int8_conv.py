@@ -1,0 +1,109 @@
+"""``Int8Conv2d``: int8 per-output-channel weights; convolution as im2col + an integer matmul.
+
+The input patches (``F.unfold``) form an ``[N*L, C*kh*kw]`` matrix that goes through the
+``Int8Linear`` path (dynamic per-row, static per-tensor, or weight-only). The weight is stored
+flattened, ``[out, in*kh*kw]`` int8. Grouped/depthwise convolutions, string padding and non-zero
+padding modes have no int8 path here and are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mono_quant.config import Mode, QuantizationConfig, Scheme
+from mono_quant.modules.base import ActivationQParams
+from mono_quant.modules.int8_linear import Int8Linear
+
+
+class Int8Conv2d(Int8Linear):
+    """Drop-in ``nn.Conv2d`` replacement.
+
+    Example:
+        >>> conv = Int8Conv2d.from_float(nn.Conv2d(3, 8, 3, padding=1), QuantizationConfig())
+        >>> conv(torch.randn(2, 3, 16, 16)).shape, conv.weight.shape
+        (torch.Size([2, 8, 16, 16]), torch.Size([8, 27]))
+    """
+
+    float_type = nn.Conv2d
+
+    def __init__(self, conv: nn.Conv2d, mode: Mode, scheme: Scheme, scale_shape: tuple[int, ...]) -> None:
+        super().__init__(conv.weight[0].numel(), conv.out_channels, conv.bias is not None, mode, scheme, scale_shape)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups}) has no int8 path"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} has no int8 path"
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r} (string padding) has no int8 path"
+        return None
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Conv2d, config: QuantizationConfig, activation: ActivationQParams | None = None
+    ) -> Int8Conv2d:
+        flat = nn.Linear(module.weight[0].numel(), module.out_channels, bias=module.bias is not None)
+        with torch.no_grad():
+            flat.weight.copy_(module.weight.reshape(module.out_channels, -1))
+            if module.bias is not None:
+                flat.bias.copy_(module.bias)
+        linear = Int8Linear.from_float(flat, config, activation)
+        layer = cls(module, config.mode, config.scheme, tuple(linear.weight_scale.shape))
+        layer.load_state_dict(linear.state_dict())
+        return layer
+
+    @classmethod
+    def from_metadata(cls, module: nn.Conv2d, metadata: dict[str, Any]) -> Int8Conv2d:
+        scale_shape = tuple(metadata.get("scale_shape", (module.out_channels,)))
+        return cls(module, Mode(metadata["mode"]), Scheme(metadata["scheme"]), scale_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = x.dim() == 4
+        x4 = x if batched else x.unsqueeze(0)
+        out_h, out_w = (
+            (size + 2 * pad - dil * (k - 1) - 1) // step + 1
+            for size, pad, dil, k, step in zip(
+                x4.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride, strict=True
+            )
+        )
+        cols = F.unfold(x4, self.kernel_size, self.dilation, self.padding, self.stride)  # [N, C*k*k, L]
+        out = super().forward(cols.transpose(1, 2))  # [N, L, out]
+        out = out.transpose(1, 2).reshape(x4.shape[0], self.out_channels, out_h, out_w)
+        return out if batched else out.squeeze(0)
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "kind": "Conv2d"}
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return super().dequantized_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def dequantize(self) -> nn.Conv2d:
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=self.bias is not None,
+            device=self.weight.device,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.dequantized_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, mode={self.mode.value}"
+        )

@@ -1,0 +1,166 @@
+"""``Int8Linear``: int8 per-channel weights; dynamic, static or weight-only activations.
+
+- dynamic: each input row is quantized to int8 at run time (per token), ``_int_mm``, one fused rescale.
+- static: the input is quantized with the calibrated per-tensor scale and zero point; every
+  weight-side term (combined scale, zero-point correction folded into the bias) is computed once.
+- weight_only: float activations against int8 weights with the packed int8 kernel (bfloat16 inside).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mono_quant import kernels
+from mono_quant.config import Mode, QuantDtype, QuantizationConfig, Scheme
+from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias
+from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weight
+
+
+class Int8Linear(nn.Module, QuantizedLayer):
+    """Drop-in replacement for ``nn.Linear`` holding int8 weights (``[out, in]``) and float scales.
+
+    Example:
+        >>> layer = Int8Linear.from_float(nn.Linear(64, 32), QuantizationConfig(dtype="int8"))
+        >>> layer(torch.randn(3, 64)).shape, layer.weight.dtype
+        (torch.Size([3, 32]), torch.int8)
+    """
+
+    float_type = nn.Linear
+    dtypes = (QuantDtype.INT8,)
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, mode: Mode, scheme: Scheme, scale_shape: tuple[int, ...]
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.mode, self.scheme = mode, scheme
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(scale_shape))
+        asymmetric = scheme is Scheme.ASYMMETRIC
+        self.register_buffer("weight_zero_point", torch.zeros(scale_shape, dtype=torch.int8) if asymmetric else None)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        static = mode is Mode.STATIC
+        self.register_buffer("input_scale", torch.ones(()) if static else None)
+        self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int8) if static else None)
+        for name in ("_input_inv_scale", "_out_scale", "_out_bias", "_weight_zp_scaled", "_prepared_weight"):
+            self.register_buffer(name, None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._prepare())
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Linear, config: QuantizationConfig, activation: ActivationQParams | None = None
+    ) -> Int8Linear:
+        qw = quantize_weight(module.weight, 8, config.scheme, config.granularity)
+        layer = cls(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            config.mode,
+            config.scheme,
+            tuple(qw.scale.shape),
+        )
+        layer._set(qw, copy_bias(module), activation)
+        return layer
+
+    @classmethod
+    def from_metadata(cls, module: nn.Linear, metadata: dict[str, Any]) -> Int8Linear:
+        scale_shape = tuple(metadata.get("scale_shape", (module.out_features,)))
+        return cls(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            Mode(metadata["mode"]),
+            Scheme(metadata["scheme"]),
+            scale_shape,
+        )
+
+    def _set(self, qw: QuantizedWeight, bias: torch.Tensor | None, activation: ActivationQParams | None) -> None:
+        self.weight, self.weight_scale = qw.data, qw.scale
+        if self.scheme is Scheme.ASYMMETRIC:
+            self.weight_zero_point = qw.zero_point
+        self.bias = bias
+        if self.mode is Mode.STATIC:
+            if activation is None:
+                raise ValueError("Int8Linear in static mode needs calibrated activation parameters")
+            self.input_scale = activation.scale.float().reshape(())
+            self.input_zero_point = activation.zero_point.to(torch.int8).reshape(())
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Compute every weight-side term once (never per forward)."""
+        out_scale = self.weight_scale.float().expand(self.out_features)
+        zp = None if self.weight_zero_point is None else self.weight_zero_point.float().expand(self.out_features)
+        self._weight_zp_scaled = None if zp is None else zp * out_scale
+        self._prepared_weight = None
+        if self.mode is Mode.WEIGHT_ONLY:
+            self._prepared_weight = kernels.prepare_int8_weight_only(self.weight)
+            self._out_scale = out_scale.contiguous()
+            return
+        if self.mode is Mode.DYNAMIC:
+            self._out_scale = out_scale.contiguous()
+            return
+        # static: out = s_x * s_w * (sum (q_x - z_x)(q_w - z_w)) + b, expanded so only q_x . q_w and
+        # (for asymmetric weights) rowsum(q_x) depend on the input.
+        s_x, z_x = self.input_scale.float(), self.input_zero_point.float()
+        combined = s_x * out_scale
+        colsum = self.weight.float().sum(1)
+        correction = -z_x * colsum
+        if zp is not None:
+            correction = correction + self.in_features * z_x * zp
+        bias = torch.zeros_like(combined) if self.bias is None else self.bias.float()
+        self._out_scale = combined.contiguous()
+        self._out_bias = (bias + combined * correction).contiguous()
+        self._input_inv_scale = 1.0 / s_x
+        self._weight_zp_scaled = None if zp is None else zp * combined
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.mode is Mode.WEIGHT_ONLY:
+            out = kernels.int8_weight_only_mm(x2, self._prepared_weight, self._out_scale)
+            if self._weight_zp_scaled is not None:
+                out = out - x2.sum(-1, keepdim=True) * self._weight_zp_scaled
+            if self.bias is not None:
+                out = out + self.bias
+        elif self.mode is Mode.DYNAMIC:
+            q, row_scale = kernels.quantize_per_row(x2.float())
+            acc = kernels.int_mm(q, self.weight)
+            if self._weight_zp_scaled is not None:
+                acc = acc - q.sum(-1, keepdim=True, dtype=torch.int32) * self.weight_zero_point.int()
+            out = kernels.rescale(acc, row_scale * self._out_scale, self.bias)
+        else:
+            q = kernels.quantize_per_tensor(x2.float(), self._input_inv_scale, self.input_zero_point)
+            acc = kernels.int_mm(q, self.weight)
+            out = kernels.rescale(acc, self._out_scale, self._out_bias)
+            if self._weight_zp_scaled is not None:
+                out = out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "kind": "Linear",
+            "mode": self.mode.value,
+            "bits": 8,
+            "scheme": self.scheme.value,
+            "scale_shape": list(self.weight_scale.shape),
+        }
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_weight(QuantizedWeight(self.weight, self.weight_scale, self.weight_zero_point))
+
+    def dequantize(self) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device)
+        with torch.no_grad():
+            layer.weight.copy_(self.dequantized_weight())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode.value}, "
+            f"scheme={self.scheme.value}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,211 @@
+"""Pure functions: scales and zero points, quantize, dequantize, SQNR. No modules, no state.
+
+Conventions (shared by every module and by the file format):
+- int8 symmetric uses [-127, 127] (so ``-q`` never overflows); asymmetric uses [-128, 127].
+- int4 values live in [-8, 7]; asymmetric int4 uses the whole range with a zero point.
+- ``x ~= (q - zero_point) * scale``; symmetric means ``zero_point == 0`` (stored as ``None``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from mono_quant.config import Granularity, Scheme
+from mono_quant.errors import ConfigError, QuantizationError
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+class QuantizedWeight(NamedTuple):
+    """Integer data plus the parameters that map it back to float."""
+
+    data: torch.Tensor  # int8, same shape as the float weight (int4 values are kept in int8 here)
+    scale: torch.Tensor  # float32: [] per-tensor, [out] per-channel, [out, in/group] per-group
+    zero_point: torch.Tensor | None  # int8, shaped like scale; None when symmetric
+
+
+def int_range(bits: int, scheme: Scheme) -> tuple[int, int]:
+    """The integer range used for ``bits`` under ``scheme``.
+
+    Example:
+        >>> int_range(8, Scheme.SYMMETRIC), int_range(4, Scheme.ASYMMETRIC)
+        ((-127, 127), (-8, 7))
+    """
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return (-high, high) if scheme is Scheme.SYMMETRIC and bits == 8 else (low, high)
+
+
+def scale_zero_point(
+    min_val: torch.Tensor, max_val: torch.Tensor, bits: int, scheme: Scheme
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point that map ``[min_val, max_val]`` (element-wise) onto the integer range.
+
+    The range is widened to include 0 so that zero is exactly representable.
+
+    Example:
+        >>> s, z = scale_zero_point(torch.tensor(-1.0), torch.tensor(2.0), 8, Scheme.SYMMETRIC)
+        >>> round(s.item() * 127, 4), z
+        (2.0, None)
+    """
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise QuantizationError("cannot compute a scale from a NaN or Inf range")
+    low, high = int_range(bits, scheme)
+    min_val = torch.clamp(min_val.float(), max=0.0)
+    max_val = torch.clamp(max_val.float(), min=0.0)
+    if scheme is Scheme.SYMMETRIC:
+        scale = torch.maximum(-min_val, max_val) / high
+        return scale.clamp_min(_EPS), None
+    scale = ((max_val - min_val) / (high - low)).clamp_min(_EPS)
+    zero_point = torch.clamp(torch.round(low - min_val / scale), low, high).to(torch.int8)
+    return scale, zero_point
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int, scheme: Scheme
+) -> torch.Tensor:
+    """Round ``x / scale + zero_point`` into the integer range; returns int8 (also for int4 values).
+
+    ``scale``/``zero_point`` must broadcast against ``x``.
+
+    Example:
+        >>> quantize(torch.tensor([0.5, -3.0]), torch.tensor(0.01), None, 8, Scheme.SYMMETRIC)
+        tensor([  50, -127], dtype=torch.int8)
+    """
+    low, high = int_range(bits, scheme)
+    q = x.float() / scale  # the only float temporary: everything after is in place
+    q.round_()
+    if zero_point is not None:
+        q.add_(zero_point)
+    return q.clamp_(low, high).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """Float32 values ``(q - zero_point) * scale`` (scale/zero point broadcast against ``q``).
+
+    Example:
+        >>> dequantize(torch.tensor([50], dtype=torch.int8), torch.tensor(0.01), None)
+        tensor([0.5000])
+    """
+    out = q.to(torch.float32, copy=True)
+    if zero_point is not None:
+        out.sub_(zero_point)
+    return out.mul_(scale)
+
+
+def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_features = weight.shape[0]
+    flat = weight.reshape(out_features, -1)
+    if flat.shape[1] % group_size:
+        raise ConfigError(
+            f"group_size={group_size} does not divide the layer's input size {flat.shape[1]} "
+            f"(weight shape {tuple(weight.shape)}); choose a divisor"
+        )
+    return flat.reshape(out_features, flat.shape[1] // group_size, group_size)
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    bits: int,
+    scheme: Scheme = Scheme.SYMMETRIC,
+    granularity: Granularity = Granularity.PER_CHANNEL,
+    group_size: int = 128,
+) -> QuantizedWeight:
+    """Quantize a weight whose first dimension is the output channel.
+
+    Per-channel scales have shape ``[out]``, per-group ``[out, in/group]``, per-tensor ``[]``.
+
+    Example:
+        >>> w = torch.randn(4, 256)
+        >>> qw = quantize_weight(w, 4, Scheme.ASYMMETRIC, Granularity.PER_GROUP, 128)
+        >>> qw.data.shape, qw.scale.shape, qw.zero_point.shape
+        (torch.Size([4, 256]), torch.Size([4, 2]), torch.Size([4, 2]))
+    """
+    if not torch.isfinite(weight).all():
+        raise QuantizationError("weight contains NaN or Inf values")
+    w = weight.detach().float()
+    if granularity is Granularity.PER_GROUP:
+        grouped = _grouped(w, group_size)
+        scale, zp = scale_zero_point(grouped.amin(-1), grouped.amax(-1), bits, scheme)
+        q = quantize(grouped, scale[..., None], None if zp is None else zp[..., None], bits, scheme)
+        return QuantizedWeight(q.reshape(weight.shape), scale, zp)
+    if granularity is Granularity.PER_CHANNEL:
+        flat = w.reshape(w.shape[0], -1)
+        scale, zp = scale_zero_point(flat.amin(1), flat.amax(1), bits, scheme)
+        view = (-1,) + (1,) * (w.dim() - 1)
+        q = quantize(w, scale.view(view), None if zp is None else zp.view(view), bits, scheme)
+        return QuantizedWeight(q, scale, zp)
+    scale, zp = scale_zero_point(w.min(), w.max(), bits, scheme)
+    return QuantizedWeight(quantize(w, scale, zp, bits, scheme), scale, zp)
+
+
+def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
+    """Float32 weight back from a ``QuantizedWeight`` of any granularity.
+
+    Example:
+        >>> w = torch.randn(8, 16)
+        >>> (dequantize_weight(quantize_weight(w, 8)) - w).abs().max() < 0.05
+        tensor(True)
+    """
+    data, scale, zp = qw
+    if scale.dim() == 2:  # per-group
+        groups = scale.shape[1]
+        grouped = data.reshape(data.shape[0], groups, -1)
+        out = dequantize(grouped, scale[..., None], None if zp is None else zp[..., None])
+        return out.reshape(data.shape)
+    if scale.dim() == 1:
+        view = (-1,) + (1,) * (data.dim() - 1)
+        return dequantize(data, scale.view(view), None if zp is None else zp.view(view))
+    return dequantize(data, scale, zp)
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - approx|^2)``.
+
+    Returns ``inf`` when the two are identical.
+
+    Example:
+        >>> round(sqnr_db(torch.ones(4), torch.full((4,), 1.01)), 2)
+        40.0
+    """
+    reference = reference.detach().float()
+    noise = torch.linalg.vector_norm(reference - approximation.detach().float()).item()
+    signal = torch.linalg.vector_norm(reference).item()
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 20 * math.log10(signal / noise)
+
+
+def pack_int4_words(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 values ``[N, K]`` (in [-8, 7]) into int32 words ``[N, K/8]``: eight values per word,
+    least significant nibble first, each stored as ``q + 8`` (the compressed-tensors layout).
+
+    Example:
+        >>> w = pack_int4_words(torch.tensor([[-8, -7, 0, 0, 0, 0, 0, 7]]))
+        >>> w.dtype, unpack_int4_words(w, 8).tolist()
+        (torch.int32, [[-8, -7, 0, 0, 0, 0, 0, 7]])
+    """
+    rows, cols = q.shape
+    if cols % 8:
+        raise ConfigError(f"int4 packing needs the input size to be a multiple of 8, got {cols}")
+    nibbles = (q.to(torch.int64) + 8).reshape(rows, cols // 8, 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)
+    words = (nibbles << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4_words(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of ``pack_int4_words``: int8 values in [-8, 7], shape ``[N, cols]``.
+
+    Example:
+        >>> unpack_int4_words(pack_int4_words(torch.full((2, 8), 3)), 8).unique().tolist()
+        [3]
+    """
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=packed.device)
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    nibbles = (words[..., None] >> shifts) & 0xF
+    return (nibbles.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)

@@ -1,0 +1,217 @@
+"""``quantize``: copy the model, select layers, calibrate if static, swap in quantized modules, report.
+
+The input model is never modified: everything happens on a deep copy, one layer at a time, so the
+extra memory beyond that copy is about one float copy of the largest layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mono_quant.calibration import Calibrator, ForwardFn
+from mono_quant.config import Mode, QuantizationConfig
+from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
+from mono_quant.modules import Int8Linear, QuantizedLayer, quantized_class_for, tensor_bytes
+from mono_quant.report import LayerReport, QuantizationReport
+from mono_quant.selection import matches, select_layers
+
+
+@dataclasses.dataclass
+class QuantizationResult:
+    """The quantized model (or state_dict), the skipped module names, the report and the config."""
+
+    model: nn.Module | dict[str, torch.Tensor]
+    skipped: list[str]
+    report: QuantizationReport
+    config: QuantizationConfig
+
+    def save(self, path: str) -> None:
+        """Write the quantized model to ``path`` (``.safetensors`` or ``.pt``); see ``mono_quant.save``."""
+        from mono_quant.serialization import save
+
+        save(self.model, path, config=self.config, report=self.report)
+
+
+def quantize(
+    model: nn.Module | Mapping[str, torch.Tensor],
+    config: QuantizationConfig | None = None,
+    *,
+    calibration_data: Any = None,
+    forward_fn: ForwardFn | None = None,
+    **overrides: Any,
+) -> QuantizationResult:
+    """Quantize a copy of ``model`` (an ``nn.Module`` or a state_dict) per ``config`` and ``overrides``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> result = quantize(model, dtype="int8", mode="static", calibration_data=[torch.randn(8, 64)])
+        >>> type(result.model[0]).__name__, result.report.min_sqnr_db > 38
+        ('Int8Linear', True)
+    """
+    config = (config or QuantizationConfig()).replace(**overrides) if overrides else (config or QuantizationConfig())
+    if isinstance(model, Mapping):
+        return _quantize_state_dict(model, config)
+    if not isinstance(model, nn.Module):
+        raise QuantizationError(
+            f"model of type {type(model).__name__} is not supported; expected a torch.nn.Module or a state_dict"
+        )
+    bytes_before = _module_bytes(model)
+    q_model = copy.deepcopy(model).eval()
+    selection = select_layers(q_model, config)
+    modules = dict(q_model.named_modules())
+    for name in selection.chosen:
+        _check_finite(name, modules[name])
+    activations = {}
+    if config.mode is Mode.STATIC:
+        calibrated = {name: modules[name] for name, cls in selection.chosen.items() if issubclass(cls, Int8Linear)}
+        if calibrated:
+            if calibration_data is None:
+                raise CalibrationError("mode='static' needs calibration_data (or use mode='dynamic')")
+            calibrator = Calibrator(calibrated, config)
+            calibrator.run(q_model, calibration_data, forward_fn)
+            activations = calibrator.qparams()
+    rows = []
+    for name, cls in selection.chosen.items():
+        float_module = modules[name]
+        quantized = cls.from_float(float_module, config, activations.get(name))
+        rows.append(_layer_report(name, float_module, quantized))
+        _set_submodule(q_model, name, quantized)
+        del float_module
+    report = QuantizationReport(rows, selection.skipped, bytes_before, _module_bytes(q_model))
+    return QuantizationResult(q_model, list(selection.skipped), report, config)
+
+
+def dynamic_quantize(model: nn.Module, dtype: Any = torch.qint8, **options: Any) -> tuple[nn.Module, list[str]]:
+    """Quantize weights ahead of time and activations at run time; returns ``(model, skipped)``.
+
+    ``dtype`` may be ``torch.qint8``/``"int8"``, ``"int4"`` (weight-only), ``torch.float16``/``"fp16"``,
+    ``"bf16"``.
+
+    Example:
+        >>> q, skipped = dynamic_quantize(nn.Sequential(nn.Linear(16, 4), nn.LayerNorm(4)))
+        >>> type(q[0]).__name__, skipped
+        ('Int8Linear', ['1'])
+    """
+    result = quantize(model, dtype=dtype, mode=Mode.DYNAMIC, **options)
+    return result.model, result.skipped
+
+
+def static_quantize(
+    model: nn.Module,
+    calibration_data: Any,
+    dtype: Any = "int8",
+    observer: str = "minmax",
+    forward_fn: ForwardFn | None = None,
+    **options: Any,
+) -> tuple[nn.Module, list[str]]:
+    """Quantize weights and (with scales calibrated on ``calibration_data``) activations to int8.
+
+    Example:
+        >>> data = [torch.randn(4, 16) for _ in range(4)]
+        >>> q, skipped = static_quantize(nn.Sequential(nn.Linear(16, 4)), data, observer="histogram")
+        >>> q[0].input_scale.item() > 0
+        True
+    """
+    result = quantize(
+        model,
+        dtype=dtype,
+        mode=Mode.STATIC,
+        observer=observer,
+        calibration_data=calibration_data,
+        forward_fn=forward_fn,
+        **options,
+    )
+    return result.model, result.skipped
+
+
+def _check_finite(name: str, module: nn.Module) -> None:
+    for param_name, tensor in module.named_parameters(recurse=False):
+        if not torch.isfinite(tensor).all():
+            raise QuantizationError(f"layer {name!r} has NaN or Inf values in its {param_name!r}; fix the model first")
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return tensor_bytes(*module.state_dict().values())
+
+
+def _layer_report(name: str, float_module: nn.Module, quantized: QuantizedLayer) -> LayerReport:
+    reference = float_module.weight.detach()
+    noise = quantized.dequantized_weight().reshape(reference.shape)
+    noise.sub_(reference)  # in place: one float copy of the layer at a time
+    signal_norm = torch.linalg.vector_norm(reference.float()).item()
+    noise_norm = torch.linalg.vector_norm(noise).item()
+    sqnr = math.inf if noise_norm == 0 else 20 * math.log10(max(signal_norm, 1e-30) / noise_norm)
+    meta = quantized.metadata()
+    return LayerReport(
+        name, meta["kind"], meta["mode"], meta["bits"], sqnr, _module_bytes(float_module), _module_bytes(quantized)
+    )
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    if not name:
+        raise QuantizationError("the model itself is a single layer; wrap it in nn.Sequential to quantize it")
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, module)
+
+
+def _quantize_state_dict(state: Mapping[str, torch.Tensor], config: QuantizationConfig) -> QuantizationResult:
+    """Quantize the 2-D (Linear-like) and 4-D (Conv-like) ``*.weight`` tensors of a state_dict.
+
+    The output tensors are exactly what the quantized module's ``state_dict`` would hold.
+    """
+    if config.mode is Mode.STATIC:
+        raise ConfigError("mode='static' needs a model to calibrate; a state_dict supports dynamic/weight_only")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise QuantizationError(f"model looks like a state_dict but entry {bad[0]!r} is not a named tensor")
+    out: dict[str, torch.Tensor] = {}
+    rows: list[LayerReport] = []
+    skipped: dict[str, str] = {}
+    layers = [
+        k[: -len(".weight")]
+        for k, v in state.items()
+        if k.endswith(".weight") and v.is_floating_point() and v.dim() in (2, 4)
+    ]
+    for name in layers:
+        weight = state[f"{name}.weight"]
+        reason = ""
+        if config.include is not None and not matches(name, config.include):
+            reason = f"not matched by include={list(config.include)}"
+        elif pattern := matches(name, config.exclude):
+            reason = f"excluded by pattern {pattern!r}"
+        elif weight.numel() < config.min_numel:
+            reason = f"{weight.numel()} weights < min_numel={config.min_numel}"
+        module = _layer_from_tensors(weight, state.get(f"{name}.bias"))
+        cls, why = quantized_class_for(module, config)
+        if reason or cls is None:
+            skipped[name] = reason or why
+            continue
+        _check_finite(name, module)
+        quantized = cls.from_float(module, config)
+        rows.append(_layer_report(name, module, quantized))
+        out.update({f"{name}.{key}": value for key, value in quantized.state_dict().items()})
+    for key, value in state.items():
+        if key.rpartition(".")[0] not in {r.name for r in rows}:
+            out[key] = value
+    report = QuantizationReport(rows, skipped, tensor_bytes(*state.values()), tensor_bytes(*out.values()))
+    return QuantizationResult(out, list(skipped), report, config)
+
+
+def _layer_from_tensors(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    if weight.dim() == 2:
+        module: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    else:
+        module = nn.Conv2d(
+            weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=bias is not None, device="meta"
+        )
+    module.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return module

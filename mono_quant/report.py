@@ -1,0 +1,86 @@
+"""What quantization did, per layer: kind, mode, bits, weight SQNR, bytes before/after, and skips."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """One quantized layer."""
+
+    name: str
+    kind: str
+    mode: str
+    bits: int
+    sqnr_db: float
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclasses.dataclass
+class QuantizationReport:
+    """All layers plus the skipped modules (name -> reason) and the model's total bytes.
+
+    ``print(report)`` shows a table; ``to_dict()`` is JSON-friendly.
+
+    Example:
+        >>> r = QuantizationReport([LayerReport("fc", "Linear", "dynamic", 8, 41.5, 4096, 1056)], {"head": "excluded"})
+        >>> round(r.compression_ratio, 2)
+        3.88
+    """
+
+    layers: list[LayerReport]
+    skipped: dict[str, str]
+    model_bytes_before: int | None = None
+    model_bytes_after: int | None = None
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(row.bytes_before for row in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(row.bytes_after for row in self.layers)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Float bytes / quantized bytes over the quantized layers (``inf`` if nothing was quantized)."""
+        return self.bytes_before / self.bytes_after if self.bytes_after else math.inf
+
+    @property
+    def min_sqnr_db(self) -> float:
+        return min((row.sqnr_db for row in self.layers), default=math.inf)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [dataclasses.asdict(row) for row in self.layers],
+            "skipped": dict(self.skipped),
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "compression_ratio": self.compression_ratio,
+            "model_bytes_before": self.model_bytes_before,
+            "model_bytes_after": self.model_bytes_after,
+        }
+
+    def __str__(self) -> str:
+        header = ("layer", "kind", "mode", "bits", "SQNR dB", "bytes before", "bytes after")
+        rows = [
+            (r.name, r.kind, r.mode, str(r.bits), f"{r.sqnr_db:.1f}", f"{r.bytes_before:,}", f"{r.bytes_after:,}")
+            for r in self.layers
+        ]
+        widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+        line = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [line.format(*header), line.format(*("-" * w for w in widths))]
+        out += [line.format(*row) for row in rows]
+        out.append(
+            f"{len(self.layers)} layers quantized: {self.bytes_before:,} -> {self.bytes_after:,} bytes "
+            f"({self.compression_ratio:.2f}x smaller), min weight SQNR {self.min_sqnr_db:.1f} dB"
+        )
+        if self.model_bytes_before:
+            out.append(f"whole model: {self.model_bytes_before:,} -> {self.model_bytes_after:,} bytes")
+        for name, reason in self.skipped.items():
+            out.append(f"skipped {name or '<root>'}: {reason}")
+        return "\n".join(out)
