@@ -18,7 +18,7 @@ from torch import nn
 from mono_quant.calibration import Calibrator, ForwardFn
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
-from mono_quant.modules import Int8Linear, QuantizedLayer, quantized_class_for, tensor_bytes
+from mono_quant.modules import ActivationQParams, Int8Linear, QuantizedLayer, quantized_class_for, tensor_bytes
 from mono_quant.report import LayerReport, QuantizationReport
 from mono_quant.selection import matches, select_layers
 
@@ -45,15 +45,25 @@ def quantize(
     *,
     calibration_data: Any = None,
     forward_fn: ForwardFn | None = None,
+    activation_qparams: Mapping[str, ActivationQParams] | None = None,
     **overrides: Any,
 ) -> QuantizationResult:
     """Quantize a copy of ``model`` (an ``nn.Module`` or a state_dict) per ``config`` and ``overrides``.
+
+    In static mode, ``activation_qparams`` (layer name -> ``ActivationQParams``, e.g. from a
+    ``Calibrator`` fed elsewhere) is used instead of calibrating on ``calibration_data``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
         >>> result = quantize(model, dtype="int8", mode="static", calibration_data=[torch.randn(8, 64)])
         >>> type(result.model[0]).__name__, result.report.min_sqnr_db > 38
         ('Int8Linear', True)
+        >>> cal = Calibrator({"0": model[0], "2": model[2]}, QuantizationConfig(mode="static"))
+        >>> cal.run(model, [torch.randn(8, 64)])
+        1
+        >>> result = quantize(model, mode="static", activation_qparams=cal.qparams())
+        >>> result.model[2].input_scale.item() == cal.qparams()["2"].scale.item()
+        True
     """
     config = (config or QuantizationConfig()).replace(**overrides) if overrides else (config or QuantizationConfig())
     if isinstance(model, Mapping):
@@ -71,7 +81,12 @@ def quantize(
     activations = {}
     if config.mode is Mode.STATIC:
         calibrated = {name: modules[name] for name, cls in selection.chosen.items() if issubclass(cls, Int8Linear)}
-        if calibrated:
+        if calibrated and activation_qparams is not None:
+            missing = sorted(set(calibrated) - set(activation_qparams))
+            if missing:
+                raise CalibrationError(f"activation_qparams has no entry for layer(s) {missing}")
+            activations = dict(activation_qparams)
+        elif calibrated:
             if calibration_data is None:
                 raise CalibrationError("mode='static' needs calibration_data (or use mode='dynamic')")
             calibrator = Calibrator(calibrated, config)
