@@ -1,9 +1,12 @@
 """``Int8Linear``: int8 per-channel weights; dynamic, static or weight-only activations.
 
-- dynamic: each input row is quantized to int8 at run time (per token), ``_int_mm``, one fused rescale.
+- dynamic: activations are quantized at run time. A single row (batch 1, any device) or any batch
+  off-CPU: per-row int8 scales, ``_int_mm``, one fused rescale. A CPU batch: one per-tensor scale,
+  uint8 activations into oneDNN's u8 x s8 kernel with the rescale and bias fused (see kernels.py).
 - static: the input is quantized with the calibrated per-tensor scale and zero point; every
   weight-side term (combined scale, zero-point correction folded into the bias) is computed once.
 - weight_only: float activations against int8 weights with the packed int8 kernel (bfloat16 inside).
+Asymmetric weights always take the ``_int_mm`` path (oneDNN takes symmetric weights only).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from mono_quant import kernels
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias
 from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weight
+
+_UNSIGNED_ZERO_POINT = torch.tensor(128, dtype=torch.int32)
 
 
 class Int8Linear(nn.Module, QuantizedLayer):
@@ -45,8 +50,11 @@ class Int8Linear(nn.Module, QuantizedLayer):
         static = mode is Mode.STATIC
         self.register_buffer("input_scale", torch.ones(()) if static else None)
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int8) if static else None)
-        for name in ("_input_inv_scale", "_out_scale", "_out_bias", "_weight_zp_scaled", "_prepared_weight"):
+        derived = ("_weight_scale_n", "_weight_scale_127", "_input_inv_scale", "_input_zero_point_u8", "_out_scale",
+                   "_out_bias", "_weight_zp_scaled", "_prepared_weight")
+        for name in derived:
             self.register_buffer(name, None, persistent=False)
+        self._onednn = kernels.OneDNNWeight()
         self.register_load_state_dict_post_hook(lambda module, keys: module._prepare())
 
     @classmethod
@@ -91,22 +99,22 @@ class Int8Linear(nn.Module, QuantizedLayer):
 
     def _prepare(self) -> None:
         """Compute every weight-side term once (never per forward)."""
-        out_scale = self.weight_scale.float().expand(self.out_features)
+        self._onednn = kernels.OneDNNWeight()
+        out_scale = self.weight_scale.float().expand(self.out_features).contiguous()
+        self._weight_scale_n = out_scale
+        self._weight_scale_127 = out_scale / 127.0
         zp = None if self.weight_zero_point is None else self.weight_zero_point.float().expand(self.out_features)
         self._weight_zp_scaled = None if zp is None else zp * out_scale
         self._prepared_weight = None
         if self.mode is Mode.WEIGHT_ONLY:
             self._prepared_weight = kernels.prepare_int8_weight_only(self.weight)
-            self._out_scale = out_scale.contiguous()
-            return
-        if self.mode is Mode.DYNAMIC:
-            self._out_scale = out_scale.contiguous()
+        if self.mode is not Mode.STATIC:
             return
         # static: out = s_x * s_w * (sum (q_x - z_x)(q_w - z_w)) + b, expanded so only q_x . q_w and
         # (for asymmetric weights) rowsum(q_x) depend on the input.
         s_x, z_x = self.input_scale.float(), self.input_zero_point.float()
         combined = s_x * out_scale
-        colsum = self.weight.float().sum(1)
+        colsum = self.weight.sum(1, dtype=torch.int32).float()
         correction = -z_x * colsum
         if zp is not None:
             correction = correction + self.in_features * z_x * zp
@@ -114,30 +122,48 @@ class Int8Linear(nn.Module, QuantizedLayer):
         self._out_scale = combined.contiguous()
         self._out_bias = (bias + combined * correction).contiguous()
         self._input_inv_scale = 1.0 / s_x
+        self._input_zero_point_u8 = (self.input_zero_point.int() + 128).reshape(())
         self._weight_zp_scaled = None if zp is None else zp * combined
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
+        # the hot path: keep Python work and op count minimal (batch 1 is dominated by per-op overhead)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
         if self.mode is Mode.WEIGHT_ONLY:
-            out = kernels.int8_weight_only_mm(x2, self._prepared_weight, self._out_scale)
-            if self._weight_zp_scaled is not None:
-                out = out - x2.sum(-1, keepdim=True) * self._weight_zp_scaled
-            if self.bias is not None:
-                out = out + self.bias
+            out = self._weight_only_forward(x2)
+        elif self.weight_zero_point is None and kernels.use_onednn(x2):
+            out = self._onednn_forward(x2)
         elif self.mode is Mode.DYNAMIC:
-            q, row_scale = kernels.quantize_per_row(x2.float())
+            q, row_max = kernels.quantize_per_row(x2)
             acc = kernels.int_mm(q, self.weight)
-            if self._weight_zp_scaled is not None:
+            if self.weight_zero_point is not None:
                 acc = acc - q.sum(-1, keepdim=True, dtype=torch.int32) * self.weight_zero_point.int()
-            out = kernels.rescale(acc, row_scale * self._out_scale, self.bias)
+            out = kernels.rescale(acc, row_max * self._weight_scale_127, self.bias)
         else:
-            q = kernels.quantize_per_tensor(x2.float(), self._input_inv_scale, self.input_zero_point)
-            acc = kernels.int_mm(q, self.weight)
-            out = kernels.rescale(acc, self._out_scale, self._out_bias)
+            q = kernels.quantize_per_tensor(x2, self._input_inv_scale, self.input_zero_point)
+            out = kernels.rescale(kernels.int_mm(q, self.weight), self._out_scale, self._out_bias)
             if self._weight_zp_scaled is not None:
                 out = out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
-        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def _weight_only_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernels.int8_weight_only_mm(x, self._prepared_weight, self._weight_scale_n)
+        if self._weight_zp_scaled is not None:
+            out = out - x.sum(-1, keepdim=True) * self._weight_zp_scaled
+        return out if self.bias is None else out + self.bias
+
+    def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU batches: uint8 activations (per-tensor scale) against oneDNN's packed weight, fused rescale."""
+        if self.mode is Mode.DYNAMIC:
+            q, scale = kernels.quantize_per_tensor_unsigned(x)
+            zero_point = _UNSIGNED_ZERO_POINT
+        else:
+            q = kernels.quantize_per_tensor(x, self._input_inv_scale, self._input_zero_point_u8, unsigned=True)
+            scale, zero_point = self.input_scale, self._input_zero_point_u8
+        return kernels.onednn_linear(q, scale, zero_point, self._onednn, self.weight, self._weight_scale_n, self.bias)
 
     def metadata(self) -> dict[str, Any]:
         return {
