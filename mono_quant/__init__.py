@@ -23,6 +23,7 @@ from mono_quant.fidelity import FidelityReport, compare
 from mono_quant.observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
 from mono_quant.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize
 from mono_quant.report import LayerReport, QuantizationReport
+from mono_quant.serialization import dequantize, load, save
 
 __version__ = "0.1.0"
 
@@ -48,7 +49,10 @@ __all__ = [
     "SerializationError",
     "__version__",
     "compare",
+    "dequantize",
     "dynamic_quantize",
+    "load",
     "quantize",
+    "save",
     "static_quantize",
 ]

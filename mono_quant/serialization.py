@@ -1,0 +1,574 @@
+"""Quantized checkpoints: ``save`` / ``load`` (``.safetensors`` or ``.pt``) and ``dequantize`` back to float.
+
+File layout (DESIGN.md section 5): tensors keep the names and dtypes of the quantized modules'
+``state_dict`` (compressed-tensors conventions); the safetensors header ``__metadata__`` holds
+``{"format": "pt", "mono_quant": "<json>"}``. A ``.pt`` file is ``torch.save({"mono_quant": "<json>",
+"tensors": {...}})``, which ``torch.load(..., weights_only=True)`` accepts. The JSON document has
+``format``, ``format_version``, ``mono_quant_version``, ``quantization_config`` (compressed-tensors
+style), ``config`` (the ``QuantizationConfig`` used, or ``null``), ``layers`` (module name -> the
+module's ``metadata()`` plus ``class``, float weight ``shape``, ``bias`` and ``sqnr_db``) and ``skipped``.
+
+Every tensor's dtype and shape is checked against the metadata (and against the given model) before
+anything is loaded, so a bad file raises ``SerializationError`` and never half-loads a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from mono_quant.config import QuantizationConfig
+from mono_quant.errors import SerializationError
+from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
+from mono_quant.report import QuantizationReport
+
+FORMAT_VERSION = 1
+METADATA_KEY = "mono_quant"
+_TORCH_SUFFIXES = (".pt", ".pth")
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+_CLASS_FOR = {("Linear", 8): "Int8Linear", ("Conv2d", 8): "Int8Conv2d", ("Embedding", 8): "Int8Embedding",
+              ("Linear", 4): "Int4Linear", ("Linear", 16): "HalfLinear", ("Conv2d", 16): "HalfConv2d",
+              ("Embedding", 16): "HalfEmbedding"}  # fmt: skip
+
+Spec = tuple[torch.dtype, tuple[int, ...]]
+
+
+# ----------------------------------------------------------------------------------------- save
+
+
+def save(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    config: QuantizationConfig | None = None,
+    report: QuantizationReport | None = None,
+) -> None:
+    """Write a quantized model (or the state_dict ``quantize`` returns for a state_dict) to ``path``.
+
+    The format follows the suffix: ``.safetensors``, or ``.pt``/``.pth``. The write is atomic: a
+    temporary file in the same directory is renamed over ``path`` only once complete. ``config`` and
+    ``report`` (per-layer SQNR, skipped layers) are stored in the metadata when given.
+
+    Example:
+        >>> import tempfile, mono_quant as mq
+        >>> q, _ = mq.dynamic_quantize(nn.Sequential(nn.Linear(32, 8)))
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> save(q, path)
+        >>> load(path)[1]["layers"]["0"]["class"]
+        'Int8Linear'
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        layers = _model_layers(model_or_state_dict)
+        _write(path, model_or_state_dict.state_dict(), layers, config, report)
+    elif isinstance(model_or_state_dict, Mapping):
+        save_state_dict(model_or_state_dict, path, config=config, report=report)
+    else:
+        raise SerializationError(
+            f"cannot save {type(model_or_state_dict).__name__} to {os.fspath(path)}; "
+            "expected a torch.nn.Module or a state_dict"
+        )
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    config: QuantizationConfig | None = None,
+    report: QuantizationReport | None = None,
+    float_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Save a quantized state_dict; quantized layers are recognized from ``report`` or tensor names.
+
+    ``float_shapes`` (layer name -> original float weight shape) restores the 4-D shape of Conv2d
+    layers, which a quantized state_dict only holds flattened. Int8 layers without ``input_scale``
+    are recorded with ``config.mode`` (``dynamic`` when no config is given).
+
+    Example:
+        >>> import tempfile, mono_quant as mq
+        >>> result = mq.quantize({"fc.weight": torch.randn(8, 32)}, dtype="int4", group_size=32)
+        >>> path = os.path.join(tempfile.mkdtemp(), "sd.pt")
+        >>> save_state_dict(result.model, path, config=result.config, report=result.report)
+        >>> load(path)[1]["layers"]["fc"]["bits"]
+        4
+    """
+    bad = next((k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise SerializationError(f"cannot save to {os.fspath(path)}: entry {bad!r} is not a named tensor")
+    layers = _state_dict_layers(state_dict, config, report, float_shapes or {})
+    _write(path, state_dict, layers, config, report)
+
+
+def _float_shape(module: nn.Module) -> list[int]:
+    if hasattr(module, "kernel_size") and hasattr(module, "out_channels"):
+        return [module.out_channels, module.in_channels, *module.kernel_size]
+    if hasattr(module, "in_features"):
+        return [module.out_features, module.in_features]
+    if hasattr(module, "num_embeddings"):
+        return [module.num_embeddings, module.embedding_dim]
+    return list(module.dequantized_weight().shape)
+
+
+def _model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            "class": type(module).__name__,
+            **module.metadata(),
+            "shape": _float_shape(module),
+            "bias": getattr(module, "bias", None) is not None,
+        }
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedLayer)
+    }
+
+
+def _state_dict_layers(
+    tensors: Mapping[str, torch.Tensor],
+    config: QuantizationConfig | None,
+    report: QuantizationReport | None,
+    float_shapes: Mapping[str, tuple[int, ...]],
+) -> dict[str, dict[str, Any]]:
+    if report is not None:
+        kinds = {row.name: (row.kind, row.bits) for row in report.layers}
+    else:  # without a report only integer layers are recognizable (by their scale tensors)
+        kinds = {}
+        for key in tensors:
+            if key.endswith(".weight_scale"):
+                name = key[: -len(".weight_scale")]
+                kinds[name] = ("Linear", 4 if f"{name}.weight_packed" in tensors else 8)
+    layers = {}
+    for name, (kind, bits) in kinds.items():
+        cls = _CLASS_FOR.get((kind, bits))
+        weight = tensors.get(f"{name}.weight_packed" if bits == 4 else f"{name}.weight")
+        if cls is None or weight is None:
+            raise SerializationError(f"layer {name!r} ({kind}, {bits} bits) has no matching tensors in the state_dict")
+        entry: dict[str, Any] = {"class": cls, "kind": kind, "mode": "weight_only", "bits": bits}
+        scale = tensors.get(f"{name}.weight_scale")
+        scheme = "asymmetric" if f"{name}.weight_zero_point" in tensors else "symmetric"
+        shape = list(weight.shape)
+        if bits == 8:
+            static = f"{name}.input_scale" in tensors
+            mode = "static" if static else (config.mode.value if config is not None else "dynamic")
+            entry.update(mode=mode, scheme=scheme, scale_shape=list(scale.shape))
+        elif bits == 4:
+            shape = [int(v) for v in tensors[f"{name}.weight_shape"].tolist()]
+            entry.update(scheme=scheme, group_size=shape[1] // scale.shape[1])
+        else:
+            entry["dtype"] = "fp16" if weight.dtype == torch.float16 else "bf16"
+        entry["shape"] = list(float_shapes.get(name, shape))
+        entry["bias"] = f"{name}.bias" in tensors
+        layers[name] = entry
+    return layers
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _metadata(
+    layers: dict[str, dict[str, Any]], config: QuantizationConfig | None, report: QuantizationReport | None
+) -> dict[str, Any]:
+    import mono_quant
+
+    if report is not None:
+        for row in report.layers:
+            if row.name in layers:
+                layers[row.name]["sqnr_db"] = _finite(row.sqnr_db)
+    return {
+        "format": "mono-quant",
+        "format_version": FORMAT_VERSION,
+        "mono_quant_version": mono_quant.__version__,
+        "quantization_config": _compressed_tensors_config(layers, config, report),
+        "config": None if config is None else config.to_dict(),
+        "layers": layers,
+        "skipped": {} if report is None else dict(report.skipped),
+    }
+
+
+def _compressed_tensors_config(
+    layers: dict[str, dict[str, Any]], config: QuantizationConfig | None, report: QuantizationReport | None
+) -> dict[str, Any]:
+    """A compressed-tensors style ``quantization_config``: one config group per distinct scheme."""
+    act_symmetric = config is not None and config.activation_scheme.value == "symmetric"
+    groups: dict[str, dict[str, Any]] = {}
+    for name, entry in layers.items():
+        bits, mode = entry["bits"], entry["mode"]
+        if bits == 16:
+            weights = {"num_bits": 16, "type": "float", "dtype": entry["dtype"], "strategy": "tensor"}
+            fmt, acts = "float-quantized", None
+        else:
+            per_group = bits == 4
+            strategy = "group" if per_group else ("channel" if len(entry.get("scale_shape", [1])) == 1 else "tensor")
+            weights = {"num_bits": bits, "type": "int", "symmetric": entry["scheme"] == "symmetric",
+                       "strategy": strategy, "group_size": entry.get("group_size"), "dynamic": False}  # fmt: skip
+            acts = None
+            if mode == "dynamic":
+                acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+            elif mode == "static":
+                acts = {"num_bits": 8, "type": "int", "symmetric": act_symmetric, "strategy": "tensor",
+                        "dynamic": False}  # fmt: skip
+            fmt = "pack-quantized" if per_group else ("int-quantized" if acts else "naive-quantized")
+        key = json.dumps([weights, acts], sort_keys=True)
+        group = groups.setdefault(key, {"targets": [], "weights": weights, "input_activations": acts,
+                                        "output_activations": None, "format": fmt})  # fmt: skip
+        group["targets"].append(name)
+    formats = {g["format"] for g in groups.values()}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": group for i, group in enumerate(groups.values())},
+        "ignore": [] if report is None else sorted(report.skipped),
+    }
+
+
+def _plain_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, one storage per tensor (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != value.numel() * value.element_size():
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out
+
+
+def _write(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    layers: dict[str, dict[str, Any]],
+    config: QuantizationConfig | None,
+    report: QuantizationReport | None,
+) -> None:
+    path = Path(path)
+    if path.suffix not in (".safetensors", *_TORCH_SUFFIXES):
+        raise SerializationError(f"cannot save to {path}: unknown extension; expected .safetensors, .pt or .pth")
+    text = json.dumps(_metadata(layers, config, report), allow_nan=False)
+    plain = _plain_tensors(tensors)
+    if path.suffix == ".safetensors":
+        _atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt", METADATA_KEY: text}))
+    else:
+        _atomic_write(path, lambda tmp: torch.save({METADATA_KEY: text, "tensors": plain}, tmp))
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write to a temporary file next to ``path`` and rename it: ``path`` is never half-written."""
+    if not path.parent.is_dir():
+        raise SerializationError(f"cannot save to {path}: directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise SerializationError(f"cannot save to {path}: {err}") from err
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+# ----------------------------------------------------------------------------------------- load
+
+
+def load(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    dequantize: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module | tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a file written by ``save``.
+
+    With ``model`` (a float model of the same architecture; its weights do not matter and it is not
+    modified) returns a deep copy with the quantized layers rebuilt and every tensor loaded, or with
+    ``dequantize=True`` a plain float model. Without ``model`` returns ``(state_dict, metadata)``:
+    ``state_dict`` maps every tensor name in the file to a tensor with its stored dtype (or, with
+    ``dequantize=True``, each quantized layer's tensors replaced by float32 ``<layer>.weight`` in the
+    original shape and ``<layer>.bias``); ``metadata`` is the parsed JSON document (see the module
+    docstring). Tensors are cloned into freshly allocated (aligned) memory and put on ``map_location``.
+
+    Example:
+        >>> import tempfile, mono_quant as mq
+        >>> float_model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> q, _ = mq.dynamic_quantize(float_model)
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> mq.save(q, path)
+        >>> skeleton = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> x = torch.randn(3, 32)
+        >>> torch.equal(load(path, model=skeleton)(x), q(x))
+        True
+        >>> type(load(path, model=skeleton, dequantize=True)[0]).__name__
+        'Linear'
+        >>> state_dict, metadata = load(path)
+        >>> state_dict["0.weight"].dtype, metadata["format_version"]
+        (torch.int8, 1)
+    """
+    path = Path(path)
+    metadata, specs, read = _open(path)
+    _check_against_metadata(path, metadata["layers"], specs)
+    if model is None:
+        tensors = read(list(specs))
+        if dequantize:
+            tensors = _dequantize_tensors(tensors, metadata["layers"])
+        return {k: v.to(map_location) for k, v in tensors.items()}, metadata
+    if not isinstance(model, nn.Module):
+        raise SerializationError(f"cannot load {path} into {type(model).__name__}; expected a torch.nn.Module")
+    q_model = _build_shells(path, model, metadata["layers"])
+    expected = {k: (v.dtype, tuple(v.shape)) for k, v in q_model.state_dict().items()}
+    _check_specs(path, specs, expected, "the given model")
+    q_model.load_state_dict(read(list(specs)), strict=True, assign=True)
+    if dequantize:
+        q_model = _dequantize_in_place(q_model)
+    return q_model.to(map_location)
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spec]]:
+    """The parsed metadata and ``{tensor name: (dtype, shape)}`` of a file, without reading tensor data
+    (for ``.safetensors``; a ``.pt`` file is memory-mapped). The tensors are checked against the metadata.
+
+    Example:
+        >>> import tempfile, mono_quant as mq
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> mq.save(mq.dynamic_quantize(nn.Sequential(nn.Linear(16, 4)))[0], path)
+        >>> read_header(path)[1]["0.weight"]
+        (torch.int8, (4, 16))
+    """
+    path = Path(path)
+    metadata, specs, _ = _open(path)
+    _check_against_metadata(path, metadata["layers"], specs)
+    return metadata, specs
+
+
+def _open(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[str]], dict[str, torch.Tensor]]]:
+    """Parse a file's metadata and tensor specs; the returned reader loads (cloned) tensors by name."""
+    if not path.is_file():
+        raise SerializationError(f"cannot load {path}: no such file")
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    try:
+        if magic[:2] == b"PK" or magic[:1] == b"\x80":
+            return _open_torch(path, mmap=magic[:2] == b"PK")
+        return _open_safetensors(path)
+    except SerializationError:
+        raise
+    except Exception as err:  # safetensors/torch raise many types for corrupt input
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise SerializationError(f"cannot load {path}: not a readable checkpoint (truncated or corrupt?): {detail}") from err
+
+
+def _open_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable]:
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+        specs = {}
+        for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+            piece = handle.get_slice(name)
+            dtype = _ST_DTYPES.get(piece.get_dtype())
+            if dtype is None:
+                found = piece.get_dtype()
+                raise SerializationError(f"cannot load {path}: tensor {name!r} has unsupported dtype {found}")
+            specs[name] = (dtype, tuple(piece.get_shape()))
+    metadata = _parse_metadata(path, header.get(METADATA_KEY))
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name).clone() for name in names}
+
+    return metadata, specs, read
+
+
+def _open_torch(path: Path, mmap: bool) -> tuple[dict[str, Any], dict[str, Spec], Callable]:
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    tensors = obj.get("tensors") if isinstance(obj, dict) else None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise SerializationError(f"cannot load {path}: no mono-quant metadata (a plain torch checkpoint?)")
+    metadata = _parse_metadata(path, obj.get(METADATA_KEY))
+    specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    return metadata, specs, lambda names: {name: tensors[name].clone() for name in names}
+
+
+def _parse_metadata(path: Path, text: Any) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise SerializationError(
+            f"cannot load {path}: no mono-quant metadata (a plain checkpoint? read it with safetensors/torch)"
+        )
+    try:
+        metadata = json.loads(text)
+    except ValueError as err:
+        raise SerializationError(f"cannot load {path}: mono-quant metadata is not valid JSON ({err})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != "mono-quant":
+        raise SerializationError(f"cannot load {path}: metadata is not a mono-quant document")
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise SerializationError(f"cannot load {path}: format_version={version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise SerializationError(
+            f"cannot load {path}: format_version={version} was written by a newer mono-quant "
+            f"({metadata.get('mono_quant_version')}); this one reads up to {FORMAT_VERSION}: upgrade mono-quant"
+        )
+    layers = metadata.get("layers")
+    if not isinstance(layers, dict):
+        raise SerializationError(f"cannot load {path}: metadata has no 'layers' table")
+    for name, entry in layers.items():
+        if not isinstance(entry, dict) or entry.get("class") not in QUANTIZED_CLASSES:
+            found = entry.get("class") if isinstance(entry, dict) else entry
+            raise SerializationError(f"cannot load {path}: layer {name!r} has unknown class {found!r}")
+        missing = [k for k in ("kind", "mode", "bits", "shape", "bias") if k not in entry]
+        if missing:
+            raise SerializationError(f"cannot load {path}: layer {name!r} metadata lacks {missing}")
+    return metadata
+
+
+def _meta_float_module(entry: dict[str, Any]) -> nn.Module:
+    """A float module on the meta device shaped per a layer entry (no memory, no init cost)."""
+    shape, bias, kind = entry["shape"], bool(entry["bias"]), entry["kind"]
+    if kind == "Conv2d":
+        kernel = tuple(shape[2:]) if len(shape) == 4 else (1, 1)  # a flattened conv from a state_dict
+        return nn.Conv2d(shape[1], shape[0], kernel, bias=bias, device="meta")
+    if kind == "Embedding":
+        return nn.Embedding(shape[0], shape[1], device="meta")
+    return nn.Linear(shape[1], shape[0], bias=bias, device="meta")
+
+
+def _shell(path: Path, name: str, float_module: nn.Module, entry: dict[str, Any]) -> nn.Module:
+    try:
+        with torch.device("meta") if _is_meta(float_module) else contextlib.nullcontext():
+            return QUANTIZED_CLASSES[entry["class"]].from_metadata(float_module, entry)
+    except Exception as err:
+        raise SerializationError(f"cannot load {path}: layer {name!r} metadata is inconsistent ({err})") from None
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters())
+
+
+def _check_against_metadata(path: Path, layers: dict[str, dict[str, Any]], specs: dict[str, Spec]) -> None:
+    """Each quantized layer's tensors must have exactly the dtypes and shapes its metadata implies."""
+    for name, entry in layers.items():
+        shell = _shell(path, name, _meta_float_module(entry), entry)
+        prefix = f"{name}." if name else ""
+        expected = {prefix + k: (v.dtype, tuple(v.shape)) for k, v in shell.state_dict().items()}
+        found = {k: v for k, v in specs.items() if k.rpartition(".")[0] == name}
+        _check_specs(path, found, expected, f"the metadata of layer {name!r}")
+
+
+def _check_specs(path: Path, specs: dict[str, Spec], expected: dict[str, Spec], what: str) -> None:
+    for key, (dtype, shape) in expected.items():
+        if key not in specs:
+            raise SerializationError(f"cannot load {path}: tensor {key!r} required by {what} is missing from the file")
+        if specs[key] != (dtype, shape):
+            found_dtype, found_shape = specs[key]
+            raise SerializationError(
+                f"cannot load {path}: tensor {key!r} is {_describe(found_dtype, found_shape)} in the file "
+                f"but {what} expects {_describe(dtype, shape)}"
+            )
+    extra = next((key for key in specs if key not in expected), None)
+    if extra is not None:
+        raise SerializationError(f"cannot load {path}: tensor {extra!r} in the file has no place in {what}")
+
+
+def _describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
+    return f"{str(dtype).removeprefix('torch.')} {list(shape)}"
+
+
+def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
+    """Deep-copy ``model`` with each quantized layer swapped for an empty shell; ``model`` is untouched.
+
+    The float tensors of the replaced layers are not copied (they map to meta tensors in the copy).
+    """
+    originals = dict(model.named_modules())
+    memo: dict[int, Any] = {}
+    for name, entry in layers.items():
+        module = originals.get(name)
+        cls = QUANTIZED_CLASSES[entry["class"]]
+        if module is None:
+            raise SerializationError(f"cannot load {path}: layer {name!r} is not in the given model")
+        if type(module) is not cls.float_type:
+            raise SerializationError(
+                f"cannot load {path}: layer {name!r} is {type(module).__name__} in the given model "
+                f"but {cls.float_type.__name__} in the file"
+            )
+        weight_shape = list(module.weight.shape)
+        if weight_shape != entry["shape"] and len(weight_shape) == len(entry["shape"]):
+            raise SerializationError(
+                f"cannot load {path}: layer {name!r} has weight shape {weight_shape} in the given model "
+                f"but {entry['shape']} in the file"
+            )
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            memo[id(tensor)] = copy.deepcopy(tensor, {}) if tensor.is_meta else _meta_like(tensor)
+    q_model = copy.deepcopy(model, memo)
+    modules = dict(q_model.named_modules())
+    for name, entry in layers.items():
+        shell = _shell(path, name, modules[name], entry)
+        if not name:
+            return shell
+        parent, _, child = name.rpartition(".")
+        setattr(q_model.get_submodule(parent), child, shell)
+    return q_model
+
+
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(tensor, device="meta")
+    return nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+
+
+# ------------------------------------------------------------------------------------ dequantize
+
+
+def dequantize(q_model: nn.Module) -> nn.Module:
+    """A copy of ``q_model`` with every quantized layer replaced by a plain float32 ``nn.Linear``/
+    ``nn.Conv2d``/``nn.Embedding`` holding the dequantized weight; ``q_model`` is not modified.
+
+    Example:
+        >>> import mono_quant as mq
+        >>> q, _ = mq.dynamic_quantize(nn.Sequential(nn.Linear(16, 4)))
+        >>> f = dequantize(q)
+        >>> type(f[0]).__name__, torch.equal(f[0].weight, q[0].dequantized_weight())
+        ('Linear', True)
+    """
+    if isinstance(q_model, QuantizedLayer):
+        return q_model.dequantize()
+    return _dequantize_in_place(copy.deepcopy(q_model))
+
+
+def _dequantize_in_place(model: nn.Module) -> nn.Module:
+    if isinstance(model, QuantizedLayer):
+        return model.dequantize()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLayer):
+            plain = module.dequantize().train(module.training)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, plain)
+    return model
+
+
+def _dequantize_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Replace each quantized layer's tensors by float32 ``weight`` (original shape) and ``bias``."""
+    out = dict(tensors)
+    for name, entry in layers.items():
+        prefix = f"{name}." if name else ""
+        own = {k[len(prefix) :]: out.pop(k) for k in list(out) if k.rpartition(".")[0] == name}
+        with torch.device("meta"):
+            shell = QUANTIZED_CLASSES[entry["class"]].from_metadata(_meta_float_module(entry), entry)
+        shell.load_state_dict(own, strict=True, assign=True)
+        out[f"{prefix}weight"] = shell.dequantized_weight().float().reshape(entry["shape"])
+        if "bias" in own:
+            out[f"{prefix}bias"] = own["bias"].float()
+    return out
