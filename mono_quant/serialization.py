@@ -371,7 +371,8 @@ def _open(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[s
         raise
     except Exception as err:  # safetensors/torch raise many types for corrupt input
         detail = " ".join(str(err).split()) or type(err).__name__
-        raise SerializationError(f"cannot load {path}: not a readable checkpoint (truncated or corrupt?): {detail}") from err
+        message = f"cannot load {path}: not a readable checkpoint (truncated or corrupt?): {detail}"
+        raise SerializationError(message) from err
 
 
 def _open_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable]:
