@@ -1,0 +1,21 @@
+"""Lightning integration for mono-quant: one callback that calibrates, quantizes, gates and exports.
+
+Example:
+    >>> from mono_quant_lightning import QuantizationCallback
+    >>> QuantizationCallback(dtype="int8", max_drop=0.02).max_drop
+    0.02
+"""
+
+from mono_quant_lightning.callback import OnViolation, QuantizationCallback, QuantizeOn, QuantMode
+from mono_quant_lightning.gate import DropType, GateDecision, QuantizationGateError, decide
+
+__all__ = [
+    "DropType",
+    "GateDecision",
+    "OnViolation",
+    "QuantMode",
+    "QuantizationCallback",
+    "QuantizationGateError",
+    "QuantizeOn",
+    "decide",
+]

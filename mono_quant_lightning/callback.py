@@ -1,0 +1,621 @@
+"""``QuantizationCallback``: calibrate on validation, quantize at fit end, gate on the metric drop, export.
+
+The hooks are thin: they decide *when* and *on what data*; ``mono_quant`` does the work
+(``Calibrator`` for statistics, ``quantize`` for the model, ``compare`` for fidelity, ``save`` for
+files) and ``gate.decide`` takes the decision. The user's ``LightningModule`` is never modified:
+calibration uses forward pre-hooks on its layers that are removed at the end of every validation
+epoch, and quantization works on a deep copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import move_data_to_device
+from torch import nn
+
+import mono_quant as mq
+from mono_quant.calibration import TARGET_KEYS
+from mono_quant.config import ObserverKind, QuantDtype, parse_dtype, parse_enum
+from mono_quant.errors import CalibrationError, ConfigError
+from mono_quant.modules import Int8Linear
+from mono_quant.selection import select_layers
+from mono_quant_lightning.checkpoint_io import SidecarCheckpointIO
+from mono_quant_lightning.gate import DropType, GateDecision, QuantizationGateError, decide
+
+BatchFn = Callable[[Any], tuple[Any, Any]]
+
+EXPORT_NAME = "model.quant.safetensors"
+
+
+class QuantMode(str, Enum):
+    """``auto`` picks ``static`` when validation batches were observed, else ``dynamic``."""
+
+    AUTO = "auto"
+    DYNAMIC = "dynamic"
+    STATIC = "static"
+    WEIGHT_ONLY = "weight_only"
+
+
+class QuantizeOn(str, Enum):
+    """When a quantized file is produced: at the end of ``fit`` and/or beside every checkpoint."""
+
+    FIT_END = "fit_end"
+    CHECKPOINT = "checkpoint"
+
+
+class OnViolation(str, Enum):
+    """What a failed gate does: raise (nothing exported), warn (and export), or warn and skip the export."""
+
+    RAISE = "raise"
+    WARN = "warn"
+    SKIP_EXPORT = "skip_export"
+    FALLBACK = "fallback"
+
+
+class QuantizationCallback(Callback):
+    r"""Quantize the model a Lightning run trains, measure what it costs, and export it.
+
+    With no arguments: int8, ``mode="auto"`` (static when validation batches were observed, otherwise
+    dynamic), quantize at fit end, report output fidelity, and write ``model.quant.safetensors`` next to
+    the checkpoints.
+
+    Args:
+        dtype: ``"int8"`` (default), ``"int4"`` (weight-only), ``"fp16"`` or ``"bf16"``.
+        mode: ``"auto"``, ``"static"``, ``"dynamic"`` or ``"weight_only"``. Only int8 static/auto calibrates.
+        observer: ``"minmax"``, ``"moving_average"`` or ``"histogram"`` (activation statistics).
+        calibration_batches: how many batches of each validation epoch (per process) feed the observers.
+        quantize_on: ``"fit_end"`` and/or ``"checkpoint"`` (a ``<stem>.quant.safetensors`` beside each ``.ckpt``).
+        metric: a torchmetrics ``Metric`` evaluated on the validation data for the float and quantized model.
+        max_drop: the largest allowed drop of ``metric`` (oriented by its ``higher_is_better``).
+        drop_type: ``"absolute"`` or ``"relative"``.
+        on_violation: ``"raise"`` (``QuantizationGateError``, nothing exported), ``"warn"`` or ``"skip_export"``.
+        export_dir: where the fit-end file goes; default: the first ``ModelCheckpoint``'s ``dirpath``, else
+            ``trainer.default_root_dir``.
+        include, exclude: glob patterns on module names (see ``mono_quant.QuantizationConfig``).
+        batch_fn: ``batch -> (inputs, target)``. Default: tuples/lists give ``(batch[0], batch[-1])``; dicts give
+            the items whose key is not a target key as keyword inputs and the first of ``"target"``,
+            ``"targets"``, ``"label"``, ``"labels"``, ``"y"`` as target. Inputs are fed as ``model(x)`` for a
+            tensor, ``model(**x)`` for a dict and ``model(*x)`` for a tuple/list.
+        calibration_dataloader: calibrate on this data (e.g. a training subset) instead of validation batches.
+        verbose: print the report table and the gate result on global rank zero.
+
+    Attributes:
+        result: the ``mono_quant.QuantizationResult`` built at fit end.
+        export_path: the file written at fit end (``None`` when nothing was written).
+        drop: the measured metric drop (``None`` without a metric).
+        decision: the ``GateDecision`` (``None`` without a metric).
+        fidelity: the ``mono_quant.FidelityReport`` of outputs (float vs quantized).
+        mode_used: the mode that was actually applied.
+
+    Raises:
+        ConfigError: at construction, for an argument that is not valid (the message quotes it).
+        QuantizationGateError: out of ``trainer.fit`` when the gate fails with ``on_violation="raise"``.
+
+    Example:
+        >>> cb = QuantizationCallback()
+        >>> cb.mode, cb.quantize_on
+        (<QuantMode.AUTO: 'auto'>, (<QuantizeOn.FIT_END: 'fit_end'>,))
+        >>> QuantizationCallback(mode="fallback")
+        Traceback (most recent call last):
+        ...
+        mono_quant.errors.ConfigError: QuantizationCallback(mode='fallback'): ...
+    """
+
+    def __init__(
+        self,
+        dtype: Any = "int8",
+        mode: QuantMode | str = "auto",
+        observer: ObserverKind | str = "minmax",
+        calibration_batches: int = 32,
+        quantize_on: Iterable[QuantizeOn | str] | str = ("fit_end",),
+        metric: Any = None,
+        max_drop: float = 0.01,
+        drop_type: DropType | str = "absolute",
+        on_violation: OnViolation | str = "raise",
+        export_dir: str | os.PathLike[str] | None = None,
+        include: Iterable[str] | str | None = None,
+        exclude: Iterable[str] | str | None = None,
+        batch_fn: BatchFn | None = None,
+        calibration_dataloader: Iterable[Any] | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dtype: QuantDtype = _checked("dtype", dtype, parse_dtype)
+        self.mode: QuantMode = _checked("mode", mode, lambda v: parse_enum(QuantMode, v, "mode"))
+        self.observer: ObserverKind = _checked("observer", observer, lambda v: parse_enum(ObserverKind, v, "observer"))
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            _bad("calibration_batches", calibration_batches, "must be an integer >= 1")
+        self.calibration_batches = calibration_batches
+        self.quantize_on = _parse_quantize_on(quantize_on)
+        self.metric = _parse_metric(metric)
+        if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < math.inf:
+            _bad("max_drop", max_drop, "must be a finite number >= 0")
+        self.max_drop = float(max_drop)
+        self.drop_type: DropType = _checked("drop_type", drop_type, lambda v: parse_enum(DropType, v, "drop_type"))
+        self.on_violation: OnViolation = _checked(
+            "on_violation", on_violation, lambda v: parse_enum(OnViolation, v, "on_violation")
+        )
+        if self.on_violation is OnViolation.FALLBACK:
+            _bad(
+                "on_violation",
+                on_violation,
+                "is not available yet (it comes with a later release); use 'raise', 'warn' or 'skip_export'",
+            )
+        if batch_fn is not None and not callable(batch_fn):
+            _bad("batch_fn", batch_fn, "must be a callable batch -> (inputs, target)")
+        if calibration_dataloader is not None and not isinstance(calibration_dataloader, Iterable):
+            _bad("calibration_dataloader", calibration_dataloader, "must be an iterable of batches (e.g. a DataLoader)")
+        self.export_dir = None if export_dir is None else Path(export_dir)
+        self.batch_fn = batch_fn
+        self.calibration_dataloader = calibration_dataloader
+        self.verbose = verbose
+        # The base config; ``mode`` is resolved per export. Building it validates include/exclude and the
+        # dtype/mode combination (e.g. int4 + static) now, not at fit end.
+        base_mode = "static" if self.mode in (QuantMode.AUTO, QuantMode.STATIC) else self.mode.value
+        self.config: mq.QuantizationConfig = _checked(
+            "mode",
+            mode,
+            lambda _: mq.QuantizationConfig(
+                dtype=self.dtype, mode=base_mode, observer=self.observer, include=include, exclude=exclude or ()
+            ),
+        )
+
+        self.result: mq.QuantizationResult | None = None
+        self.export_path: Path | None = None
+        self.drop: float | None = None
+        self.decision: GateDecision | None = None
+        self.fidelity: mq.FidelityReport | None = None
+        self.mode_used: QuantMode | None = None
+        self._calibrator: mq.Calibrator | None = None  # observing the current validation epoch
+        self._statistics: mq.Calibrator | None = None  # the last completed (and synced) epoch
+        self._pending_state: dict[str, Any] | None = None
+        self._batches_seen = 0
+        self._module: LightningModule | None = None
+        self._wrapped_io: Any = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(dtype=self.dtype.value, observer=self.observer.value)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether this configuration collects activation statistics (int8 with mode auto/static).
+
+        Example:
+            >>> QuantizationCallback().calibrates, QuantizationCallback(mode="dynamic").calibrates
+            (True, False)
+        """
+        return self.dtype is QuantDtype.INT8 and self.mode in (QuantMode.AUTO, QuantMode.STATIC)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The last validation epoch's observer statistics, as plain tensors (``weights_only``-loadable).
+
+        Example:
+            >>> QuantizationCallback().state_dict()
+            {'observer': 'minmax', 'statistics': None}
+        """
+        stats = self._statistics.state_dict() if self._statistics is not None else self._pending_state
+        return {"observer": self.observer.value, "statistics": stats}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore statistics saved by ``state_dict`` (applied once the model is known, in ``setup``).
+
+        Example:
+            >>> cb = QuantizationCallback(); cb.load_state_dict({"observer": "minmax", "statistics": None})
+        """
+        if state_dict.get("observer", self.observer.value) != self.observer.value:
+            warnings.warn(
+                f"checkpoint statistics come from observer={state_dict['observer']!r}, not {self.observer.value!r};"
+                " ignoring them",
+                stacklevel=2,
+            )
+            return
+        self._pending_state = state_dict.get("statistics")
+        if self._module is not None:
+            self._apply_pending_state()
+
+    def _apply_pending_state(self) -> None:
+        if self._pending_state is None or self._module is None:
+            return
+        calibrator = self._new_calibrator(self._module)
+        calibrator.load_state_dict(self._pending_state)
+        self._statistics, self._pending_state = calibrator, None
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remember the module and, with ``"checkpoint"`` in ``quantize_on``, wrap the checkpoint IO."""
+        if stage != TrainerFn.FITTING.value:
+            return
+        self._module = pl_module
+        self._apply_pending_state()
+        if QuantizeOn.CHECKPOINT in self.quantize_on and not isinstance(
+            trainer.strategy.checkpoint_io, SidecarCheckpointIO
+        ):
+            self._wrapped_io = trainer.strategy.checkpoint_io
+            trainer.strategy.checkpoint_io = SidecarCheckpointIO(self._wrapped_io, self._write_sidecar)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remove any hooks and give the strategy its own checkpoint IO back."""
+        self._stop_observing()
+        if self._wrapped_io is not None and isinstance(trainer.strategy.checkpoint_io, SidecarCheckpointIO):
+            trainer.strategy.checkpoint_io = self._wrapped_io
+            self._wrapped_io = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._stop_observing()
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start observing the selected layers (fit validation only; never the sanity check)."""
+        if not self._observes_validation(trainer):
+            return
+        self._stop_observing()
+        self._calibrator = self._new_calibrator(pl_module)
+        self._batches_seen = 0
+        self._calibrator.attach()
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, **kwargs: Any
+    ) -> None:
+        """Stop observing after ``calibration_batches`` batches."""
+        if self._calibrator is None:
+            return
+        self._batches_seen += 1
+        if self._batches_seen >= self.calibration_batches:
+            self._calibrator.detach()
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Remove the hooks and all-reduce the statistics across processes; they become the current ones."""
+        if self._calibrator is None:
+            return
+        calibrator, self._calibrator = self._calibrator, None
+        calibrator.detach()
+        if _distributed(trainer):
+            calibrator.sync(_all_reduce(trainer.strategy.root_device))
+        if any(not obs.empty for obs in calibrator.observers.values()):
+            self._statistics = calibrator
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Quantize, measure, gate (the same decision on every rank) and export on global rank zero."""
+        if QuantizeOn.FIT_END not in self.quantize_on:
+            return
+        self._stop_observing()
+        result = self._quantize(pl_module, announce=trainer.is_global_zero and self.verbose)
+        self.result = result
+        self._measure(trainer, pl_module, result.model, _val_loaders(trainer))
+        failed = self.decision is not None and not self.decision.passed
+        if _distributed(trainer):  # every rank has synced metric values; rank zero's decision is the one
+            failed = bool(trainer.strategy.broadcast(failed, src=0))
+        self._log(trainer, result)
+        if failed:
+            message = (
+                f"quantized model failed the gate: {self.decision.reason} "
+                f"({self._metric_name()} float {self.decision.float_score:.4f}, "
+                f"quantized {self.decision.quantized_score:.4f})"
+            )
+            if self.on_violation is OnViolation.RAISE:
+                raise QuantizationGateError(message + "; nothing was exported", self.decision)
+            if self.on_violation is OnViolation.SKIP_EXPORT:
+                _rank_zero_warn(trainer, message + "; skipping the export (on_violation='skip_export')")
+                return
+            _rank_zero_warn(trainer, message + "; exporting anyway (on_violation='warn')")
+        path = self._export_path(trainer)
+        if trainer.is_global_zero:
+            _save(result, path)
+            if self.verbose:
+                print(f"[mono-quant] exported {path} ({path.stat().st_size:,} bytes)")
+        self.export_path = path
+
+    # ------------------------------------------------------------------ pieces
+
+    def _observes_validation(self, trainer: Trainer) -> bool:
+        return (
+            self.calibrates
+            and self.calibration_dataloader is None
+            and not trainer.sanity_checking
+            and trainer.state.fn == TrainerFn.FITTING
+        )
+
+    def _stop_observing(self) -> None:
+        if self._calibrator is not None:
+            self._calibrator.detach()
+            self._calibrator = None
+
+    def _calibrated_layers(self, module: nn.Module) -> dict[str, nn.Module]:
+        config = self.config.replace(mode="static")
+        modules = dict(module.named_modules())
+        chosen = select_layers(module, config).chosen
+        return {name: modules[name] for name, cls in chosen.items() if issubclass(cls, Int8Linear)}
+
+    def _new_calibrator(self, module: nn.Module) -> mq.Calibrator:
+        return mq.Calibrator(self._calibrated_layers(module), self.config.replace(mode="static"))
+
+    def _resolve_mode(self, module: LightningModule) -> tuple[QuantMode, dict[str, Any] | None, str]:
+        """The mode to apply, the activation statistics for static mode, and why."""
+        if not self.calibrates:
+            mode = self.mode if self.mode is not QuantMode.AUTO else QuantMode.DYNAMIC
+            return mode, None, f"mode={mode.value!r}"
+        statistics = self._statistics
+        source = "the last validation epoch"
+        if self.calibration_dataloader is not None:
+            statistics = self._new_calibrator(module)
+            feed = _make_forward(self.batch_fn)
+            statistics.run(module, self.calibration_dataloader, feed, max_batches=self.calibration_batches)
+            source = "calibration_dataloader"
+        if statistics is None:
+            if self.mode is QuantMode.STATIC:
+                raise CalibrationError(
+                    "QuantizationCallback(mode='static') has no activation statistics: validation never ran during fit"
+                    " (no val dataloader or limit_val_batches=0). Pass calibration_dataloader=... to calibrate on other"
+                    " data, or use mode='dynamic'"
+                )
+            return QuantMode.DYNAMIC, None, "mode='dynamic' (auto: no validation batches were observed)"
+        try:
+            qparams = statistics.qparams()
+        except CalibrationError as err:
+            if self.mode is QuantMode.STATIC:
+                raise
+            return QuantMode.DYNAMIC, None, f"mode='dynamic' (auto: {err})"
+        why = "auto: " if self.mode is QuantMode.AUTO else ""
+        return QuantMode.STATIC, qparams, f"mode='static' ({why}activation statistics from {source})"
+
+    def _quantize(self, module: LightningModule, announce: bool) -> mq.QuantizationResult:
+        mode, qparams, why = self._resolve_mode(module)
+        self.mode_used = mode
+        if announce:
+            print(f"[mono-quant] quantizing to {self.dtype.value} with {why}")
+        config = self.config.replace(mode=mode.value)
+        return mq.quantize(module, config, activation_qparams=qparams)
+
+    def _measure(self, trainer: Trainer, float_model: nn.Module, q_model: nn.Module, loaders: list[Any]) -> None:
+        """Metric on the whole validation data (synced by torchmetrics) and output fidelity on its first batches."""
+        self.decision = self.drop = self.fidelity = None
+
+        def data() -> Iterable[Any]:
+            return (batch for loader in loaders for batch in loader)
+
+        if self.metric is not None:
+            if not loaders:
+                raise ConfigError(
+                    f"QuantizationCallback(metric={type(self.metric).__name__}(...)) needs validation data to measure"
+                    " the drop, but fit had no validation dataloader; add one or drop metric="
+                )
+            device = trainer.strategy.root_device
+            float_score = self._score(float_model, data(), device)
+            quantized_score = self._score(q_model, data(), device)
+            self.decision = decide(
+                float_score,
+                quantized_score,
+                self.max_drop,
+                higher_is_better=bool(self.metric.higher_is_better),
+                drop_type=self.drop_type,
+            )
+            self.drop = self.decision.drop
+        if loaders:
+            feed = _make_forward(self.batch_fn)
+            self.fidelity = mq.compare(float_model, q_model, itertools.islice(data(), self.calibration_batches), feed)
+
+    def _score(self, model: nn.Module, data: Iterable[Any], device: torch.device) -> float:
+        metric = self.metric.clone().to(device)
+        metric.reset()
+        split = self.batch_fn or default_batch_fn
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for batch in data:
+                    inputs, target = split(move_data_to_device(batch, device))
+                    metric.update(_output_tensor(_call(model, inputs)), target)
+            return float(metric.compute())  # syncs across processes
+        finally:
+            model.train(was_training)
+
+    def _log(self, trainer: Trainer, result: mq.QuantizationResult) -> None:
+        report = result.report
+        metrics: dict[str, float] = {}
+        if report.model_bytes_before:
+            metrics["quant/size_ratio"] = report.model_bytes_after / report.model_bytes_before
+        if self.fidelity is not None:
+            metrics["quant/sqnr_db"] = self.fidelity.sqnr_db
+        if self.decision is not None:
+            name = self._metric_name()
+            metrics[f"quant/{name}_float"] = self.decision.float_score
+            metrics[f"quant/{name}_quantized"] = self.decision.quantized_score
+            metrics["quant/drop"] = self.decision.drop
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+        if self.verbose:
+            print(f"[mono-quant] quantization report\n{report}")
+            if self.fidelity is not None:
+                print(f"[mono-quant] fidelity: {self.fidelity}")
+            if self.decision is not None:
+                verdict = "passed" if self.decision.passed else "FAILED"
+                print(
+                    f"[mono-quant] {self._metric_name()}: float {self.decision.float_score:.4f}, quantized "
+                    f"{self.decision.quantized_score:.4f}; gate {verdict}: {self.decision.reason}"
+                )
+
+    def _metric_name(self) -> str:
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(self.metric).__name__).lower() if self.metric else "metric"
+
+    def _export_path(self, trainer: Trainer) -> Path:
+        if self.export_dir is not None:
+            directory = self.export_dir
+        elif trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            directory = Path(trainer.checkpoint_callback.dirpath)
+        else:
+            directory = Path(trainer.default_root_dir)
+        return directory / EXPORT_NAME
+
+    def _write_sidecar(self, path: Path) -> None:
+        """Called by ``SidecarCheckpointIO`` on global rank zero after a checkpoint is written."""
+        if self._module is None:
+            return
+        try:
+            result = self._quantize(self._module, announce=False)
+        except CalibrationError as err:
+            warnings.warn(f"no quantized sidecar for {path.name}: {err}", stacklevel=2)
+            return
+        _save(result, path)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def default_batch_fn(batch: Any) -> tuple[Any, Any]:
+    """Split a batch into ``(inputs, target)``: tuples/lists by first and last item, dicts by key.
+
+    Example:
+        >>> default_batch_fn((torch.zeros(2, 3), torch.ones(2)))[1]
+        tensor([1., 1.])
+        >>> inputs, target = default_batch_fn({"pixels": torch.zeros(2, 3), "label": torch.ones(2)})
+        >>> list(inputs), target
+        (['pixels'], tensor([1., 1.]))
+    """
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[-1]
+    if isinstance(batch, Mapping):
+        key = next((k for k in ("target", "targets", "label", "labels", "y") if k in batch), None)
+        if key is not None:
+            return {k: v for k, v in batch.items() if k not in TARGET_KEYS}, batch[key]
+    raise ConfigError(
+        f"cannot split a batch of type {type(batch).__name__} into (inputs, target); pass "
+        "QuantizationCallback(batch_fn=lambda batch: (inputs, target))"
+    )
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _make_forward(batch_fn: BatchFn | None) -> Callable[[nn.Module, Any], Any]:
+    def feed(model: nn.Module, batch: Any) -> Any:
+        device = next((p.device for p in model.parameters()), None)
+        if device is None:
+            device = next((b.device for b in model.buffers()), torch.device("cpu"))
+        batch = move_data_to_device(batch, device)
+        if batch_fn is not None:
+            inputs = batch_fn(batch)[0]
+        elif isinstance(batch, torch.Tensor):
+            inputs = batch
+        elif isinstance(batch, Mapping):
+            inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        else:
+            inputs = default_batch_fn(batch)[0]
+        return _call(model, inputs)
+
+    return feed
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, Mapping):
+        output = next(iter(output.values()))
+    if isinstance(output, (list, tuple)):
+        output = output[0]
+    return output
+
+
+def _val_loaders(trainer: Trainer) -> list[Any]:
+    """The fit validation dataloader(s) (already sharded per process by Lightning); empty when there are none."""
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        return []
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    return [loader for loader in loaders if _has_batches(loader)]
+
+
+def _has_batches(loader: Any) -> bool:
+    try:
+        return len(loader) > 0
+    except TypeError:
+        return True
+
+
+def _distributed(trainer: Trainer) -> bool:
+    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce(device: torch.device) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    ops = {"min": torch.distributed.ReduceOp.MIN, "max": torch.distributed.ReduceOp.MAX}
+
+    def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+        out = tensor.detach().clone().to(device)
+        torch.distributed.all_reduce(out, op=ops.get(op, torch.distributed.ReduceOp.SUM))
+        return out.to(tensor.device)
+
+    return reduce
+
+
+def _rank_zero_warn(trainer: Trainer, message: str) -> None:
+    if trainer.is_global_zero:
+        warnings.warn(message, stacklevel=3)
+
+
+def _save(result: mq.QuantizationResult, path: Path) -> None:
+    from mono_quant.serialization import save  # written atomically by the core
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(result.model, os.fspath(path), config=result.config, report=result.report)
+
+
+def _bad(argument: str, value: Any, problem: str) -> None:
+    raise ConfigError(f"QuantizationCallback({argument}={value!r}): {argument} {problem}")
+
+
+def _checked(argument: str, value: Any, parse: Callable[[Any], Any]) -> Any:
+    try:
+        return parse(value)
+    except ConfigError as err:
+        raise ConfigError(f"QuantizationCallback({argument}={value!r}): {err}") from None
+
+
+def _parse_quantize_on(value: Any) -> tuple[QuantizeOn, ...]:
+    items = [value] if isinstance(value, (str, QuantizeOn)) else value
+    try:
+        parsed = tuple(dict.fromkeys(parse_enum(QuantizeOn, item, "quantize_on") for item in items))
+    except TypeError:
+        _bad("quantize_on", value, "must be 'fit_end', 'checkpoint' or a tuple of them")
+    except ConfigError as err:
+        raise ConfigError(f"QuantizationCallback(quantize_on={value!r}): {err}") from None
+    if not parsed:
+        _bad("quantize_on", value, "must name at least one of 'fit_end', 'checkpoint'")
+    return parsed
+
+
+def _parse_metric(metric: Any) -> Any:
+    if metric is None:
+        return None
+    from torchmetrics import Metric
+
+    if isinstance(metric, type) and issubclass(metric, Metric):
+        _bad("metric", metric, "must be a Metric instance, e.g. MulticlassAccuracy(num_classes=10), not the class")
+    if not isinstance(metric, Metric):
+        _bad("metric", metric, "must be a torchmetrics Metric, e.g. MulticlassAccuracy(num_classes=10)")
+    if metric.higher_is_better is None:
+        _bad("metric", metric, "must declare higher_is_better (True or False) so the drop has a direction")
+    return metric
