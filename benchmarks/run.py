@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ THREADS = 2
 
 def mlp(*sizes: int) -> nn.Module:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for i, (a, b) in enumerate(pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -96,7 +97,7 @@ def run_workload(name: str, sizes: tuple[int, ...], batches: tuple[int, ...], it
         x = torch.randn(batch, sizes[0])
         with torch.inference_mode():
             reference = model(x)
-        timings = {mode: median_ms(lambda m=m: m(x), iters) for mode, m, _, _ in variants}
+        timings = {mode: median_ms(lambda m=m, x=x: m(x), iters) for mode, m, _, _ in variants}
         for mode, variant, seconds, nbytes in variants:
             with torch.inference_mode():
                 fidelity = sqnr_db(reference, variant(x))

@@ -1,0 +1,393 @@
+"""QuantizationCallback with the real Lightning Trainer on scikit-learn digits (no mocks of Lightning)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.regression import MeanSquaredError
+
+import mono_quant as mq
+from mono_quant.errors import CalibrationError, ConfigError
+from mono_quant_lightning import QuantizationCallback, QuantizationGateError, QuantMode
+
+
+class DigitsCNN(L.LightningModule):
+    """A tiny CNN; ``batch_kind`` says how batches look ("tuple", "dict" or "reversed" (target, image))."""
+
+    def __init__(self, batch_kind: str = "tuple", lr: float = 0.02) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 32), nn.ReLU(), nn.Linear(32, 10)
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image.reshape(-1, 1, 8, 8))
+
+    def _split(self, batch):
+        if self.hparams.batch_kind == "dict":
+            return batch["image"], batch["label"]
+        if self.hparams.batch_kind == "reversed":
+            return batch[1], batch[0]
+        return batch
+
+    def training_step(self, batch, batch_idx):
+        x, y = self._split(batch)
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = self._split(batch)
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = self._split(batch)
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class DictDigits(Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def loaders(digits, kind: str = "tuple", n_train: int = 512, n_val: int = 256, batch_size: int = 64):
+    x_train, y_train, x_val, y_val = digits
+    x_train, y_train, x_val, y_val = x_train[:n_train], y_train[:n_train], x_val[:n_val], y_val[:n_val]
+    if kind == "dict":
+        train, val = DictDigits(x_train, y_train), DictDigits(x_val, y_val)
+    elif kind == "reversed":
+        train, val = TensorDataset(y_train, x_train), TensorDataset(y_val, x_val)
+    else:
+        train, val = TensorDataset(x_train, y_train), TensorDataset(x_val, y_val)
+    return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(val, batch_size=batch_size)
+
+
+def trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
+    options = dict(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **options)
+
+
+def module_fingerprint(module: nn.Module) -> dict:
+    return {
+        name: (sorted(vars(m)), dict(m._forward_pre_hooks), dict(m._forward_hooks), "forward" in vars(m))
+        for name, m in module.named_modules()
+    }
+
+
+def quiet(**kwargs) -> QuantizationCallback:
+    return QuantizationCallback(verbose=False, **kwargs)
+
+
+# ---------------------------------------------------------------------- default use
+
+
+def test_zero_argument_use(tmp_path, digits, capsys):
+    train, val = loaders(digits)
+    model = DigitsCNN()
+    cb = QuantizationCallback()
+    trainer(tmp_path, [cb]).fit(model, train, val)
+    out = capsys.readouterr().out
+    assert "mode='static' (auto: activation statistics from the last validation epoch)" in out
+    assert "quantization report" in out and "fidelity" in out
+    assert cb.mode_used is QuantMode.STATIC
+    assert cb.export_path == tmp_path / "checkpoints" / "model.quant.safetensors"
+    assert cb.export_path.is_file()
+    assert cb.drop is None and cb.decision is None
+    assert cb.fidelity.cosine_mean > 0.99
+    assert type(cb.result.model.net[5]).__name__ == "Int8Linear"
+    reloaded = mq.load(cb.export_path, model=DigitsCNN())
+    x = digits[2][:32]
+    torch.testing.assert_close(reloaded(x), cb.result.model(x))
+
+
+def test_auto_mode_without_validation_is_dynamic_and_says_so(tmp_path, digits, capsys):
+    train, _ = loaders(digits)
+    cb = QuantizationCallback()
+    trainer(tmp_path, [cb], max_epochs=1).fit(DigitsCNN(), train)
+    assert cb.mode_used is QuantMode.DYNAMIC
+    assert "mode='dynamic' (auto: no validation batches were observed)" in capsys.readouterr().out
+    assert cb.fidelity is None and cb.export_path.is_file()
+
+
+def test_dynamic_and_weight_only_dtypes_do_not_calibrate(tmp_path, digits):
+    train, val = loaders(digits)
+    for cb in (quiet(mode="dynamic"), quiet(dtype="int4"), quiet(dtype="bf16")):
+        model = DigitsCNN()
+        trainer(tmp_path, [cb], max_epochs=1, enable_checkpointing=False).fit(model, train, val)
+        assert cb._statistics is None
+        assert cb.export_path.is_file()
+    assert cb.mode_used is QuantMode.DYNAMIC  # bf16 casts whatever the mode
+
+
+# ---------------------------------------------------------------------- calibration
+
+
+def test_calibrates_on_fit_validation_only(tmp_path, digits):
+    train, val = loaders(digits)  # 4 validation batches per epoch
+    model = DigitsCNN()
+    cb = quiet(calibration_batches=100, quantize_on="fit_end")
+    t = trainer(tmp_path, [cb], num_sanity_val_steps=2, max_epochs=2)
+    t.fit(model, train, val)
+    observers = cb._statistics.observers
+    assert sorted(observers) == ["net.0", "net.3", "net.5"]
+    # last validation epoch only: not the sanity check (2 more), not training (8 per epoch)
+    assert all(int(obs.batches) == 4 for obs in observers.values())
+    before = {k: v.clone() for k, v in cb.state_dict()["statistics"]["net.5"].items()}
+    t.validate(model, val, verbose=False)
+    t.test(model, val, verbose=False)
+    t.predict(model, DataLoader(digits[2][:64], batch_size=32))
+    after = cb.state_dict()["statistics"]["net.5"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_calibration_batches_limits_observed_batches(tmp_path, digits):
+    train, val = loaders(digits)
+    cb = quiet(calibration_batches=2, observer="histogram")
+    trainer(tmp_path, [cb], max_epochs=1).fit(DigitsCNN(), train, val)
+    assert all(int(obs.batches) == 2 for obs in cb._statistics.observers.values())
+    assert cb.mode_used is QuantMode.STATIC
+
+
+def test_module_is_never_modified(tmp_path, digits):
+    train, val = loaders(digits)
+    model = DigitsCNN()
+    keys, fingerprint = list(model.state_dict()), module_fingerprint(model)
+    forward = type(model).forward
+    trainer(tmp_path, [quiet(quantize_on=("fit_end", "checkpoint"))]).fit(model, train, val)
+    assert list(model.state_dict()) == keys
+    assert module_fingerprint(model) == fingerprint
+    assert type(model).forward is forward and all(type(m) in (nn.Conv2d, nn.Linear, nn.ReLU, nn.Flatten) for m in model.net)
+
+
+def test_test_and_load_from_checkpoint_after_fit(tmp_path, digits):
+    train, val = loaders(digits)
+    model = DigitsCNN()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1)
+    t = trainer(tmp_path, [checkpoint, quiet(quantize_on=("fit_end", "checkpoint"))])
+    t.fit(model, train, val)
+    (result,) = t.test(model, val, ckpt_path="best", verbose=False)
+    assert result["test_acc"] > 0.5
+    restored = DigitsCNN.load_from_checkpoint(checkpoint.best_model_path)
+    torch.testing.assert_close(restored.state_dict(), model.state_dict())
+    state = torch.load(checkpoint.best_model_path, weights_only=True)
+    (cb_state,) = [v for k, v in state["callbacks"].items() if k.startswith("QuantizationCallback")]
+    assert set(cb_state["statistics"]) == {"net.0", "net.3", "net.5"}
+
+
+def test_dict_batches(tmp_path, digits):
+    train, val = loaders(digits, "dict")
+    cb = quiet(metric=MulticlassAccuracy(num_classes=10), max_drop=0.05)
+    trainer(tmp_path, [cb]).fit(DigitsCNN("dict"), train, val)
+    assert cb.mode_used is QuantMode.STATIC
+    assert cb.decision.passed and cb.decision.float_score > 0.5
+
+
+def test_batch_fn(tmp_path, digits):
+    train, val = loaders(digits, "reversed")
+    cb = quiet(metric=MulticlassAccuracy(num_classes=10), max_drop=0.05, batch_fn=lambda b: (b[1], b[0]))
+    trainer(tmp_path, [cb]).fit(DigitsCNN("reversed"), train, val)
+    assert cb.decision.passed and cb.decision.float_score > 0.5
+    assert cb.fidelity.cosine_mean > 0.99
+
+
+def test_calibration_dataloader_replaces_validation(tmp_path, digits):
+    train, _ = loaders(digits)
+    subset = DataLoader(TensorDataset(digits[0][:128], digits[1][:128]), batch_size=32)
+    cb = quiet(mode="static", calibration_dataloader=subset, calibration_batches=3)
+    trainer(tmp_path, [cb], max_epochs=1).fit(DigitsCNN(), train)
+    assert cb.mode_used is QuantMode.STATIC
+    assert cb.result.model.net[5].input_scale.item() > 0
+
+
+# ---------------------------------------------------------------------- gate
+
+
+class OutlierLinear(L.LightningModule):
+    """A least-squares digit classifier plus one huge weight on pixel 0 (always 0 in digits).
+
+    The float model is accurate; per-channel int8 rounds every real weight of each row to zero.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        solution = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], 1), nn.functional.one_hot(y, 10).float())
+        with torch.no_grad():
+            self.fc.weight.copy_(solution.solution[:64].T)
+            self.fc.bias.copy_(solution.solution[64])
+            self.fc.weight[:, 0] = 1e4
+
+    def forward(self, x):
+        return self.fc(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("on_violation", ["raise", "warn", "skip_export"])
+def test_failing_gate(tmp_path, digits, on_violation):
+    assert float(digits[0][:, 0].abs().max()) == 0.0
+    train, val = loaders(digits)
+    metric = MulticlassAccuracy(num_classes=10, average="micro")
+    cb = quiet(metric=metric, max_drop=0.05, on_violation=on_violation, export_dir=tmp_path / "out")
+    logger = CSVLogger(tmp_path, name="logs")
+    t = trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1, logger=logger, enable_checkpointing=False)
+    model = OutlierLinear(digits[0], digits[1])
+    if on_violation == "raise":
+        with pytest.raises(QuantizationGateError, match="drop .* > max_drop 0.05; nothing was exported"):
+            t.fit(model, train, val)
+    elif on_violation == "warn":
+        with pytest.warns(UserWarning, match="exporting anyway"):
+            t.fit(model, train, val)
+    else:
+        with pytest.warns(UserWarning, match="skipping the export"):
+            t.fit(model, train, val)
+    assert cb.decision.float_score > 0.85 and cb.decision.quantized_score < 0.5
+    assert cb.drop == pytest.approx(cb.decision.float_score - cb.decision.quantized_score)
+    exported = (tmp_path / "out" / "model.quant.safetensors").is_file()
+    assert exported == (on_violation == "warn")
+    assert (cb.export_path is not None) == exported
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        logged = {k: v for row in csv.DictReader(f) for k, v in row.items() if v}
+    for name in ("multiclass_accuracy_float", "multiclass_accuracy_quantized", "drop", "size_ratio", "sqnr_db"):
+        assert f"quant/{name}" in logged
+    assert float(logged["quant/drop"]) == pytest.approx(cb.drop)
+
+
+def test_lower_is_better_metric_passes(tmp_path, digits):
+    train, val = loaders(digits)
+    cb = quiet(metric=MeanSquaredError(), max_drop=10.0, batch_fn=lambda b: (b[0], nn.functional.one_hot(b[1], 10)))
+    trainer(tmp_path, [cb], max_epochs=1).fit(DigitsCNN(), train, val)
+    assert cb.decision.passed and math.isfinite(cb.drop)
+
+
+# ---------------------------------------------------------------------- checkpoints, state
+
+
+def test_sidecars_follow_top_k_rotation_save_last_and_weights_only(tmp_path, digits):
+    train, val = loaders(digits)
+    ckpt_dir = tmp_path / "ckpt"
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, monitor="step", mode="max", save_top_k=2, save_last=True, save_weights_only=True
+    )
+    cb = quiet(quantize_on=("fit_end", "checkpoint"))
+    trainer(tmp_path, [checkpoint, cb], max_epochs=4).fit(DigitsCNN(), train, val)
+    ckpts = sorted(p.name[: -len(".ckpt")] for p in ckpt_dir.glob("*.ckpt"))
+    sidecars = sorted(p.name[: -len(".quant.safetensors")] for p in ckpt_dir.glob("*.quant.safetensors"))
+    assert ckpts == ["epoch=2-step=24", "epoch=3-step=32", "last"]
+    assert sidecars == [*ckpts, "model"]
+    q = mq.load(ckpt_dir / "epoch=2-step=24.quant.safetensors", model=DigitsCNN())
+    assert type(q.net[0]).__name__ == "Int8Conv2d"
+    assert not list(ckpt_dir.glob("*.tmp*"))
+
+
+def test_resume_restores_observer_statistics(tmp_path, digits):
+    train, val = loaders(digits)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = quiet()
+    trainer(tmp_path, [checkpoint, first]).fit(DigitsCNN(), train, val)
+    expected = first.state_dict()["statistics"]
+
+    resumed = quiet()
+    model = DigitsCNN()
+    trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt2"), resumed]).fit(
+        model, train, val, ckpt_path=checkpoint.last_model_path
+    )
+    assert resumed.mode_used is QuantMode.STATIC
+    got = resumed.state_dict()["statistics"]
+    assert sorted(got) == sorted(expected)
+    for layer, state in expected.items():
+        for key, value in state.items():
+            assert torch.equal(got[layer][key], value), (layer, key)
+    assert resumed.result.model.net[5].input_scale.item() == first.result.model.net[5].input_scale.item()
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dtype": "int3"}, r"QuantizationCallback\(dtype='int3'\): dtype='int3' is not supported"),
+        ({"mode": "smart"}, r"QuantizationCallback\(mode='smart'\)"),
+        ({"dtype": "int4", "mode": "static"}, r"QuantizationCallback\(mode='static'\).*int4"),
+        ({"observer": "max"}, r"QuantizationCallback\(observer='max'\)"),
+        ({"quantize_on": ("fit_end", "epoch")}, r"QuantizationCallback\(quantize_on=\('fit_end', 'epoch'\)\)"),
+        ({"quantize_on": ()}, r"at least one"),
+        ({"max_drop": -0.1}, r"QuantizationCallback\(max_drop=-0.1\): max_drop must be a finite number >= 0"),
+        ({"max_drop": math.nan}, r"max_drop=nan"),
+        ({"calibration_batches": 0}, r"QuantizationCallback\(calibration_batches=0\)"),
+        ({"calibration_batches": 2.5}, r"calibration_batches must be an integer >= 1"),
+        ({"metric": "accuracy"}, r"QuantizationCallback\(metric='accuracy'\): metric must be a torchmetrics Metric"),
+        ({"metric": MulticlassAccuracy}, r"not the class"),
+        ({"drop_type": "percent"}, r"QuantizationCallback\(drop_type='percent'\)"),
+        ({"on_violation": "ignore"}, r"QuantizationCallback\(on_violation='ignore'\)"),
+        ({"on_violation": "fallback"}, r"on_violation='fallback'.*not available yet"),
+        ({"batch_fn": 3}, r"QuantizationCallback\(batch_fn=3\)"),
+        ({"exclude": 5}, r"exclude"),
+    ],
+)
+def test_constructor_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        QuantizationCallback(**kwargs)
+
+
+@pytest.mark.parametrize("no_validation", ["no_loader", "limit_val_batches"])
+def test_static_without_validation_is_a_clear_error_at_fit_end(tmp_path, digits, no_validation):
+    train, val = loaders(digits)
+    cb = quiet(mode="static")
+    extra = {"limit_val_batches": 0} if no_validation == "limit_val_batches" else {}
+    t = trainer(tmp_path, [cb], max_epochs=1, **extra)
+    with pytest.raises(CalibrationError, match=r"calibration_dataloader=.*mode='dynamic'"):
+        t.fit(DigitsCNN(), train, val if extra else None)
+    assert cb.export_path is None
+
+
+def test_metric_without_validation_is_a_clear_error(tmp_path, digits):
+    train, _ = loaders(digits)
+    cb = quiet(mode="dynamic", metric=MulticlassAccuracy(num_classes=10))
+    with pytest.raises(ConfigError, match="needs validation data"):
+        trainer(tmp_path, [cb], max_epochs=1).fit(DigitsCNN(), train)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training(tmp_path, digits):
+    train, val = loaders(digits)
+    cb = quiet(metric=MulticlassAccuracy(num_classes=10), max_drop=0.05)
+    trainer(tmp_path, [cb], accelerator="gpu").fit(DigitsCNN(), train, val)
+    assert cb.decision.passed
+    assert next(cb.result.model.buffers()).device.type == "cuda"
