@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mono_quant import QuantizationConfig
+from mono_quant.config import Scheme
 from mono_quant.modules import (
     ActivationQParams,
     HalfConv2d,
@@ -19,7 +20,6 @@ from mono_quant.modules import (
     Int8Linear,
 )
 from mono_quant.qparams import scale_zero_point, sqnr_db
-from mono_quant.config import Scheme
 
 
 def _activation(x):
