@@ -496,11 +496,12 @@ def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]
     """
     originals = dict(model.named_modules())
     memo: dict[int, Any] = {}
+    classes: dict[str, type[QuantizedLayer]] = {}
     for name, entry in layers.items():
         module = originals.get(name)
-        cls = QUANTIZED_CLASSES[entry["class"]]
         if module is None:
             raise SerializationError(f"cannot load {path}: layer {name!r} is not in the given model")
+        cls = classes[name] = _class_for(module, entry)
         if type(module) is not cls.float_type:
             raise SerializationError(
                 f"cannot load {path}: layer {name!r} is {type(module).__name__} in the given model "
@@ -517,12 +518,24 @@ def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]
     q_model = copy.deepcopy(model, memo)
     modules = dict(q_model.named_modules())
     for name, entry in layers.items():
-        shell = _shell(path, name, modules[name], entry)
+        shell = _shell(path, name, modules[name], {**entry, "class": classes[name].__name__})
         if not name:
             return shell
         parent, _, child = name.rpartition(".")
         setattr(q_model.get_submodule(parent), child, shell)
     return q_model
+
+
+def _class_for(module: nn.Module, entry: dict[str, Any]) -> type[QuantizedLayer]:
+    """The entry's class; a 2-D weight quantized from a bare state_dict as a Linear fits an Embedding
+    too (same tensors) when it has no bias and symmetric per-row scales."""
+    name = entry["class"]
+    linear_like = type(module) is nn.Embedding and not entry["bias"] and entry.get("scheme", "symmetric") == "symmetric"
+    if linear_like and name == "Int8Linear" and entry.get("scale_shape") == [module.num_embeddings]:
+        name = "Int8Embedding"
+    elif linear_like and name == "HalfLinear":
+        name = "HalfEmbedding"
+    return QUANTIZED_CLASSES[name]
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
