@@ -29,7 +29,7 @@ def matches(name: str, patterns: tuple[str, ...]) -> str | None:
 
 
 def select_layers(model: nn.Module, config: QuantizationConfig) -> Selection:
-    """Decide, for every leaf module that owns parameters, whether and how it is quantized.
+    """Decide, for every module that owns parameters, whether and how it is quantized.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -45,7 +45,7 @@ def select_layers(model: nn.Module, config: QuantizationConfig) -> Selection:
             continue
         owns_parameters = any(True for _ in module.parameters(recurse=False))
         if not isinstance(module, config.layer_types):
-            if owns_parameters and not any(True for _ in module.children()):
+            if owns_parameters:
                 skipped[name] = f"{type(module).__name__} is not a supported layer type"
             continue
         weight = getattr(module, "weight", None)
