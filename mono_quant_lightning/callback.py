@@ -164,7 +164,12 @@ class QuantizationCallback(Callback):
         self.verbose = verbose
         # The base config; ``mode`` is resolved per export. Building it validates include/exclude and the
         # dtype/mode combination (e.g. int4 + static) now, not at fit end.
-        base_mode = "static" if self.mode in (QuantMode.AUTO, QuantMode.STATIC) else self.mode.value
+        base_mode = "static" if self.calibrates or self.mode is QuantMode.STATIC else "dynamic"
+        if self.mode is QuantMode.WEIGHT_ONLY:
+            base_mode = "weight_only"
+        for argument, patterns in (("include", include), ("exclude", exclude)):
+            if not (patterns is None or isinstance(patterns, (str, Iterable))):
+                _bad(argument, patterns, "must be a glob pattern or a sequence of them")
         self.config: mq.QuantizationConfig = _checked(
             "mode",
             mode,
@@ -309,7 +314,7 @@ class QuantizationCallback(Callback):
                 f"quantized {self.decision.quantized_score:.4f})"
             )
             if self.on_violation is OnViolation.RAISE:
-                raise QuantizationGateError(message + "; nothing was exported", self.decision)
+                raise QuantizationGateError(message + "; nothing exported", self.decision)
             if self.on_violation is OnViolation.SKIP_EXPORT:
                 _rank_zero_warn(trainer, message + "; skipping the export (on_violation='skip_export')")
                 return
@@ -348,7 +353,7 @@ class QuantizationCallback(Callback):
     def _resolve_mode(self, module: LightningModule) -> tuple[QuantMode, dict[str, Any] | None, str]:
         """The mode to apply, the activation statistics for static mode, and why."""
         if not self.calibrates:
-            mode = self.mode if self.mode is not QuantMode.AUTO else QuantMode.DYNAMIC
+            mode = QuantMode(self.config.mode.value)
             return mode, None, f"mode={mode.value!r}"
         statistics = self._statistics
         source = "the last validation epoch"
@@ -376,11 +381,11 @@ class QuantizationCallback(Callback):
 
     def _quantize(self, module: LightningModule, announce: bool) -> mq.QuantizationResult:
         mode, qparams, why = self._resolve_mode(module)
-        self.mode_used = mode
         if announce:
             print(f"[mono-quant] quantizing to {self.dtype.value} with {why}")
-        config = self.config.replace(mode=mode.value)
-        return mq.quantize(module, config, activation_qparams=qparams)
+        result = mq.quantize(module, self.config.replace(mode=mode.value), activation_qparams=qparams)
+        self.mode_used = QuantMode(result.config.mode.value)
+        return result
 
     def _measure(self, trainer: Trainer, float_model: nn.Module, q_model: nn.Module, loaders: list[Any]) -> None:
         """Metric on the whole validation data (synced by torchmetrics) and output fidelity on its first batches."""
@@ -573,7 +578,7 @@ def _all_reduce(device: torch.device) -> Callable[[torch.Tensor, str], torch.Ten
 
 def _rank_zero_warn(trainer: Trainer, message: str) -> None:
     if trainer.is_global_zero:
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=2)
 
 
 def _save(result: mq.QuantizationResult, path: Path) -> None:
