@@ -101,12 +101,15 @@ def use_onednn(x: torch.Tensor) -> bool:
 
     Measured here (1024x4096 layer, 2 threads): at batch 1 ``_int_mm`` with per-row scales is
     ~1.5x faster than oneDNN (whose per-call setup dominates); from batch 8 oneDNN's u8 x s8
-    kernel with its fused rescale is 1.2-2x faster than ``_int_mm``.
+    kernel with its fused rescale is 1.2-2x faster than ``_int_mm``. Inside ``torch.compile`` the
+    ``_int_mm`` path is used instead.
 
     Example:
         >>> use_onednn(torch.zeros(1, 8)), use_onednn(torch.zeros(4, 8)) == _HAS_ONEDNN
         (False, True)
     """
+    if torch.compiler.is_compiling():  # inductor's lowering of this op wants the packed weight as a constant
+        return False
     return _HAS_ONEDNN and x.device.type == "cpu" and x.shape[0] >= _ONEDNN_MIN_ROWS
 
 
