@@ -323,8 +323,8 @@ def load(
     """
     path = Path(path)
     metadata, specs, read = _open(path)
-    _check_against_metadata(path, metadata["layers"], specs)
     if model is None:
+        _check_against_metadata(path, metadata["layers"], specs)
         tensors = read(list(specs))
         if dequantize:
             tensors = _dequantize_tensors(tensors, metadata["layers"])
@@ -444,7 +444,7 @@ def _meta_float_module(entry: dict[str, Any]) -> nn.Module:
         kernel = tuple(shape[2:]) if len(shape) == 4 else (1, 1)  # a flattened conv from a state_dict
         return nn.Conv2d(shape[1], shape[0], kernel, bias=bias, device="meta")
     if kind == "Embedding":
-        return nn.Embedding(shape[0], shape[1], device="meta")
+        return nn.Embedding(shape[0], shape[1], _weight=torch.empty(shape, device="meta"))  # skips a slow meta init
     return nn.Linear(shape[1], shape[0], bias=bias, device="meta")
 
 
