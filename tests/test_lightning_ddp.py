@@ -1,0 +1,136 @@
+"""QuantizationCallback under ``Trainer(accelerator="cpu", devices=2, strategy="ddp")``, run in a subprocess.
+
+Checks: the all-reduced observer statistics equal one process observing the union of the validation data,
+exactly one file is written, and a failing gate raises on both ranks without hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mono_quant as mq
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import lightning as L
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from mono_quant_lightning import QuantizationCallback, QuantizationGateError
+
+    out, case = Path(sys.argv[1]), sys.argv[2]
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+            if case == "fail":  # ridge classifier + a huge weight on pixel 0 (always 0): int8 zeroes the rest
+                features = torch.cat([x[:1000], torch.ones(1000, 1)], 1).double()
+                ridge = features.T @ features + 1e-3 * torch.eye(65, dtype=torch.float64)
+                onehot = nn.functional.one_hot(y[:1000], 10).double()
+                solution = torch.linalg.solve(ridge, features.T @ onehot).float()
+                self.net = nn.Sequential(nn.Linear(64, 10))
+                with torch.no_grad():
+                    self.net[0].weight.copy_(solution[:64].T)
+                    self.net[0].bias.copy_(solution[64])
+                    self.net[0].weight[:, 0] = 1e4
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self(batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay at their seeded values
+
+
+    # 256 validation samples, batch 32: each rank gets 4 whole batches, no padding duplicates.
+    train = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32)
+    val = DataLoader(TensorDataset(x[1000:1256], y[1000:1256]), batch_size=32)
+    metric = MulticlassAccuracy(num_classes=10, average="micro") if case == "fail" else None
+    cb = QuantizationCallback(observer="histogram", calibration_batches=100, metric=metric, max_drop=0.01,
+                              export_dir=out / "export", verbose=False)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, num_sanity_val_steps=0,
+                        callbacks=[cb], enable_progress_bar=False, enable_model_summary=False, logger=False,
+                        enable_checkpointing=False, default_root_dir=out)
+    try:
+        trainer.fit(Model(), train, val)
+    except QuantizationGateError as err:
+        (out / f"raised_rank{trainer.global_rank}").write_text(str(err))
+        sys.exit(3)
+    if trainer.global_rank == 0:
+        torch.save(cb.state_dict()["statistics"], out / "ddp_statistics.pt")
+    """
+)
+
+
+def run_ddp(tmp_path: Path, case: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path), case],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_statistics_equal_single_process_and_one_file(tmp_path):
+    proc = run_ddp(tmp_path, "stats")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file())
+    assert files == ["export/model.quant.safetensors"]
+    ddp = torch.load(tmp_path / "ddp_statistics.pt", weights_only=True)
+
+    # One process, the same seeded weights, the union of both ranks' validation data.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32)[1000:1256] / 16.0
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    calibrator = mq.Calibrator({"net.0": net[0], "net.2": net[2]}, mq.QuantizationConfig(observer="histogram"))
+    calibrator.run(net, list(x.split(32)))
+    single = calibrator.state_dict()
+    assert sorted(ddp) == sorted(single)
+    for layer, state in single.items():
+        assert int(ddp[layer]["batches"]) == 8
+        for key in ("min_val", "max_val", "range_exp", "counts"):
+            assert torch.equal(ddp[layer][key], state[key]), (layer, key)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_failing_gate_raises_on_both_ranks(tmp_path):
+    proc = run_ddp(tmp_path, "fail")
+    assert proc.returncode != 0
+    assert (tmp_path / "raised_rank0").is_file(), proc.stderr[-4000:]
+    assert (tmp_path / "raised_rank1").is_file(), proc.stderr[-4000:]
+    assert "failed the gate" in (tmp_path / "raised_rank1").read_text()
+    assert not (tmp_path / "export").exists()
