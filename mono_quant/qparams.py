@@ -9,6 +9,7 @@ Conventions (shared by every module and by the file format):
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple
 
 import torch
@@ -75,7 +76,7 @@ def quantize(
         tensor([  50, -127], dtype=torch.int8)
     """
     low, high = int_range(bits, scheme)
-    q = x.float() / scale  # the only float temporary: everything after is in place
+    q = x.float() * (1.0 / scale)  # the only full-size float temporary: everything after is in place
     q.round_()
     if zero_point is not None:
         q.add_(zero_point)
@@ -123,22 +124,40 @@ def quantize_weight(
         >>> qw.data.shape, qw.scale.shape, qw.zero_point.shape
         (torch.Size([4, 256]), torch.Size([4, 2]), torch.Size([4, 2]))
     """
-    if not torch.isfinite(weight).all():
-        raise QuantizationError("weight contains NaN or Inf values")
     w = weight.detach().float()
     if granularity is Granularity.PER_GROUP:
         grouped = _grouped(w, group_size)
-        scale, zp = scale_zero_point(grouped.amin(-1), grouped.amax(-1), bits, scheme)
+        scale, zp = scale_zero_point(*_finite_range(grouped, -1), bits, scheme)
         q = quantize(grouped, scale[..., None], None if zp is None else zp[..., None], bits, scheme)
         return QuantizedWeight(q.reshape(weight.shape), scale, zp)
     if granularity is Granularity.PER_CHANNEL:
-        flat = w.reshape(w.shape[0], -1)
-        scale, zp = scale_zero_point(flat.amin(1), flat.amax(1), bits, scheme)
+        scale, zp = scale_zero_point(*_finite_range(w.reshape(w.shape[0], -1), 1), bits, scheme)
         view = (-1,) + (1,) * (w.dim() - 1)
         q = quantize(w, scale.view(view), None if zp is None else zp.view(view), bits, scheme)
         return QuantizedWeight(q, scale, zp)
-    scale, zp = scale_zero_point(w.min(), w.max(), bits, scheme)
+    scale, zp = scale_zero_point(*_finite_range(w, None), bits, scheme)
     return QuantizedWeight(quantize(w, scale, zp, bits, scheme), scale, zp)
+
+
+def _finite_range(x: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max along ``dim`` in one pass; NaN/Inf anywhere shows up in them (NaN propagates)."""
+    low, high = torch.aminmax(x) if dim is None else torch.aminmax(x, dim=dim)
+    if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise QuantizationError("weight contains NaN or Inf values")
+    return low, high
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` has no NaN/Inf, in one reduction pass (cheaper than ``isfinite(x).all()``).
+
+    Example:
+        >>> all_finite(torch.tensor([1.0, 2.0])), all_finite(torch.tensor([1.0, float("nan")]))
+        (True, False)
+    """
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x.detach())
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
@@ -184,6 +203,8 @@ def pack_int4_words(q: torch.Tensor) -> torch.Tensor:
     """Pack int4 values ``[N, K]`` (in [-8, 7]) into int32 words ``[N, K/8]``: eight values per word,
     least significant nibble first, each stored as ``q + 8`` (the compressed-tensors layout).
 
+    Built from bytes (two nibbles each) viewed as little-endian int32 words: no 64-bit temporaries.
+
     Example:
         >>> w = pack_int4_words(torch.tensor([[-8, -7, 0, 0, 0, 0, 0, 7]]))
         >>> w.dtype, unpack_int4_words(w, 8).tolist()
@@ -192,10 +213,9 @@ def pack_int4_words(q: torch.Tensor) -> torch.Tensor:
     rows, cols = q.shape
     if cols % 8:
         raise ConfigError(f"int4 packing needs the input size to be a multiple of 8, got {cols}")
-    nibbles = (q.to(torch.int64) + 8).reshape(rows, cols // 8, 8)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)
-    words = (nibbles << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    nibbles = (q.to(torch.int16) + 8).to(torch.uint8).reshape(rows, cols // 2, 2)
+    packed_bytes = nibbles[..., 0] | (nibbles[..., 1] << 4)
+    return _little_endian(packed_bytes.contiguous()).view(torch.int32)
 
 
 def unpack_int4_words(packed: torch.Tensor, cols: int) -> torch.Tensor:
@@ -205,7 +225,13 @@ def unpack_int4_words(packed: torch.Tensor, cols: int) -> torch.Tensor:
         >>> unpack_int4_words(pack_int4_words(torch.full((2, 8), 3)), 8).unique().tolist()
         [3]
     """
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=packed.device)
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    nibbles = (words[..., None] >> shifts) & 0xF
-    return (nibbles.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)
+    packed_bytes = _little_endian(packed.contiguous().view(torch.uint8))
+    nibbles = torch.stack([packed_bytes & 0xF, packed_bytes >> 4], dim=-1)
+    return (nibbles.reshape(packed.shape[0], -1)[:, :cols].to(torch.int8) - 8)
+
+
+def _little_endian(packed_bytes: torch.Tensor) -> torch.Tensor:
+    """Reorder bytes within each 4-byte word on big-endian hosts (a no-op on little-endian ones)."""
+    if sys.byteorder == "little":
+        return packed_bytes
+    return packed_bytes.reshape(*packed_bytes.shape[:-1], -1, 4).flip(-1).reshape(packed_bytes.shape)

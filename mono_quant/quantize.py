@@ -19,6 +19,7 @@ from mono_quant.calibration import Calibrator, ForwardFn
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
 from mono_quant.modules import ActivationQParams, Int8Linear, QuantizedLayer, quantized_class_for, tensor_bytes
+from mono_quant.qparams import all_finite
 from mono_quant.report import LayerReport, QuantizationReport
 from mono_quant.selection import matches, select_layers
 
@@ -75,26 +76,15 @@ def quantize(
     bytes_before = _module_bytes(model)
     q_model = copy.deepcopy(model).eval()
     selection = select_layers(q_model, config)
-    modules = dict(q_model.named_modules())
-    for name in selection.chosen:
+    modules = {name: q_model.get_submodule(name) for name in selection.chosen}
+    for name in modules:
         _check_finite(name, modules[name])
-    activations = {}
-    if config.mode is Mode.STATIC:
-        calibrated = {name: modules[name] for name, cls in selection.chosen.items() if issubclass(cls, Int8Linear)}
-        if calibrated and activation_qparams is not None:
-            missing = sorted(set(calibrated) - set(activation_qparams))
-            if missing:
-                raise CalibrationError(f"activation_qparams has no entry for layer(s) {missing}")
-            activations = dict(activation_qparams)
-        elif calibrated:
-            if calibration_data is None:
-                raise CalibrationError("mode='static' needs calibration_data (or use mode='dynamic')")
-            calibrator = Calibrator(calibrated, config)
-            calibrator.run(q_model, calibration_data, forward_fn)
-            activations = calibrator.qparams()
+    activations = _static_activations(
+        q_model, selection.chosen, config, calibration_data, forward_fn, activation_qparams
+    )
     rows = []
     for name, cls in selection.chosen.items():
-        float_module = modules[name]
+        float_module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
         quantized = cls.from_float(float_module, config, activations.get(name))
         rows.append(_layer_report(name, float_module, quantized))
         _set_submodule(q_model, name, quantized)
@@ -146,9 +136,35 @@ def static_quantize(
     return result.model, result.skipped
 
 
+def _static_activations(
+    q_model: nn.Module,
+    chosen: Mapping[str, type[QuantizedLayer]],
+    config: QuantizationConfig,
+    calibration_data: Any,
+    forward_fn: ForwardFn | None,
+    given: Mapping[str, ActivationQParams] | None,
+) -> dict[str, ActivationQParams]:
+    """Per-layer input parameters for static mode: the given ones, or calibrated on ``calibration_data``."""
+    if config.mode is not Mode.STATIC:
+        return {}
+    calibrated = {name: q_model.get_submodule(name) for name, cls in chosen.items() if issubclass(cls, Int8Linear)}
+    if not calibrated:
+        return {}
+    if given is not None:
+        missing = sorted(set(calibrated) - set(given))
+        if missing:
+            raise CalibrationError(f"activation_qparams has no entry for layer(s) {missing}")
+        return dict(given)
+    if calibration_data is None:
+        raise CalibrationError("mode='static' needs calibration_data (or use mode='dynamic')")
+    calibrator = Calibrator(calibrated, config)
+    calibrator.run(q_model, calibration_data, forward_fn)
+    return calibrator.qparams()
+
+
 def _check_finite(name: str, module: nn.Module) -> None:
     for param_name, tensor in module.named_parameters(recurse=False):
-        if not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise QuantizationError(f"layer {name!r} has NaN or Inf values in its {param_name!r}; fix the model first")
 
 
