@@ -187,14 +187,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from mono_quant.errors import SerializationError
+    from mono_quant.serialization import sniff
 
     path = Path(path)
     if not path.is_file():
         raise SerializationError(f"cannot read {path}: no such file")
-    with open(path, "rb") as handle:
-        magic = handle.read(2)
     try:
-        if magic[:2] == b"PK" or magic[:1] == b"\x80":
+        if sniff(path) != "safetensors":
             obj = torch.load(path, map_location="cpu", weights_only=True)
         else:
             obj = load_file(str(path))

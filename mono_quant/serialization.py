@@ -361,18 +361,38 @@ def _open(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[s
     """Parse a file's metadata and tensor specs; the returned reader loads (cloned) tensors by name."""
     if not path.is_file():
         raise SerializationError(f"cannot load {path}: no such file")
-    with open(path, "rb") as handle:
-        magic = handle.read(2)
     try:
-        if magic[:2] == b"PK" or magic[:1] == b"\x80":
-            return _open_torch(path, mmap=magic[:2] == b"PK")
-        return _open_safetensors(path)
+        kind = sniff(path)
+        return _open_safetensors(path) if kind == "safetensors" else _open_torch(path, mmap=kind == "torch-zip")
     except SerializationError:
         raise
     except Exception as err:  # safetensors/torch raise many types for corrupt input
         detail = " ".join(str(err).split()) or type(err).__name__
         message = f"cannot load {path}: not a readable checkpoint (truncated or corrupt?): {detail}"
         raise SerializationError(message) from err
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """``"safetensors"``, ``"torch-zip"`` (``torch.save``) or ``"torch-legacy"``, from the first bytes.
+
+    A safetensors file starts with its header length (8 bytes, little endian) and then ``{``; anything
+    that is not a torch file is treated as safetensors so that its reader reports what is wrong.
+
+    Example:
+        >>> import tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "x.pt")
+        >>> torch.save({"a": torch.zeros(1)}, path)
+        >>> sniff(path)
+        'torch-zip'
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    size = os.path.getsize(path)
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    return "torch-legacy" if head[:1] == b"\x80" else "safetensors"
 
 
 def _open_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable]:

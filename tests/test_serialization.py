@@ -453,3 +453,15 @@ def test_quantized_state_dict_round_trip(tmp_path: Path) -> None:
     loaded = mq.load(path, model=skeleton(9))
     assert type(loaded.emb).__name__ == "Int8Embedding" and type(loaded.conv).__name__ == "Int8Conv2d"
     assert mq.compare(float_model, loaded, [inputs(16)]).cosine_min > 0.99
+
+
+def test_safetensors_header_length_that_looks_like_a_zip_file(good_file: Path, tmp_path: Path) -> None:
+    """A header of 0x4B50 bytes starts the file with b"PK": it must still be read as safetensors."""
+    with safe_open(str(good_file), framework="pt") as handle:
+        header = handle.metadata()
+    padded_length = int.from_bytes(good_file.read_bytes()[:8], "little")
+    path = tmp_path / "pk.safetensors"
+    pad = "x" * (0x4B50 - padded_length - len(',"pad":""'))
+    save_file(load_file(good_file), path, metadata={**header, "pad": pad})
+    assert path.read_bytes()[:2] == b"PK"
+    assert mq.load(path)[1]["layers"]["fc1"]["class"] == "Int8Linear"
