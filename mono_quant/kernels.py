@@ -207,11 +207,14 @@ def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
         tensor(8.)
     """
     compute = torch.bfloat16 if x.device.type == "cpu" or x.dtype not in _HALF_DTYPES else x.dtype
+    x16, scale16 = x.to(compute), scale.to(compute)
     if weight.shape[1] % _INT8_PACK_K_MULTIPLE == 0:
-        out = torch._weight_int8pack_mm(x.to(compute), weight, scale.to(compute))
-    else:  # the CPU kernel crashes for K not a multiple of 16: cast the weight (small layers only)
-        out = (x.to(compute) @ weight.to(compute).t()) * scale.to(compute)
-    return out.to(x.dtype)
+        try:
+            return torch._weight_int8pack_mm(x16, weight, scale16).to(x.dtype)
+        except (RuntimeError, NotImplementedError):  # a device/dtype without the kernel
+            pass
+    # the CPU kernel crashes for K not a multiple of 16: cast the weight (small layers, missing kernels only)
+    return ((x16 @ weight.to(compute).t()) * scale16).to(x.dtype)
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
