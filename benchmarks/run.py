@@ -145,6 +145,35 @@ print(seconds, rss("VmHWM") - before, rss("VmRSS") - before)
             "largest_layer": largest}
 
 
+def checkpoint_rows(sizes: tuple[int, ...], repeats: int) -> list[str]:
+    """File size and load time of quantized safetensors files against the float model's file."""
+    import tempfile
+
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    model = mlp(*sizes)
+    lines = ["| file | bytes | ratio to float | load ms (median) | load vs float |", "|---|---:|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory() as folder:
+        float_path = os.path.join(folder, "float.safetensors")
+        safetensors.torch.save_file(model.state_dict(), float_path)
+        skeleton = mlp(*sizes)
+
+        def load_float() -> None:
+            skeleton.load_state_dict(safetensors.torch.load_file(float_path))
+
+        float_ms = median_ms(load_float, repeats, warmup=1)
+        float_size = os.path.getsize(float_path)
+        lines.append(f"| float32 | {float_size:,} | 1.000 | {float_ms:.1f} | 1.00 |")
+        for dtype in ("int8", "int4"):
+            path = os.path.join(folder, f"{dtype}.safetensors")
+            mq.quantize(model, dtype=dtype).save(path)
+            ms = median_ms(lambda p=path: mq.load(p, model=skeleton), repeats, warmup=1)
+            size = os.path.getsize(path)
+            lines.append(f"| {dtype} | {size:,} | {size / float_size:.3f} | {ms:.1f} | {ms / float_ms:.2f} |")
+    return lines
+
+
 def format_table(rows: list[dict]) -> str:
     header = "| workload | mode | median ms | x-vs-float | x-vs-torch.ao | output SQNR dB | bytes ratio | quantize s |"
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -171,6 +200,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {THREADS} threads, {os.cpu_count()} cores; medians of {iters} calls")
     print(format_table(rows))
     sizes = (1024, 4096, 1024) if args.quick else (4096, 4096, 4096)
+    print(f"\ncheckpoints of MLP {'-'.join(map(str, sizes))} (load = read file + rebuild modules):")
+    print("\n".join(checkpoint_rows(sizes, 5 if args.quick else 20)))
     mem = quantize_memory(sizes)
     mib = 2**20
     print(

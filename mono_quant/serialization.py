@@ -303,7 +303,9 @@ def load(
     ``state_dict`` maps every tensor name in the file to a tensor with its stored dtype (or, with
     ``dequantize=True``, each quantized layer's tensors replaced by float32 ``<layer>.weight`` in the
     original shape and ``<layer>.bias``); ``metadata`` is the parsed JSON document (see the module
-    docstring). Tensors are cloned into freshly allocated (aligned) memory and put on ``map_location``.
+    docstring). safetensors files are memory-mapped (copy-on-write: pages are read when first used and
+    writes never reach the file); kernels that need aligned weights realign them once when the modules
+    are built (``kernels.prepare_int8_weight_only``). Tensors are put on ``map_location``.
 
     Example:
         >>> import tempfile, mono_quant as mq
@@ -358,7 +360,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spec
 
 
 def _open(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[str]], dict[str, torch.Tensor]]]:
-    """Parse a file's metadata and tensor specs; the returned reader loads (cloned) tensors by name."""
+    """Parse a file's metadata and tensor specs; the returned reader loads tensors by name."""
     if not path.is_file():
         raise SerializationError(f"cannot load {path}: no such file")
     try:
@@ -410,7 +412,7 @@ def _open_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Call
 
     def read(names: list[str]) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name).clone() for name in names}
+            return {name: handle.get_tensor(name) for name in names}
 
     return metadata, specs, read
 
