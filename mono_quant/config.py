@@ -7,7 +7,7 @@ enums below at construction, so the rest of the library compares enums, never st
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -206,6 +206,6 @@ def _patterns(value: Any, argument: str) -> tuple[str, ...] | None:
         return None
     if isinstance(value, str):
         return (value,)
-    if not all(isinstance(p, str) for p in value):
+    if not isinstance(value, Iterable) or not all(isinstance(p, str) for p in value):
         raise ConfigError(f"{argument}={value!r} must be a glob pattern or a sequence of them")
     return tuple(value)

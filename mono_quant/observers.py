@@ -39,22 +39,27 @@ class Observer:
         return int(self.batches) == 0
 
     def _observe_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's min and max, left on x's device: no host sync per batch (NaN/Inf propagate into
+        the running range and are reported by ``qparams``/``value_range``)."""
         if x.numel() == 0:
             raise CalibrationError(f"layer {self.name!r} received an empty activation tensor")
-        low, high = torch.aminmax(x.detach().float())
-        low, high = low.cpu(), high.cpu()
-        if not (torch.isfinite(low) and torch.isfinite(high)):
-            raise CalibrationError(f"layer {self.name!r} received NaN or Inf activations during calibration")
+        low, high = torch.aminmax(x.detach())
         self.batches += 1
-        return low, high
+        return low.float(), high.float()
+
+    def _check_finite(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            raise CalibrationError(f"layer {self.name!r} received NaN or Inf activations during calibration")
 
     def update(self, x: torch.Tensor) -> None:
         """Record one batch of activations."""
         raise NotImplementedError
 
     def value_range(self, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(low, high)`` range to quantize, per the observer's method."""
-        return self.min_val, self.max_val
+        """The ``(low, high)`` range to quantize, per the observer's method (on the CPU)."""
+        low, high = self.min_val.cpu(), self.max_val.cpu()
+        self._check_finite(low, high)
+        return low, high
 
     def qparams(self, scheme: Scheme = Scheme.ASYMMETRIC) -> ActivationQParams:
         """Per-tensor int8 scale and zero point for the observed activations.
@@ -197,7 +202,8 @@ class HistogramObserver(Observer):
         self.counts, self.range_exp = counts, torch.tensor(exp)
 
     def update(self, x: torch.Tensor) -> None:
-        low, high = self._observe_range(x)
+        low, high = (t.cpu() for t in self._observe_range(x))  # the bin range is needed on the host anyway
+        self._check_finite(low, high)
         self.min_val = torch.minimum(self.min_val, low)
         self.max_val = torch.maximum(self.max_val, high)
         amax = max(abs(float(low)), abs(float(high)), 2.0**-126)
@@ -241,7 +247,7 @@ class HistogramObserver(Observer):
         return torch.linspace(-edge + width / 2, edge - width / 2, self.bins, dtype=torch.float64)
 
     def value_range(self, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-        low, high = self.min_val.double(), self.max_val.double()
+        low, high = (t.double() for t in super().value_range(scheme))
         if self.method is HistogramMethod.PERCENTILE:
             low, high = self._percentile_range(scheme, low, high)
         else:

@@ -18,10 +18,10 @@ from torch import nn
 from mono_quant.calibration import Calibrator, ForwardFn
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
-from mono_quant.modules import ActivationQParams, Int8Linear, QuantizedLayer, quantized_class_for, tensor_bytes
+from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
 from mono_quant.qparams import all_finite
 from mono_quant.report import LayerReport, QuantizationReport
-from mono_quant.selection import matches, select_layers
+from mono_quant.selection import calibrated_layers, matches, select_layers
 
 
 @dataclasses.dataclass
@@ -79,9 +79,7 @@ def quantize(
     modules = {name: q_model.get_submodule(name) for name in selection.chosen}
     for name in modules:
         _check_finite(name, modules[name])
-    activations = _static_activations(
-        q_model, selection.chosen, config, calibration_data, forward_fn, activation_qparams
-    )
+    activations = _static_activations(q_model, config, calibration_data, forward_fn, activation_qparams)
     rows = []
     for name, cls in selection.chosen.items():
         float_module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
@@ -138,16 +136,13 @@ def static_quantize(
 
 def _static_activations(
     q_model: nn.Module,
-    chosen: Mapping[str, type[QuantizedLayer]],
     config: QuantizationConfig,
     calibration_data: Any,
     forward_fn: ForwardFn | None,
     given: Mapping[str, ActivationQParams] | None,
 ) -> dict[str, ActivationQParams]:
     """Per-layer input parameters for static mode: the given ones, or calibrated on ``calibration_data``."""
-    if config.mode is not Mode.STATIC:
-        return {}
-    calibrated = {name: q_model.get_submodule(name) for name, cls in chosen.items() if issubclass(cls, Int8Linear)}
+    calibrated = calibrated_layers(q_model, config)
     if not calibrated:
         return {}
     if given is not None:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from mono_quant.config import QuantizationConfig
+from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.modules import QuantizedLayer, quantized_class_for
 
 
@@ -62,3 +62,17 @@ def select_layers(model: nn.Module, config: QuantizationConfig) -> Selection:
             else:
                 chosen[name] = cls
     return Selection(chosen, skipped)
+
+
+def calibrated_layers(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.Module]:
+    """The layers whose inputs static quantization observes (int8 Linear/Conv2d); empty unless static.
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2))
+        >>> list(calibrated_layers(model, QuantizationConfig(mode="static")))
+        ['1']
+    """
+    if config.mode is not Mode.STATIC:
+        return {}
+    chosen = select_layers(model, config).chosen
+    return {name: model.get_submodule(name) for name, cls in chosen.items() if cls.needs_calibration}

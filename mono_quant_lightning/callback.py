@@ -30,8 +30,7 @@ import mono_quant as mq
 from mono_quant.calibration import TARGET_KEYS
 from mono_quant.config import ObserverKind, QuantDtype, parse_dtype, parse_enum
 from mono_quant.errors import CalibrationError, ConfigError
-from mono_quant.modules import Int8Linear
-from mono_quant.selection import select_layers
+from mono_quant.selection import calibrated_layers
 from mono_quant_lightning.checkpoint_io import SidecarCheckpointIO
 from mono_quant_lightning.gate import DropType, GateDecision, QuantizationGateError, decide
 
@@ -342,10 +341,7 @@ class QuantizationCallback(Callback):
             self._calibrator = None
 
     def _calibrated_layers(self, module: nn.Module) -> dict[str, nn.Module]:
-        config = self.config.replace(mode="static")
-        modules = dict(module.named_modules())
-        chosen = select_layers(module, config).chosen
-        return {name: modules[name] for name, cls in chosen.items() if issubclass(cls, Int8Linear)}
+        return calibrated_layers(module, self.config.replace(mode="static"))
 
     def _new_calibrator(self, module: nn.Module) -> mq.Calibrator:
         return mq.Calibrator(self._calibrated_layers(module), self.config.replace(mode="static"))

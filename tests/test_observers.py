@@ -108,13 +108,16 @@ def test_moving_average_smooths_outlier_batches():
     assert obs.batches.item() == 7
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("cls", [MinMaxObserver, MovingAverageMinMaxObserver, HistogramObserver])
-def test_nan_and_inf_activations_raise_naming_the_layer(cls):
+def test_nan_and_inf_activations_raise_naming_the_layer(cls, bad):
+    # min/max observers stay on the device (no sync per batch) and report at qparams(); the histogram
+    # needs its range on the host for every batch and reports at once
     obs = cls("encoder.fc1")
     with pytest.raises(CalibrationError, match=r"encoder\.fc1.*NaN or Inf"):
-        obs.update(torch.tensor([1.0, float("nan")]))
-    with pytest.raises(CalibrationError, match=r"encoder\.fc1"):
-        obs.update(torch.tensor([float("inf")]))
+        obs.update(torch.tensor([1.0, bad]))
+        obs.update(torch.tensor([2.0, 3.0]))
+        obs.qparams()
 
 
 def test_empty_observer_has_no_qparams():

@@ -28,7 +28,7 @@ class QuantizedLayer:
 
     float_type: ClassVar[type[nn.Module]]
     dtypes: ClassVar[tuple[QuantDtype, ...]]
-    needs_calibration: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False  # whether static mode calibrates this layer's input
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:

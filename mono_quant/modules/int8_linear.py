@@ -35,6 +35,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
 
     float_type = nn.Linear
     dtypes = (QuantDtype.INT8,)
+    needs_calibration = True  # in static mode
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, mode: Mode, scheme: Scheme, scale_shape: tuple[int, ...]
