@@ -8,6 +8,7 @@ Example:
     torch.Size([2, 10])
 """
 
+from mono_quant.budget import BudgetResult, quantize_with_budget
 from mono_quant.calibration import Calibrator
 from mono_quant.config import (
     Granularity,
@@ -28,6 +29,7 @@ from mono_quant.serialization import dequantize, load, save
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetResult",
     "CalibrationError",
     "Calibrator",
     "ConfigError",
@@ -53,6 +55,7 @@ __all__ = [
     "dynamic_quantize",
     "load",
     "quantize",
+    "quantize_with_budget",
     "save",
     "static_quantize",
 ]
