@@ -135,7 +135,7 @@ def main() -> None:
     )
     print(f"float state_dict      {float_bytes:,} B    exported file {path.stat().st_size:,} B")
     print(f"exported              {path}")
-    sidecars = sorted(p.name for p in (args.out / "checkpoints").glob("*.quant.safetensors"))
+    sidecars = sorted(p.name for p in (args.out / "checkpoints").glob("*.quant.safetensors") if p != path)
     print(f"checkpoint sidecars   {', '.join(sidecars)}")
     print(
         f"reloaded from file    accuracy {reloaded_accuracy:.4f} "
