@@ -219,7 +219,7 @@ class BudgetReport:
             f"({self.drop_type})",
             f"scores: float {self.float_score:.4f}, fully quantized {self.quantized_score:.4f}, "
             f"final {self.final_score:.4f}",
-            f"{self.evaluations} evaluations ({kept} steps kept, {self.reranks} re-ranks) in {self.seconds:.2f} s; "
+            f"{self.evaluations} evaluations ({kept} steps kept, {self.reranks} re-rank(s)) in {self.seconds:.2f} s; "
             f"stopped: {self.stop_reason}",
         ]
         header = ("rank", "layer", "sensitivity", "start", "final")
@@ -240,22 +240,27 @@ class BudgetReport:
         """Draw sensitivity per layer (log scale) as bars coloured by final precision; needs matplotlib."""
         try:
             from matplotlib.figure import Figure
+            from matplotlib.patches import Patch
         except ImportError as err:
             raise ImportError(
                 "BudgetReport.to_png needs matplotlib; install it with: pip install 'mono-quant[plot]'"
             ) from err
-        rows = self.rows()
+        rows = [row for row in self.rows() if row[2] is not None]  # ranked layers
         colours = {"int4": "tab:red", "int8": "tab:orange", "fp16": "tab:cyan", "bf16": "tab:blue", FLOAT: "tab:green"}
-        figure = Figure(figsize=(7, 1.5 + 0.3 * len(rows)))
+        figure = Figure(figsize=(7, 1.5 + 0.3 * max(len(rows), 1)))
         axes = figure.add_subplot()
-        values = [max(score or 0.0, 1e-12) for _, _, score, _, _ in rows]
-        axes.barh(range(len(rows)), values, color=[colours[final] for *_, final in rows])
-        axes.set_yticks(range(len(rows)), [f"{name} ({final})" for _, name, _, _, final in rows])
-        axes.invert_yaxis()
-        axes.set_xscale("log")
+        if rows:
+            floor = min((score for _, _, score, _, _ in rows if score), default=1.0) / 10
+            values = [max(score or 0.0, floor) for _, _, score, _, _ in rows]
+            axes.barh(range(len(rows)), values, color=[colours[final] for *_, final in rows])
+            axes.set_yticks(range(len(rows)), [f"{name} ({final})" for _, name, _, _, final in rows])
+            axes.invert_yaxis()
+            axes.set_xscale("log")
+            handles = [Patch(color=c, label=r) for r, c in colours.items() if r in {row[4] for row in rows}]
+            axes.legend(handles=handles, title="final precision", loc="best")
+        else:
+            axes.text(0.5, 0.5, f"no ranking: {self.stop_reason}", ha="center", va="center")
         axes.set_xlabel("sensitivity: normalized output MSE with only this layer quantized")
-        handles = [axes.bar(0, 0, color=c, label=r) for r, c in colours.items() if r in self.final.values()]
-        axes.legend(handles=handles, title="final precision", loc="lower right")
         axes.set_title(f"final score {self.final_score:.4f} (float {self.float_score:.4f}, drop {self.drop:.4g})")
         figure.tight_layout()
         figure.savefig(path)

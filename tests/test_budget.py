@@ -76,8 +76,9 @@ def test_search_reaches_the_budget_keeping_most_layers_quantized(trained, digits
     int4_score = _accuracy_fn(x_test, y_test)(mq.quantize(trained, INT4).model)
     assert float_score - int4_score > BUDGET, "precondition: plain int4 must break the budget"
 
+    ranking_data = x_test if per_item else x_train[:512]  # per-item scores line up with x_test's items
     result = mq.quantize_with_budget(
-        trained, accuracy, config=INT4, ladder=LADDER, max_drop=BUDGET, sensitivity_data=x_train[:512]
+        trained, accuracy, config=INT4, ladder=LADDER, max_drop=BUDGET, sensitivity_data=ranking_data
     )
     print(result.report)
     assert result.reached and result.stop_reason == "budget reached"
@@ -93,6 +94,29 @@ def test_search_reaches_the_budget_keeping_most_layers_quantized(trained, digits
     assert result.sensitivity[0].layer in result.moves  # the most sensitive layer moved first
     assert result.seconds > 0 and result.report.evaluations == result.evaluations
     _assert_untouched(trained, snapshot, modules)
+
+
+def test_zero_budget_on_real_data_respects_the_evaluation_bound(trained, digits):
+    x_train, _, x_test, y_test = digits
+    accuracy = _accuracy_fn(x_test, y_test)
+    result = mq.quantize_with_budget(
+        trained, accuracy, config=INT4, ladder=LADDER, max_drop=0.0, sensitivity_data=x_train[:512]
+    )
+    kept = [step for step in result.steps if step.kept]
+    assert result.evaluations == 2 + len(kept) + result.reranks == 2 + len(result.steps)
+    assert result.reached == (result.final_score >= result.float_score) and accuracy(result.model) == result.final_score
+    assert all(
+        not step.kept or step.score >= prev for step, prev in zip(result.steps, _running_best(result), strict=True)
+    )
+
+
+def _running_best(result) -> list[float]:
+    """The score before each step: kept steps never lower it."""
+    best, out = result.quantized_score, []
+    for step in result.steps:
+        out.append(best)
+        best = step.score if step.kept else best
+    return out
 
 
 def test_budget_already_met_needs_two_evaluations(trained, digits):
