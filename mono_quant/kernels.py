@@ -38,21 +38,6 @@ def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.div(x, row_max).mul_(127.0).round_().to(torch.int8), row_max
 
 
-def quantize_per_tensor_unsigned(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric quantization of a whole tensor to uint8 with the zero point fixed at 128.
-
-    Returns ``(q, scale)``; ``x ~= (q - 128) * scale``. The unsigned form is what oneDNN's u8 x s8
-    kernels (VNNI) take.
-
-    Example:
-        >>> q, s = quantize_per_tensor_unsigned(torch.tensor([[0.5, -1.0]]))
-        >>> q.tolist(), round(s.item() * 127, 4)
-        ([[192, 1]], 1.0)
-    """
-    scale = x.abs().amax().clamp_min_(1e-12).div_(127.0)
-    return torch.round(x / scale).add_(128).to(torch.uint8), scale
-
-
 def quantize_per_tensor(
     x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor, unsigned: bool = False
 ) -> torch.Tensor:
