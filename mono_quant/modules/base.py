@@ -72,3 +72,18 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
 def copy_bias(module: nn.Module) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
     return None if bias is None else bias.detach().float().clone()
+
+
+def float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight`` (``[out, in]``) and ``bias``, on the weight's device.
+
+    Example:
+        >>> float_linear(torch.ones(2, 3), None).weight.shape
+        torch.Size([2, 3])
+    """
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer

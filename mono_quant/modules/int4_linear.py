@@ -15,7 +15,7 @@ from torch import nn
 
 from mono_quant import kernels
 from mono_quant.config import Granularity, Mode, QuantDtype, QuantizationConfig, Scheme
-from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias
+from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias, float_linear
 from mono_quant.qparams import (
     QuantizedWeight,
     dequantize_weight,
@@ -120,14 +120,7 @@ class Int4Linear(nn.Module, QuantizedLayer):
         return dequantize_weight(QuantizedWeight(q, self.weight_scale, self.weight_zero_point))
 
     def dequantize(self) -> nn.Linear:
-        layer = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight_packed.device
-        )
-        with torch.no_grad():
-            layer.weight.copy_(self.dequantized_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+        return float_linear(self.dequantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (
