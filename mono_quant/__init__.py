@@ -21,6 +21,7 @@ from mono_quant.config import (
 )
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError, SerializationError
 from mono_quant.fidelity import FidelityReport, compare
+from mono_quant.fusion import fold_batchnorm
 from mono_quant.observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
 from mono_quant.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize
 from mono_quant.report import LayerReport, QuantizationReport
@@ -53,6 +54,7 @@ __all__ = [
     "compare",
     "dequantize",
     "dynamic_quantize",
+    "fold_batchnorm",
     "load",
     "quantize",
     "quantize_with_budget",

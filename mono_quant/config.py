@@ -137,6 +137,7 @@ class QuantizationConfig:
     exclude: Sequence[str] = ()
     layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES
     min_numel: int = 0
+    fold_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -161,6 +162,8 @@ class QuantizationConfig:
             raise ConfigError(f"percentile={self.percentile!r} must be in (50, 100]")
         if not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ConfigError(f"min_numel={self.min_numel!r} must be a non-negative integer")
+        if not isinstance(self.fold_batchnorm, bool):
+            raise ConfigError(f"fold_batchnorm={self.fold_batchnorm!r} must be True or False")
         put("include", _patterns(self.include, "include"))
         put("exclude", _patterns(self.exclude, "exclude") or ())
         types = tuple(self.layer_types)

@@ -18,6 +18,7 @@ from torch import nn
 from mono_quant.calibration import Calibrator, ForwardFn
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
+from mono_quant.fusion import fold_batchnorm_notes
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
 from mono_quant.qparams import all_finite
 from mono_quant.report import LayerReport, QuantizationReport
@@ -74,8 +75,11 @@ def quantize(
             f"model of type {type(model).__name__} is not supported; expected a torch.nn.Module or a state_dict"
         )
     bytes_before = _module_bytes(model)
-    q_model = copy.deepcopy(model).eval()
+    q_model = copy.deepcopy(model)
+    folded = fold_batchnorm_notes(q_model) if config.fold_batchnorm else {}  # before eval(): train mode stays unfolded
+    q_model.eval()
     selection = select_layers(q_model, config)
+    selection.skipped.update(folded)
     modules = {name: q_model.get_submodule(name) for name in selection.chosen}
     for name in modules:
         _check_finite(name, modules[name])
