@@ -1,6 +1,9 @@
-"""``Int8Conv2d``: int8 per-output-channel weights; convolution as im2col + an integer matmul.
+"""``Int8Conv2d``: int8 per-output-channel weights; a real int8 convolution.
 
-The input patches (``F.unfold``) form an ``[N*L, C*kh*kw]`` matrix that goes through the
+Static mode on CPU (symmetric weights) runs oneDNN's u8 x s8 convolution with rescale and bias
+fused, on a packed weight built lazily from the stored one (a cache, never saved). Everything else
+(dynamic and weight-only modes, asymmetric weights, other devices, inside ``torch.compile``) uses
+im2col: the input patches (``F.unfold``) form an ``[N*L, C*kh*kw]`` matrix that goes through the
 ``Int8Linear`` path (dynamic per-row, static per-tensor, or weight-only). The weight is stored
 flattened, ``[out, in*kh*kw]`` int8. Grouped/depthwise convolutions, string padding and non-zero
 padding modes have no int8 path here and are skipped with that reason.
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mono_quant import kernels
 from mono_quant.config import Mode, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams
 from mono_quant.modules.int8_linear import Int8Linear
@@ -35,6 +39,12 @@ class Int8Conv2d(Int8Linear):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
+        self._geometry = (list(self.stride), list(self.padding), list(self.dilation))
+        self._onednn_conv = kernels.OneDNNConvWeight()
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        self._onednn_conv = kernels.OneDNNConvWeight()  # repacked on next use: weight or input scale changed
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
@@ -66,6 +76,24 @@ class Int8Conv2d(Int8Linear):
         return cls(module, Mode(metadata["mode"]), Scheme(metadata["scheme"]), scale_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is Mode.STATIC and self.weight_zero_point is None and kernels.use_onednn_conv(x):
+            return self._onednn_forward(x)
+        return self._im2col_forward(x)
+
+    def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 activations (channels-last: oneDNN's fast layout) against the packed int8 weight."""
+        x4 = x if x.dim() == 4 else x.unsqueeze(0)
+        xf = x4 if x4.dtype == torch.float32 else x4.float()
+        q = kernels.quantize_per_tensor(xf, self._input_inv_scale, self._input_zero_point_u8, unsigned=True)
+        q = q.contiguous(memory_format=torch.channels_last)
+        out = kernels.onednn_conv2d(q, self.input_scale, self._input_zero_point_u8, self._onednn_conv, self.weight,
+                                    self.kernel_size, self._weight_scale_n, self.bias, self._geometry)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out if x.dim() == 4 else out.squeeze(0)
+
+    def _im2col_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Any device and mode: ``F.unfold`` patches through the ``Int8Linear`` path."""
         batched = x.dim() == 4
         x4 = x if batched else x.unsqueeze(0)
         out_h, out_w = (
