@@ -17,7 +17,8 @@ Algorithm (cost counted in full ``eval_fn`` evaluations, the expensive part):
 4. Stop when the ladder is exhausted, after ``max_evals`` evaluations or once ``time_budget_s`` has passed.
 
 So the search costs ``2 + (steps kept) + (re-ranks)`` evaluations at most. Kept steps never lower the
-score, so the returned model is the best one evaluated. Static int8 calibrates once, on the float model.
+score, so the returned model is the best one evaluated. Static int8 calibrates once, on the float model
+(or takes ``activation_qparams`` computed elsewhere, e.g. by a Lightning validation epoch).
 """
 
 from __future__ import annotations
@@ -306,6 +307,7 @@ def quantize_with_budget(
     time_budget_s: float | None = None,
     sensitivity_data: Any = None,
     forward_fn: ForwardFn | None = None,
+    activation_qparams: Mapping[str, ActivationQParams] | None = None,
 ) -> BudgetResult:
     """Quantize a copy of ``model`` keeping the score drop within ``max_drop``, moving the most sensitive
     layers up ``ladder`` (see the module docstring for the algorithm and its cost).
@@ -314,7 +316,9 @@ def quantize_with_budget(
     and returns a number or ``(score, per_item_scores)``. ``config`` gives everything but the dtype
     (mode, group size, include/exclude, observer); its dtype must be a rung of ``ladder``, and each
     layer starts at the lowest rung that supports it. ``sensitivity_data`` (default:
-    ``calibration_data``, same formats, fed with ``forward_fn``) ranks the layers. The input model is
+    ``calibration_data``, same formats, fed with ``forward_fn``) ranks the layers. With a static int8
+    rung, ``activation_qparams`` (layer name -> ``ActivationQParams``, e.g. ``Calibrator.qparams()`` from
+    statistics gathered elsewhere) replaces the calibration on ``calibration_data``. The input model is
     never modified.
 
     Example:
@@ -352,7 +356,10 @@ def quantize_with_budget(
             "real inputs"
         )
     search = _Search(model, eval_fn, configs, choices, higher_is_better, drop_type, max_drop, forward_fn)
-    search.qparams = _calibrate(model, configs, choices, calibration_data, forward_fn)
+    if activation_qparams is None:
+        search.qparams = _calibrate(model, configs, choices, calibration_data, forward_fn)
+    else:
+        search.qparams = _given_qparams(model, configs, choices, activation_qparams)
     return search.run(data, max_evals, time_budget_s, started)
 
 
@@ -425,6 +432,26 @@ def _calibrate(
         calibrator = Calibrator(layers, config)
         calibrator.run(model, calibration_data, forward_fn)
     return calibrator.qparams()
+
+
+def _given_qparams(
+    model: nn.Module,
+    configs: Mapping[str, QuantizationConfig],
+    choices: Mapping[str, tuple[str, ...]],
+    given: Mapping[str, ActivationQParams],
+) -> dict[str, ActivationQParams]:
+    """The caller's static int8 activation parameters, checked to cover every searched layer that needs them."""
+    if not isinstance(given, Mapping):
+        raise ConfigError(
+            f"activation_qparams of type {type(given).__name__} is not supported; expected a mapping of layer name "
+            "-> ActivationQParams (e.g. Calibrator.qparams())"
+        )
+    config = configs.get(QuantDtype.INT8.value)
+    needed = [] if config is None else [name for name in calibrated_layers(model, config) if name in choices]
+    missing = sorted(set(needed) - set(given))
+    if missing:
+        raise CalibrationError(f"activation_qparams has no entry for layer(s) {missing}")
+    return dict(given)
 
 
 @contextlib.contextmanager
