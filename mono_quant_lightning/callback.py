@@ -1,10 +1,10 @@
 """``QuantizationCallback``: calibrate on validation, quantize at fit end, gate on the metric drop, export.
 
 The hooks are thin: they decide *when* and *on what data*; ``mono_quant`` does the work
-(``Calibrator`` for statistics, ``quantize`` for the model, ``compare`` for fidelity, ``save`` for
-files) and ``gate.decide`` takes the decision. The user's ``LightningModule`` is never modified:
-calibration uses forward pre-hooks on its layers that are removed at the end of every validation
-epoch, and quantization works on a deep copy.
+(``Calibrator`` for statistics, ``quantize`` for the model, ``quantize_with_budget`` for the accuracy
+fallback, ``compare`` for fidelity, ``save`` for files) and ``gate.decide`` takes the decision. The
+user's ``LightningModule`` is never modified: calibration uses forward pre-hooks on its layers that are
+removed at the end of every validation epoch, and quantization works on a deep copy.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 
 import mono_quant as mq
+from mono_quant.budget import FLOAT, parse_ladder
 from mono_quant.calibration import TARGET_KEYS
 from mono_quant.config import ObserverKind, QuantDtype, parse_dtype, parse_enum
 from mono_quant.errors import CalibrationError, ConfigError
+from mono_quant.modules import ActivationQParams, tensor_bytes
+from mono_quant.quantize import _layer_report
 from mono_quant.selection import calibrated_layers
 from mono_quant_lightning.checkpoint_io import SidecarCheckpointIO
 from mono_quant_lightning.gate import DropType, GateDecision, QuantizationGateError, decide
@@ -56,7 +59,8 @@ class QuantizeOn(str, Enum):
 
 
 class OnViolation(str, Enum):
-    """What a failed gate does: raise (nothing exported), warn (and export), or warn and skip the export."""
+    """What a failed gate does: raise (nothing exported), warn (and export), warn and skip the export, or
+    fall back: keep the most sensitive layers at higher precision until the budget is met."""
 
     RAISE = "raise"
     WARN = "warn"
@@ -80,7 +84,15 @@ class QuantizationCallback(Callback):
         metric: a torchmetrics ``Metric`` evaluated on the validation data for the float and quantized model.
         max_drop: the largest allowed drop of ``metric`` (oriented by its ``higher_is_better``).
         drop_type: ``"absolute"`` or ``"relative"``.
-        on_violation: ``"raise"`` (``QuantizationGateError``, nothing exported), ``"warn"`` or ``"skip_export"``.
+        on_violation: ``"raise"`` (``QuantizationGateError``, nothing exported), ``"warn"``, ``"skip_export"`` or
+            ``"fallback"`` (needs ``metric``): when the gate fails at fit end, run ``mono_quant.quantize_with_budget``
+            with ``metric`` on the validation data as the score, moving the most sensitive layers up
+            ``fallback_ladder`` until the drop fits ``max_drop``; export that mixed-precision model, or raise
+            ``QuantizationGateError`` naming the best drop reached (nothing exported). Static int8 reuses the
+            validation epoch's activation statistics (no recalibration). It costs ``2 + (layers moved) +
+            (re-ranks)`` validation passes. Checkpoint sidecars are not searched.
+        fallback_ladder: the precisions the fallback may move a layer through, lowest first, starting at ``dtype``.
+            Default: ``dtype`` then ``"float"`` (``("int4", "int8", "float")`` for int4).
         export_dir: where the fit-end file goes; default: the first ``ModelCheckpoint``'s ``dirpath``, else
             ``trainer.default_root_dir``.
         include, exclude: glob patterns on module names (see ``mono_quant.QuantizationConfig``).
@@ -94,14 +106,24 @@ class QuantizationCallback(Callback):
     Attributes:
         result: the ``mono_quant.QuantizationResult`` built at fit end.
         export_path: the file written at fit end (``None`` when nothing was written).
-        drop: the measured metric drop (``None`` without a metric).
-        decision: the ``GateDecision`` (``None`` without a metric).
+        drop: the measured metric drop of ``result`` (``None`` without a metric).
+        decision: the ``GateDecision`` of ``result`` (``None`` without a metric).
+        budget: the ``mono_quant.BudgetResult`` of the fallback search (``None`` when it did not run). After a
+            fallback, ``result``, ``drop``, ``decision`` and ``fidelity`` describe the searched (final) model.
         fidelity: the ``mono_quant.FidelityReport`` of outputs (float vs quantized).
         mode_used: the mode that was actually applied.
 
     Raises:
         ConfigError: at construction, for an argument that is not valid (the message quotes it).
-        QuantizationGateError: out of ``trainer.fit`` when the gate fails with ``on_violation="raise"``.
+        QuantizationGateError: out of ``trainer.fit`` when the gate fails with ``on_violation="raise"``, or with
+            ``"fallback"`` when no precision assignment on the ladder meets the budget.
+
+    Under DDP every rank takes the same decisions: the metric is synced by torchmetrics in ``compute()``, so each
+    evaluation gives every rank the same score; the sensitivity ranking runs on rank zero's first
+    ``calibration_batches`` validation batches, broadcast to every rank (and static activation statistics are
+    rank zero's), so every rank runs the identical search; rank zero's final moves and verdict are broadcast and
+    are the ones acted on (a rank that disagrees warns). The fallback has no time limit, since elapsed time
+    differs between ranks.
 
     Example:
         >>> cb = QuantizationCallback()
@@ -111,6 +133,9 @@ class QuantizationCallback(Callback):
         Traceback (most recent call last):
         ...
         mono_quant.errors.ConfigError: QuantizationCallback(mode='fallback'): ...
+        >>> from torchmetrics.classification import MulticlassAccuracy
+        >>> QuantizationCallback(dtype="int4", metric=MulticlassAccuracy(10), on_violation="fallback").fallback_ladder
+        ('int4', 'int8', 'float')
     """
 
     def __init__(
@@ -130,6 +155,7 @@ class QuantizationCallback(Callback):
         batch_fn: BatchFn | None = None,
         calibration_dataloader: Iterable[Any] | None = None,
         verbose: bool = True,
+        fallback_ladder: Iterable[Any] | None = None,
     ) -> None:
         super().__init__()
         self.dtype: QuantDtype = _checked("dtype", dtype, parse_dtype)
@@ -147,12 +173,11 @@ class QuantizationCallback(Callback):
         self.on_violation: OnViolation = _checked(
             "on_violation", on_violation, lambda v: parse_enum(OnViolation, v, "on_violation")
         )
-        if self.on_violation is OnViolation.FALLBACK:
-            _bad(
-                "on_violation",
-                on_violation,
-                "is not available yet (it comes with a later release); use 'raise', 'warn' or 'skip_export'",
-            )
+        if self.on_violation is OnViolation.FALLBACK and self.metric is None:
+            _bad("on_violation", on_violation, "needs metric=... (e.g. MulticlassAccuracy(num_classes=10)) to score")
+        if fallback_ladder is not None and self.on_violation is not OnViolation.FALLBACK:
+            _bad("fallback_ladder", fallback_ladder, "is only used with on_violation='fallback'")
+        self.fallback_ladder: tuple[str, ...] = _parse_fallback_ladder(fallback_ladder, self.dtype)
         if batch_fn is not None and not callable(batch_fn):
             _bad("batch_fn", batch_fn, "must be a callable batch -> (inputs, target)")
         if calibration_dataloader is not None and not isinstance(calibration_dataloader, Iterable):
@@ -183,6 +208,7 @@ class QuantizationCallback(Callback):
         self.decision: GateDecision | None = None
         self.fidelity: mq.FidelityReport | None = None
         self.mode_used: QuantMode | None = None
+        self.budget: mq.BudgetResult | None = None
         self._calibrator: mq.Calibrator | None = None  # observing the current validation epoch
         self._statistics: mq.Calibrator | None = None  # the last completed (and synced) epoch
         self._pending_state: dict[str, Any] | None = None
@@ -299,12 +325,21 @@ class QuantizationCallback(Callback):
         if QuantizeOn.FIT_END not in self.quantize_on:
             return
         self._stop_observing()
-        result = self._quantize(pl_module, announce=trainer.is_global_zero and self.verbose)
-        self.result = result
-        self._measure(trainer, pl_module, result.model, _val_loaders(trainer))
+        result, qparams = self._quantize(pl_module, announce=trainer.is_global_zero and self.verbose)
+        self.result, self.budget = result, None
+        loaders = _val_loaders(trainer)
+        self._measure(trainer, pl_module, result.model, loaders)
         failed = self.decision is not None and not self.decision.passed
         if _distributed(trainer):  # every rank has synced metric values; rank zero's decision is the one
             failed = bool(trainer.strategy.broadcast(failed, src=0))
+        if failed and self.on_violation is OnViolation.FALLBACK:
+            if trainer.is_global_zero and self.verbose:
+                print(
+                    f"[mono-quant] gate failed ({self.decision.reason}); "
+                    f"searching fallback_ladder={self.fallback_ladder}"
+                )
+            failed = not self._fallback(trainer, pl_module, loaders, qparams)
+        result = self.result
         self._log(trainer, result)
         if failed:
             message = (
@@ -312,7 +347,15 @@ class QuantizationCallback(Callback):
                 f"({self._metric_name()} float {self.decision.float_score:.4f}, "
                 f"quantized {self.decision.quantized_score:.4f})"
             )
-            if self.on_violation is OnViolation.RAISE:
+            if self.on_violation is OnViolation.FALLBACK:
+                message = (
+                    f"accuracy fallback did not reach the budget: best drop {self.decision.drop:.4g} > max_drop "
+                    f"{self.max_drop:.4g} with fallback_ladder={self.fallback_ladder} ({self._metric_name()} float "
+                    f"{self.decision.float_score:.4f}, best quantized {self.decision.quantized_score:.4f}, "
+                    f"{len(self.budget.moves)} layer(s) moved, {self.budget.evaluations} evaluations, stopped: "
+                    f"{self.budget.stop_reason})"
+                )
+            if self.on_violation in (OnViolation.RAISE, OnViolation.FALLBACK):
                 raise QuantizationGateError(message + "; nothing exported", self.decision)
             if self.on_violation is OnViolation.SKIP_EXPORT:
                 _rank_zero_warn(trainer, message + "; skipping the export (on_violation='skip_export')")
@@ -375,13 +418,74 @@ class QuantizationCallback(Callback):
         why = "auto: " if self.mode is QuantMode.AUTO else ""
         return QuantMode.STATIC, qparams, f"mode='static' ({why}activation statistics from {source})"
 
-    def _quantize(self, module: LightningModule, announce: bool) -> mq.QuantizationResult:
+    def _quantize(
+        self, module: LightningModule, announce: bool
+    ) -> tuple[mq.QuantizationResult, dict[str, ActivationQParams] | None]:
+        """The quantized copy and the static activation parameters it used (``None`` unless static)."""
         mode, qparams, why = self._resolve_mode(module)
         if announce:
             print(f"[mono-quant] quantizing to {self.dtype.value} with {why}")
         result = mq.quantize(module, self.config.replace(mode=mode.value), activation_qparams=qparams)
         self.mode_used = QuantMode(result.config.mode.value)
-        return result
+        return result, qparams
+
+    def _fallback(
+        self,
+        trainer: Trainer,
+        module: LightningModule,
+        loaders: list[Any],
+        qparams: dict[str, ActivationQParams] | None,
+    ) -> bool:
+        """Search ``fallback_ladder`` for a model within the budget; make ``result``, ``decision``, ``drop``,
+        ``fidelity`` and ``budget`` describe the model found. Returns rank zero's verdict: budget reached."""
+        device = trainer.strategy.root_device
+
+        def data() -> Iterable[Any]:
+            return (batch for loader in loaders for batch in loader)
+
+        # Identical ranking data (and activation statistics) on every rank, so every rank runs the same search.
+        ranking = [move_data_to_device(b, "cpu") for b in itertools.islice(data(), self.calibration_batches)]
+        ranking, qparams = trainer.strategy.broadcast((ranking, qparams), src=0)
+        config = self.result.config
+        budget = mq.quantize_with_budget(
+            module,
+            lambda model: self._score(model, data(), device),
+            config=config,
+            max_drop=self.max_drop,
+            drop_type=self.drop_type.value,
+            higher_is_better=bool(self.metric.higher_is_better),
+            ladder=self.fallback_ladder,
+            sensitivity_data=ranking,
+            forward_fn=_make_forward(self.batch_fn),
+            activation_qparams=qparams,
+        )
+        moves, reached = trainer.strategy.broadcast((budget.moves, budget.reached), src=0)
+        if (moves, reached) != (budget.moves, budget.reached):
+            warnings.warn(
+                f"rank {trainer.global_rank} found moves {budget.moves} but rank zero found {moves}; rank zero's "
+                "model is the one exported",
+                stacklevel=2,
+            )
+        self.budget = budget
+        self.result = mixed_precision_result(module, self.result, budget)
+        self.decision = decide(
+            budget.float_score,
+            budget.final_score,
+            self.max_drop,
+            higher_is_better=bool(self.metric.higher_is_better),
+            drop_type=self.drop_type,
+        )
+        self.drop = self.decision.drop
+        feed = _make_forward(self.batch_fn)
+        self.fidelity = mq.compare(module, budget.model, itertools.islice(data(), self.calibration_batches), feed)
+        if trainer.is_global_zero and self.verbose:
+            verdict = "reached" if reached else "NOT reached"
+            listed = ", ".join(f"{name} -> {rung}" for name, rung in moves.items()) or "none"
+            print(
+                f"[mono-quant] fallback: budget {verdict} after {budget.evaluations} evaluations in "
+                f"{budget.seconds:.2f} s; {len(moves)} layer(s) moved up the ladder: {listed}\n{budget.report}"
+            )
+        return bool(reached)
 
     def _measure(self, trainer: Trainer, float_model: nn.Module, q_model: nn.Module, loaders: list[Any]) -> None:
         """Metric on the whole validation data (synced by torchmetrics) and output fidelity on its first batches."""
@@ -438,6 +542,10 @@ class QuantizationCallback(Callback):
             metrics[f"quant/{name}_float"] = self.decision.float_score
             metrics[f"quant/{name}_quantized"] = self.decision.quantized_score
             metrics["quant/drop"] = self.decision.drop
+        if self.budget is not None:
+            metrics["quant/reverted_layers"] = float(len(self.budget.moves))
+            metrics[f"quant/{self._metric_name()}_before_fallback"] = self.budget.quantized_score
+            metrics["quant/fallback_evaluations"] = float(self.budget.evaluations)
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
@@ -471,7 +579,7 @@ class QuantizationCallback(Callback):
         if self._module is None:
             return
         try:
-            result = self._quantize(self._module, announce=False)
+            result, _ = self._quantize(self._module, announce=False)
         except CalibrationError as err:
             warnings.warn(f"no quantized sidecar for {path.name}: {err}", stacklevel=2)
             return
@@ -479,6 +587,54 @@ class QuantizationCallback(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def default_fallback_ladder(dtype: QuantDtype | str) -> tuple[str, ...]:
+    """The fallback ladder from ``dtype`` up to float: int4 passes through int8 on the way.
+
+    Example:
+        >>> default_fallback_ladder("int4"), default_fallback_ladder("int8"), default_fallback_ladder("bf16")
+        (('int4', 'int8', 'float'), ('int8', 'float'), ('bf16', 'float'))
+    """
+    dtype = parse_dtype(dtype)
+    if dtype is QuantDtype.INT4:
+        return (QuantDtype.INT4.value, QuantDtype.INT8.value, FLOAT)
+    return (dtype.value, FLOAT)
+
+
+def mixed_precision_result(
+    float_model: nn.Module, quantized: mq.QuantizationResult, budget: mq.BudgetResult
+) -> mq.QuantizationResult:
+    """``budget.model`` as a ``QuantizationResult``: a report row per quantized layer, the layers kept in float
+    listed as skipped (with why), and ``quantized``'s config (each layer's file entry records its own precision).
+
+    Example:
+        >>> import torch, mono_quant as mq
+        >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+        >>> _ = model[0].weight.data[:, 0].fill_(100.0)  # an outlier column: int8 rounds the rest of layer 0 away
+        >>> x = torch.randn(32, 16)
+        >>> def score(m):  # 1 when the first layer is float, whatever the rest
+        ...     return float(type(m[0]) is nn.Linear)
+        >>> config = mq.QuantizationConfig(mode="dynamic")
+        >>> budget = mq.quantize_with_budget(model, score, config=config, max_drop=0.0, sensitivity_data=x)
+        >>> result = mixed_precision_result(model, mq.quantize(model, config), budget)
+        >>> budget.moves, [(row.name, row.bits) for row in result.report.layers], result.report.skipped["0"]
+        ({'0': 'float'}, [('2', 8)], "kept in float by on_violation='fallback' (accuracy budget)")
+    """
+    skipped = {name: why for name, why in quantized.report.skipped.items() if name not in budget.precisions}
+    rows = []
+    for name, rung in budget.precisions.items():
+        if rung == FLOAT:
+            skipped[name] = "kept in float by on_violation='fallback' (accuracy budget)"
+        else:
+            rows.append(_layer_report(name, float_model.get_submodule(name), budget.model.get_submodule(name)))
+    report = mq.QuantizationReport(
+        rows,
+        skipped,
+        quantized.report.model_bytes_before,
+        tensor_bytes(*budget.model.state_dict().values()),
+    )
+    return mq.QuantizationResult(budget.model, list(skipped), report, quantized.config)
 
 
 def default_batch_fn(batch: Any) -> tuple[Any, Any]:
@@ -606,6 +762,18 @@ def _parse_quantize_on(value: Any) -> tuple[QuantizeOn, ...]:
     if not parsed:
         _bad("quantize_on", value, "must name at least one of 'fit_end', 'checkpoint'")
     return parsed
+
+
+def _parse_fallback_ladder(value: Any, dtype: QuantDtype) -> tuple[str, ...]:
+    if value is None:
+        return default_fallback_ladder(dtype)
+    try:
+        ladder = parse_ladder(tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else value)
+    except ConfigError as err:
+        raise ConfigError(f"QuantizationCallback(fallback_ladder={value!r}): {err}") from None
+    if ladder[0] != dtype.value:
+        _bad("fallback_ladder", value, f"must start at dtype={dtype.value!r}, the precision the gate tested")
+    return ladder
 
 
 def _parse_metric(metric: Any) -> Any:
