@@ -1,7 +1,8 @@
 """QuantizationCallback under ``Trainer(accelerator="cpu", devices=2, strategy="ddp")``, run in a subprocess.
 
 Checks: the all-reduced observer statistics equal one process observing the union of the validation data,
-exactly one file is written, and a failing gate raises on both ranks without hanging.
+exactly one file is written, a failing gate raises on both ranks without hanging, and
+``on_violation="fallback"`` takes the same decisions on both ranks and writes one file.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import mono_quant as mq
 
 SCRIPT = textwrap.dedent(
     """
+    import json
     import sys
     from pathlib import Path
 
@@ -53,9 +55,23 @@ SCRIPT = textwrap.dedent(
                     self.net[0].weight.copy_(solution[:64].T)
                     self.net[0].bias.copy_(solution[64])
                     self.net[0].weight[:, 0] = 1e4
+            if case == "fallback":  # random ReLU features of the duplicated pixels, a ridge head, an outlier on
+                first = nn.Linear(128, 128)  # the always-zero pixel 0 that breaks int4 (not int8)
+                with torch.no_grad():
+                    first.weight[:, 0] = 1.0
+                hidden = torch.relu(first(torch.cat([x[:1000], x[:1000]], 1))).detach()
+                features = torch.cat([hidden, torch.ones(1000, 1)], 1).double()
+                ridge = features.T @ features + 0.1 * torch.eye(129, dtype=torch.float64)
+                onehot = nn.functional.one_hot(y[:1000], 10).double()
+                solution = torch.linalg.solve(ridge, features.T @ onehot).float()
+                head = nn.Linear(128, 10)
+                with torch.no_grad():
+                    head.weight.copy_(solution[:128].T)
+                    head.bias.copy_(solution[128])
+                self.net = nn.Sequential(first, nn.ReLU(), head)
 
         def forward(self, x):
-            return self.net(x)
+            return self.net(torch.cat([x, x], 1) if case == "fallback" else x)
 
         def training_step(self, batch, batch_idx):
             return nn.functional.cross_entropy(self(batch[0]), batch[1])
@@ -70,9 +86,10 @@ SCRIPT = textwrap.dedent(
     # 256 validation samples, batch 32: each rank gets 4 whole batches, no padding duplicates.
     train = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32)
     val = DataLoader(TensorDataset(x[1000:1256], y[1000:1256]), batch_size=32)
-    metric = MulticlassAccuracy(num_classes=10, average="micro") if case == "fail" else None
-    cb = QuantizationCallback(observer="histogram", calibration_batches=100, metric=metric, max_drop=0.01,
-                              export_dir=out / "export", verbose=False)
+    metric = MulticlassAccuracy(num_classes=10, average="micro") if case != "stats" else None
+    options = dict(dtype="int4", on_violation="fallback", max_drop=0.02) if case == "fallback" else {}
+    cb = QuantizationCallback(**{**dict(observer="histogram", calibration_batches=100, metric=metric, max_drop=0.01,
+                                        export_dir=out / "export", verbose=False), **options})
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, num_sanity_val_steps=0,
                         callbacks=[cb], enable_progress_bar=False, enable_model_summary=False, logger=False,
                         enable_checkpointing=False, default_root_dir=out)
@@ -81,6 +98,12 @@ SCRIPT = textwrap.dedent(
     except QuantizationGateError as err:
         (out / f"raised_rank{trainer.global_rank}").write_text(str(err))
         sys.exit(3)
+    if case == "fallback":
+        b = cb.budget
+        seen = dict(moves=b.moves, evaluations=b.evaluations, float_score=b.float_score, final_score=b.final_score,
+                    quantized_score=b.quantized_score, reached=b.reached, sensitivity=[r.layer for r in b.sensitivity],
+                    drop=cb.drop, export=str(cb.export_path))
+        (out / f"fallback_rank{trainer.global_rank}.json").write_text(json.dumps(seen))
     if trainer.global_rank == 0:
         torch.save(cb.state_dict()["statistics"], out / "ddp_statistics.pt")
     """
@@ -134,3 +157,31 @@ def test_ddp_failing_gate_raises_on_both_ranks(tmp_path):
     assert (tmp_path / "raised_rank1").is_file(), proc.stderr[-4000:]
     assert "failed the gate" in (tmp_path / "raised_rank1").read_text()
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_fallback_takes_the_same_decisions_on_both_ranks(tmp_path):
+    import json
+
+    from sklearn.datasets import load_digits
+
+    proc = run_ddp(tmp_path, "fallback")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"fallback_rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1  # same scores (synced metric), same ranking, same moves, same path
+    assert rank0["reached"] and rank0["moves"] and rank0["float_score"] - rank0["quantized_score"] > 0.02
+    assert rank0["evaluations"] == 2 + len(rank0["moves"])  # one kept step per move, no re-rank
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file())
+    assert files == ["export/model.quant.safetensors"]
+
+    # The scores were all-reduced: the exported model scores the union of both shards (256 items) exactly so.
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32)[1000:1256] / 16.0
+    y = torch.tensor(digits.target)[1000:1256]
+    skeleton = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    wrapper = nn.Module()
+    wrapper.net = skeleton
+    q = mq.load(tmp_path / "export" / "model.quant.safetensors", model=wrapper)
+    with torch.inference_mode():
+        accuracy = (q.net(torch.cat([x, x], 1)).argmax(1) == y).float().mean().item()
+    assert accuracy == rank0["final_score"]
