@@ -237,16 +237,30 @@ def measure_cnn(
     for mode, library, variant, seconds, note in _variants(model, calib_batches):
         pred = None if variant is None else predictions(variant, test_x)
         for batch in BATCHES:
-            row = {"workload": "cnn (digits ResNet)", "mode": mode, "library": library, "batch": batch,
-                   "median_ms": None, "ratio_to_float": None, "agreement": None, "accuracy": None,
-                   "accuracy_drop": None, "quantize_s": round(seconds, 3), "note": note}
+            row = {
+                "workload": "cnn (digits ResNet)",
+                "mode": mode,
+                "library": library,
+                "batch": batch,
+                "median_ms": None,
+                "ratio_to_float": None,
+                "agreement": None,
+                "accuracy": None,
+                "accuracy_drop": None,
+                "quantize_s": round(seconds, 3),
+                "note": note,
+            }
             if variant is not None:
                 ms = median_ms(lambda v=variant, x=inputs[batch]: v(x), iters)
                 float_ms.setdefault(batch, ms)
                 accuracy = (pred == test_y).float().mean().item()
-                row.update(median_ms=ms, ratio_to_float=ms / float_ms[batch],
-                           agreement=(pred == float_pred).float().mean().item(), accuracy=accuracy,
-                           accuracy_drop=100 * (float_acc - accuracy))
+                row.update(
+                    median_ms=ms,
+                    ratio_to_float=ms / float_ms[batch],
+                    agreement=(pred == float_pred).float().mean().item(),
+                    accuracy=accuracy,
+                    accuracy_drop=100 * (float_acc - accuracy),
+                )
             rows.append(row)
     return rows
 
