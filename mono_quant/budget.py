@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 import numbers
 import re
@@ -37,15 +36,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.budget_report import FLOAT, BudgetReport, BudgetResult, BudgetStep, SensitivityRow
 from mono_quant.calibration import Calibrator, ForwardFn, default_forward, iterate_batches
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig, parse_dtype
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
-from mono_quant.fidelity import _output_tensor
+from mono_quant.fidelity import output_tensor
 from mono_quant.modules import ActivationQParams
 from mono_quant.quantize import quantize
 from mono_quant.selection import calibrated_layers, select_layers
 
-FLOAT = "float"
 SENSITIVITY_POOL = 1024  # items read from the sensitivity data (whole batches)
 SENSITIVITY_ITEMS = 128  # items of the pool on which layers are ranked
 _FLOAT_NAMES = frozenset({"float", "float32", "fp32"})
@@ -139,155 +138,6 @@ def next_rung(rungs: Sequence[str], current: str) -> str | None:
     """
     index = rungs.index(current)
     return rungs[index + 1] if index + 1 < len(rungs) else None
-
-
-# ----------------------------------------------------------------------------- result and report
-
-
-@dataclasses.dataclass(frozen=True)
-class SensitivityRow:
-    """One layer's sensitivity: normalized output MSE with only this layer quantized; rank 1 = most sensitive."""
-
-    layer: str
-    score: float
-    rank: int
-
-
-@dataclasses.dataclass(frozen=True)
-class BudgetStep:
-    """One greedy step: ``layer`` moved from ``from_rung`` to ``to_rung``, scored ``score``; ``kept`` or undone."""
-
-    layer: str
-    from_rung: str
-    to_rung: str
-    score: float
-    drop: float
-    kept: bool
-
-
-@dataclasses.dataclass
-class BudgetReport:
-    """The sensitivity ranking, each layer's start and final precision, the steps and the scores.
-
-    ``print(report)`` shows a table; ``to_dict()`` is JSON-friendly; ``to_png(path)`` draws a bar chart
-    (needs the ``[plot]`` extra, i.e. matplotlib).
-
-    Example:
-        >>> r = BudgetReport([SensitivityRow("fc1", 0.02, 1), SensitivityRow("fc2", 0.001, 2)],
-        ...                  {"fc1": "int4", "fc2": "int4"}, {"fc1": "int8", "fc2": "int4"}, [],
-        ...                  0.97, 0.93, 0.965, 0.005, 0.01, "absolute", True, "budget reached", 3, 0, 0.5)
-        >>> print(str(r).splitlines()[0])
-        accuracy budget reached: drop 0.005 <= max_drop 0.01 (absolute)
-    """
-
-    sensitivity: list[SensitivityRow]
-    start: dict[str, str]
-    final: dict[str, str]
-    steps: list[BudgetStep]
-    float_score: float
-    quantized_score: float
-    final_score: float
-    drop: float
-    max_drop: float
-    drop_type: str
-    reached: bool
-    stop_reason: str
-    evaluations: int
-    reranks: int
-    seconds: float
-
-    def rows(self) -> list[tuple[int | None, str, float | None, str, str]]:
-        """``(rank, layer, sensitivity, start rung, final rung)`` per layer, ranked layers first."""
-        ranked = {row.layer: row for row in self.sensitivity}
-        out = [
-            (row.rank, row.layer, row.score, self.start[row.layer], self.final[row.layer]) for row in self.sensitivity
-        ]
-        out += [(None, name, None, self.start[name], self.final[name]) for name in self.start if name not in ranked]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["sensitivity"] = [dataclasses.asdict(row) for row in self.sensitivity]
-        out["steps"] = [dataclasses.asdict(step) for step in self.steps]
-        return out
-
-    def __str__(self) -> str:
-        verdict = "reached" if self.reached else "NOT reached"
-        relation = "<=" if self.reached else ">"
-        kept = sum(step.kept for step in self.steps)
-        out = [
-            f"accuracy budget {verdict}: drop {self.drop:.4g} {relation} max_drop {self.max_drop:.4g} "
-            f"({self.drop_type})",
-            f"scores: float {self.float_score:.4f}, fully quantized {self.quantized_score:.4f}, "
-            f"final {self.final_score:.4f}",
-            f"{self.evaluations} evaluations ({kept} steps kept, {self.reranks} re-rank(s)) in {self.seconds:.2f} s; "
-            f"stopped: {self.stop_reason}",
-        ]
-        header = ("rank", "layer", "sensitivity", "start", "final")
-        rows = [
-            ("-" if rank is None else str(rank), name, "-" if score is None else f"{score:.3g}", start, final)
-            for rank, name, score, start, final in self.rows()
-        ]
-        widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
-        line = "  ".join(f"{{:<{w}}}" for w in widths)
-        out += [line.format(*header), line.format(*("-" * w for w in widths))]
-        out += [line.format(*row) for row in rows]
-        for i, step in enumerate(self.steps, 1):
-            what = "kept" if step.kept else "undone (worse)"
-            out.append(f"step {i}: {step.layer} {step.from_rung} -> {step.to_rung}, score {step.score:.4f}, {what}")
-        return "\n".join(out)
-
-    def to_png(self, path: str) -> None:
-        """Draw sensitivity per layer (log scale) as bars coloured by final precision; needs matplotlib."""
-        try:
-            from matplotlib.figure import Figure
-            from matplotlib.patches import Patch
-        except ImportError as err:
-            raise ImportError(
-                "BudgetReport.to_png needs matplotlib; install it with: pip install 'mono-quant[plot]'"
-            ) from err
-        rows = [row for row in self.rows() if row[2] is not None]  # ranked layers
-        colours = {"int4": "tab:red", "int8": "tab:orange", "fp16": "tab:cyan", "bf16": "tab:blue", FLOAT: "tab:green"}
-        figure = Figure(figsize=(7, 1.5 + 0.3 * max(len(rows), 1)))
-        axes = figure.add_subplot()
-        if rows:
-            floor = min((score for _, _, score, _, _ in rows if score), default=1.0) / 10
-            values = [max(score or 0.0, floor) for _, _, score, _, _ in rows]
-            axes.barh(range(len(rows)), values, color=[colours[final] for *_, final in rows])
-            axes.set_yticks(range(len(rows)), [f"{name} ({final})" for _, name, _, _, final in rows])
-            axes.invert_yaxis()
-            axes.set_xscale("log")
-            handles = [Patch(color=c, label=r) for r, c in colours.items() if r in {row[4] for row in rows}]
-            axes.legend(handles=handles, title="final precision", loc="best")
-        else:
-            axes.text(0.5, 0.5, f"no ranking: {self.stop_reason}", ha="center", va="center")
-        axes.set_xlabel("sensitivity: normalized output MSE with only this layer quantized")
-        axes.set_title(f"final score {self.final_score:.4f} (float {self.float_score:.4f}, drop {self.drop:.4g})")
-        figure.tight_layout()
-        figure.savefig(path)
-
-
-@dataclasses.dataclass
-class BudgetResult:
-    """What ``quantize_with_budget`` found. ``model`` is the best model evaluated (the one meeting the budget
-    when ``reached``); ``moves`` maps each layer moved up to the precision it ended at; ``precisions`` maps
-    every searched layer to its final precision."""
-
-    model: nn.Module
-    reached: bool
-    float_score: float
-    quantized_score: float
-    final_score: float
-    drop: float
-    moves: dict[str, str]
-    sensitivity: list[SensitivityRow]
-    evaluations: int
-    seconds: float
-    report: BudgetReport
-    precisions: dict[str, str]
-    steps: list[BudgetStep]
-    reranks: int
-    stop_reason: str
 
 
 # ----------------------------------------------------------------------------- the search
@@ -585,7 +435,7 @@ class _Search:
         """Read at least ``SENSITIVITY_POOL`` items (whole batches) and the float model's outputs on them."""
         with _restored_modes(self.model):
             for batch in iterate_batches(data):
-                reference = _output_tensor(self.feed(self.model, batch)).detach().float()
+                reference = output_tensor(self.feed(self.model, batch)).detach().float()
                 size = _batch_size(batch)
                 index = len(self.batches)
                 self.batches.append(batch)
@@ -603,7 +453,7 @@ class _Search:
         """Normalized squared output error of ``q_model`` against the float model, per pool item."""
         errors: list[float] = []
         for index, (batch, reference) in enumerate(zip(self.batches, self.references, strict=True)):
-            out = _output_tensor(self.feed(q_model, batch)).float().to(reference.device)
+            out = output_tensor(self.feed(q_model, batch)).float().to(reference.device)
             ref = reference.reshape(1, -1) if self.whole[index] else reference.reshape(reference.shape[0], -1)
             diff = (out.reshape(ref.shape) - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-30)
             errors += diff.tolist()
@@ -638,7 +488,7 @@ class _Search:
         q_model = self.build({layer: rung})
         signal = noise = 0.0
         for batch, reference in self.subset:
-            out = _output_tensor(self.feed(q_model, batch)).float().to(reference.device)
+            out = output_tensor(self.feed(q_model, batch)).float().to(reference.device)
             noise += (out.reshape(reference.shape) - reference).pow(2).sum().item()
             signal += reference.pow(2).sum().item()
         return noise / max(signal, 1e-30)

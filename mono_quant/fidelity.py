@@ -30,7 +30,7 @@ class FidelityReport:
         )
 
 
-def _output_tensor(output: Any) -> torch.Tensor:
+def output_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, dict):
@@ -62,8 +62,8 @@ def compare(
     quantized_model.eval()
     try:
         for batch in iterate_batches(data):
-            ref = _output_tensor(feed(float_model, batch)).float()
-            out = _output_tensor(feed(quantized_model, batch)).float().to(ref.device)
+            ref = output_tensor(feed(float_model, batch)).float()
+            out = output_tensor(feed(quantized_model, batch)).float().to(ref.device)
             diff = ref - out
             signal += ref.pow(2).sum().item()
             noise += diff.pow(2).sum().item()

@@ -88,7 +88,7 @@ def quantize(
     for name, cls in selection.chosen.items():
         float_module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
         quantized = cls.from_float(float_module, config, activations.get(name))
-        rows.append(_layer_report(name, float_module, quantized))
+        rows.append(layer_report(name, float_module, quantized))
         _set_submodule(q_model, name, quantized)
         del float_module
     report = QuantizationReport(rows, selection.skipped, bytes_before, _module_bytes(q_model))
@@ -171,7 +171,7 @@ def _module_bytes(module: nn.Module) -> int:
     return tensor_bytes(*module.state_dict().values())
 
 
-def _layer_report(name: str, float_module: nn.Module, quantized: QuantizedLayer) -> LayerReport:
+def layer_report(name: str, float_module: nn.Module, quantized: QuantizedLayer) -> LayerReport:
     reference = float_module.weight.detach()
     noise = quantized.dequantized_weight().reshape(reference.shape)
     noise.sub_(reference)  # in place: one float copy of the layer at a time
@@ -225,7 +225,7 @@ def _quantize_state_dict(state: Mapping[str, torch.Tensor], config: Quantization
             continue
         _check_finite(name, module)
         quantized = cls.from_float(module, config)
-        rows.append(_layer_report(name, module, quantized))
+        rows.append(layer_report(name, module, quantized))
         out.update({f"{name}.{key}": value for key, value in quantized.state_dict().items()})
     for key, value in state.items():
         if key.rpartition(".")[0] not in {r.name for r in rows}:

@@ -6,8 +6,9 @@ Example:
     0.02
 """
 
-from mono_quant_lightning.callback import OnViolation, QuantizationCallback, QuantizeOn, QuantMode
+from mono_quant_lightning.callback import QuantizationCallback
 from mono_quant_lightning.gate import DropType, GateDecision, QuantizationGateError, decide
+from mono_quant_lightning.options import OnViolation, QuantizeOn, QuantMode
 
 __all__ = [
     "DropType",

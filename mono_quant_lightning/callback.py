@@ -14,8 +14,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from enum import Enum
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,45 +26,26 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 
 import mono_quant as mq
-from mono_quant.budget import FLOAT, parse_ladder
-from mono_quant.calibration import TARGET_KEYS
 from mono_quant.config import ObserverKind, QuantDtype, parse_dtype, parse_enum
 from mono_quant.errors import CalibrationError, ConfigError
-from mono_quant.modules import ActivationQParams, tensor_bytes
-from mono_quant.quantize import _layer_report
+from mono_quant.fidelity import output_tensor
+from mono_quant.modules import ActivationQParams
 from mono_quant.selection import calibrated_layers
+from mono_quant_lightning.batches import BatchFn, call_model, default_batch_fn, make_forward, val_loaders
 from mono_quant_lightning.checkpoint_io import SidecarCheckpointIO
 from mono_quant_lightning.gate import DropType, GateDecision, QuantizationGateError, decide
-
-BatchFn = Callable[[Any], tuple[Any, Any]]
+from mono_quant_lightning.options import (
+    OnViolation,
+    QuantizeOn,
+    QuantMode,
+    bad_argument,
+    checked,
+    parse_fallback_ladder,
+    parse_metric,
+    parse_quantize_on,
+)
 
 EXPORT_NAME = "model.quant.safetensors"
-
-
-class QuantMode(str, Enum):
-    """``auto`` picks ``static`` when validation batches were observed, else ``dynamic``."""
-
-    AUTO = "auto"
-    DYNAMIC = "dynamic"
-    STATIC = "static"
-    WEIGHT_ONLY = "weight_only"
-
-
-class QuantizeOn(str, Enum):
-    """When a quantized file is produced: at the end of ``fit`` and/or beside every checkpoint."""
-
-    FIT_END = "fit_end"
-    CHECKPOINT = "checkpoint"
-
-
-class OnViolation(str, Enum):
-    """What a failed gate does: raise (nothing exported), warn (and export), warn and skip the export, or
-    fall back: keep the most sensitive layers at higher precision until the budget is met."""
-
-    RAISE = "raise"
-    WARN = "warn"
-    SKIP_EXPORT = "skip_export"
-    FALLBACK = "fallback"
 
 
 class QuantizationCallback(Callback):
@@ -158,30 +138,34 @@ class QuantizationCallback(Callback):
         fallback_ladder: Iterable[Any] | None = None,
     ) -> None:
         super().__init__()
-        self.dtype: QuantDtype = _checked("dtype", dtype, parse_dtype)
-        self.mode: QuantMode = _checked("mode", mode, lambda v: parse_enum(QuantMode, v, "mode"))
-        self.observer: ObserverKind = _checked("observer", observer, lambda v: parse_enum(ObserverKind, v, "observer"))
+        self.dtype: QuantDtype = checked("dtype", dtype, parse_dtype)
+        self.mode: QuantMode = checked("mode", mode, lambda v: parse_enum(QuantMode, v, "mode"))
+        self.observer: ObserverKind = checked("observer", observer, lambda v: parse_enum(ObserverKind, v, "observer"))
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
-            _bad("calibration_batches", calibration_batches, "must be an integer >= 1")
+            bad_argument("calibration_batches", calibration_batches, "must be an integer >= 1")
         self.calibration_batches = calibration_batches
-        self.quantize_on = _parse_quantize_on(quantize_on)
-        self.metric = _parse_metric(metric)
+        self.quantize_on = parse_quantize_on(quantize_on)
+        self.metric = parse_metric(metric)
         if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < math.inf:
-            _bad("max_drop", max_drop, "must be a finite number >= 0")
+            bad_argument("max_drop", max_drop, "must be a finite number >= 0")
         self.max_drop = float(max_drop)
-        self.drop_type: DropType = _checked("drop_type", drop_type, lambda v: parse_enum(DropType, v, "drop_type"))
-        self.on_violation: OnViolation = _checked(
+        self.drop_type: DropType = checked("drop_type", drop_type, lambda v: parse_enum(DropType, v, "drop_type"))
+        self.on_violation: OnViolation = checked(
             "on_violation", on_violation, lambda v: parse_enum(OnViolation, v, "on_violation")
         )
         if self.on_violation is OnViolation.FALLBACK and self.metric is None:
-            _bad("on_violation", on_violation, "needs metric=... (e.g. MulticlassAccuracy(num_classes=10)) to score")
+            bad_argument(
+                "on_violation", on_violation, "needs metric=... (e.g. MulticlassAccuracy(num_classes=10)) to score"
+            )
         if fallback_ladder is not None and self.on_violation is not OnViolation.FALLBACK:
-            _bad("fallback_ladder", fallback_ladder, "is only used with on_violation='fallback'")
-        self.fallback_ladder: tuple[str, ...] = _parse_fallback_ladder(fallback_ladder, self.dtype)
+            bad_argument("fallback_ladder", fallback_ladder, "is only used with on_violation='fallback'")
+        self.fallback_ladder: tuple[str, ...] = parse_fallback_ladder(fallback_ladder, self.dtype)
         if batch_fn is not None and not callable(batch_fn):
-            _bad("batch_fn", batch_fn, "must be a callable batch -> (inputs, target)")
+            bad_argument("batch_fn", batch_fn, "must be a callable batch -> (inputs, target)")
         if calibration_dataloader is not None and not isinstance(calibration_dataloader, Iterable):
-            _bad("calibration_dataloader", calibration_dataloader, "must be an iterable of batches (e.g. a DataLoader)")
+            bad_argument(
+                "calibration_dataloader", calibration_dataloader, "must be an iterable of batches (e.g. a DataLoader)"
+            )
         self.export_dir = None if export_dir is None else Path(export_dir)
         self.batch_fn = batch_fn
         self.calibration_dataloader = calibration_dataloader
@@ -193,8 +177,8 @@ class QuantizationCallback(Callback):
             base_mode = "weight_only"
         for argument, patterns in (("include", include), ("exclude", exclude)):
             if not (patterns is None or isinstance(patterns, (str, Iterable))):
-                _bad(argument, patterns, "must be a glob pattern or a sequence of them")
-        self.config: mq.QuantizationConfig = _checked(
+                bad_argument(argument, patterns, "must be a glob pattern or a sequence of them")
+        self.config: mq.QuantizationConfig = checked(
             "mode",
             mode,
             lambda _: mq.QuantizationConfig(
@@ -327,7 +311,7 @@ class QuantizationCallback(Callback):
         self._stop_observing()
         result, qparams = self._quantize(pl_module, announce=trainer.is_global_zero and self.verbose)
         self.result, self.budget = result, None
-        loaders = _val_loaders(trainer)
+        loaders = val_loaders(trainer)
         self._measure(trainer, pl_module, result.model, loaders)
         failed = self.decision is not None and not self.decision.passed
         if _distributed(trainer):  # every rank has synced metric values; rank zero's decision is the one
@@ -398,7 +382,7 @@ class QuantizationCallback(Callback):
         source = "the last validation epoch"
         if self.calibration_dataloader is not None:
             statistics = self._new_calibrator(module)
-            feed = _make_forward(self.batch_fn)
+            feed = make_forward(self.batch_fn)
             statistics.run(module, self.calibration_dataloader, feed, max_batches=self.calibration_batches)
             source = "calibration_dataloader"
         if statistics is None:
@@ -456,7 +440,7 @@ class QuantizationCallback(Callback):
             higher_is_better=bool(self.metric.higher_is_better),
             ladder=self.fallback_ladder,
             sensitivity_data=ranking,
-            forward_fn=_make_forward(self.batch_fn),
+            forward_fn=make_forward(self.batch_fn),
             activation_qparams=qparams,
         )
         moves, reached = trainer.strategy.broadcast((budget.moves, budget.reached), src=0)
@@ -467,7 +451,7 @@ class QuantizationCallback(Callback):
                 stacklevel=2,
             )
         self.budget = budget
-        self.result = mixed_precision_result(module, self.result, budget)
+        self.result = budget.quantization_result(module, self.result)
         self.decision = decide(
             budget.float_score,
             budget.final_score,
@@ -476,7 +460,7 @@ class QuantizationCallback(Callback):
             drop_type=self.drop_type,
         )
         self.drop = self.decision.drop
-        feed = _make_forward(self.batch_fn)
+        feed = make_forward(self.batch_fn)
         self.fidelity = mq.compare(module, budget.model, itertools.islice(data(), self.calibration_batches), feed)
         if trainer.is_global_zero and self.verbose:
             verdict = "reached" if reached else "NOT reached"
@@ -512,7 +496,7 @@ class QuantizationCallback(Callback):
             )
             self.drop = self.decision.drop
         if loaders:
-            feed = _make_forward(self.batch_fn)
+            feed = make_forward(self.batch_fn)
             self.fidelity = mq.compare(float_model, q_model, itertools.islice(data(), self.calibration_batches), feed)
 
     def _score(self, model: nn.Module, data: Iterable[Any], device: torch.device) -> float:
@@ -525,7 +509,7 @@ class QuantizationCallback(Callback):
             with torch.inference_mode():
                 for batch in data:
                     inputs, target = split(move_data_to_device(batch, device))
-                    metric.update(_output_tensor(_call(model, inputs)), target)
+                    metric.update(output_tensor(call_model(model, inputs)), target)
             return float(metric.compute())  # syncs across processes
         finally:
             model.train(was_training)
@@ -589,130 +573,6 @@ class QuantizationCallback(Callback):
 # ---------------------------------------------------------------------- helpers
 
 
-def default_fallback_ladder(dtype: QuantDtype | str) -> tuple[str, ...]:
-    """The fallback ladder from ``dtype`` up to float: int4 passes through int8 on the way.
-
-    Example:
-        >>> default_fallback_ladder("int4"), default_fallback_ladder("int8"), default_fallback_ladder("bf16")
-        (('int4', 'int8', 'float'), ('int8', 'float'), ('bf16', 'float'))
-    """
-    dtype = parse_dtype(dtype)
-    if dtype is QuantDtype.INT4:
-        return (QuantDtype.INT4.value, QuantDtype.INT8.value, FLOAT)
-    return (dtype.value, FLOAT)
-
-
-def mixed_precision_result(
-    float_model: nn.Module, quantized: mq.QuantizationResult, budget: mq.BudgetResult
-) -> mq.QuantizationResult:
-    """``budget.model`` as a ``QuantizationResult``: a report row per quantized layer, the layers kept in float
-    listed as skipped (with why), and ``quantized``'s config (each layer's file entry records its own precision).
-
-    Example:
-        >>> import torch, mono_quant as mq
-        >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-        >>> _ = model[0].weight.data[:, 0].fill_(100.0)  # an outlier column: int8 rounds the rest of layer 0 away
-        >>> x = torch.randn(32, 16)
-        >>> def score(m):  # 1 when the first layer is float, whatever the rest
-        ...     return float(type(m[0]) is nn.Linear)
-        >>> config = mq.QuantizationConfig(mode="dynamic")
-        >>> budget = mq.quantize_with_budget(model, score, config=config, max_drop=0.0, sensitivity_data=x)
-        >>> result = mixed_precision_result(model, mq.quantize(model, config), budget)
-        >>> budget.moves, [(row.name, row.bits) for row in result.report.layers], result.report.skipped["0"]
-        ({'0': 'float'}, [('2', 8)], "kept in float by on_violation='fallback' (accuracy budget)")
-    """
-    skipped = {name: why for name, why in quantized.report.skipped.items() if name not in budget.precisions}
-    rows = []
-    for name, rung in budget.precisions.items():
-        if rung == FLOAT:
-            skipped[name] = "kept in float by on_violation='fallback' (accuracy budget)"
-        else:
-            rows.append(_layer_report(name, float_model.get_submodule(name), budget.model.get_submodule(name)))
-    report = mq.QuantizationReport(
-        rows,
-        skipped,
-        quantized.report.model_bytes_before,
-        tensor_bytes(*budget.model.state_dict().values()),
-    )
-    return mq.QuantizationResult(budget.model, list(skipped), report, quantized.config)
-
-
-def default_batch_fn(batch: Any) -> tuple[Any, Any]:
-    """Split a batch into ``(inputs, target)``: tuples/lists by first and last item, dicts by key.
-
-    Example:
-        >>> default_batch_fn((torch.zeros(2, 3), torch.ones(2)))[1]
-        tensor([1., 1.])
-        >>> inputs, target = default_batch_fn({"pixels": torch.zeros(2, 3), "label": torch.ones(2)})
-        >>> list(inputs), target
-        (['pixels'], tensor([1., 1.]))
-    """
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[-1]
-    if isinstance(batch, Mapping):
-        key = next((k for k in ("target", "targets", "label", "labels", "y") if k in batch), None)
-        if key is not None:
-            return {k: v for k, v in batch.items() if k not in TARGET_KEYS}, batch[key]
-    raise ConfigError(
-        f"cannot split a batch of type {type(batch).__name__} into (inputs, target); pass "
-        "QuantizationCallback(batch_fn=lambda batch: (inputs, target))"
-    )
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (list, tuple)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _make_forward(batch_fn: BatchFn | None) -> Callable[[nn.Module, Any], Any]:
-    def feed(model: nn.Module, batch: Any) -> Any:
-        device = next((p.device for p in model.parameters()), None)
-        if device is None:
-            device = next((b.device for b in model.buffers()), torch.device("cpu"))
-        batch = move_data_to_device(batch, device)
-        if batch_fn is not None:
-            inputs = batch_fn(batch)[0]
-        elif isinstance(batch, torch.Tensor):
-            inputs = batch
-        elif isinstance(batch, Mapping):
-            inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
-        else:
-            inputs = default_batch_fn(batch)[0]
-        return _call(model, inputs)
-
-    return feed
-
-
-def _output_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, Mapping):
-        output = next(iter(output.values()))
-    if isinstance(output, (list, tuple)):
-        output = output[0]
-    return output
-
-
-def _val_loaders(trainer: Trainer) -> list[Any]:
-    """The fit validation dataloader(s) (already sharded per process by Lightning); empty when there are none."""
-    loaders = trainer.val_dataloaders
-    if loaders is None:
-        return []
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    elif not isinstance(loaders, (list, tuple)):
-        loaders = [loaders]
-    return [loader for loader in loaders if _has_batches(loader)]
-
-
-def _has_batches(loader: Any) -> bool:
-    try:
-        return len(loader) > 0
-    except TypeError:
-        return True
-
-
 def _distributed(trainer: Trainer) -> bool:
     return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -740,51 +600,3 @@ def _save(result: mq.QuantizationResult, path: Path) -> None:
     save(result.model, os.fspath(path), config=result.config, report=result.report)
 
 
-def _bad(argument: str, value: Any, problem: str) -> None:
-    raise ConfigError(f"QuantizationCallback({argument}={value!r}): {argument} {problem}")
-
-
-def _checked(argument: str, value: Any, parse: Callable[[Any], Any]) -> Any:
-    try:
-        return parse(value)
-    except ConfigError as err:
-        raise ConfigError(f"QuantizationCallback({argument}={value!r}): {err}") from None
-
-
-def _parse_quantize_on(value: Any) -> tuple[QuantizeOn, ...]:
-    items = [value] if isinstance(value, (str, QuantizeOn)) else value
-    try:
-        parsed = tuple(dict.fromkeys(parse_enum(QuantizeOn, item, "quantize_on") for item in items))
-    except TypeError:
-        _bad("quantize_on", value, "must be 'fit_end', 'checkpoint' or a tuple of them")
-    except ConfigError as err:
-        raise ConfigError(f"QuantizationCallback(quantize_on={value!r}): {err}") from None
-    if not parsed:
-        _bad("quantize_on", value, "must name at least one of 'fit_end', 'checkpoint'")
-    return parsed
-
-
-def _parse_fallback_ladder(value: Any, dtype: QuantDtype) -> tuple[str, ...]:
-    if value is None:
-        return default_fallback_ladder(dtype)
-    try:
-        ladder = parse_ladder(tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else value)
-    except ConfigError as err:
-        raise ConfigError(f"QuantizationCallback(fallback_ladder={value!r}): {err}") from None
-    if ladder[0] != dtype.value:
-        _bad("fallback_ladder", value, f"must start at dtype={dtype.value!r}, the precision the gate tested")
-    return ladder
-
-
-def _parse_metric(metric: Any) -> Any:
-    if metric is None:
-        return None
-    from torchmetrics import Metric
-
-    if isinstance(metric, type) and issubclass(metric, Metric):
-        _bad("metric", metric, "must be a Metric instance, e.g. MulticlassAccuracy(num_classes=10), not the class")
-    if not isinstance(metric, Metric):
-        _bad("metric", metric, "must be a torchmetrics Metric, e.g. MulticlassAccuracy(num_classes=10)")
-    if metric.higher_is_better is None:
-        _bad("metric", metric, "must declare higher_is_better (True or False) so the drop has a direction")
-    return metric

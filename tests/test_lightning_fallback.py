@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 import mono_quant as mq
 from mono_quant.errors import CalibrationError, ConfigError
 from mono_quant_lightning import OnViolation, QuantizationCallback, QuantizationGateError
-from mono_quant_lightning.callback import default_fallback_ladder
+from mono_quant_lightning.options import default_fallback_ladder
 
 LAYERS = ("net.0", "net.2", "net.4")
 
