@@ -43,8 +43,8 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 _CLASS_FOR = {("Linear", 8): "Int8Linear", ("Conv2d", 8): "Int8Conv2d", ("Embedding", 8): "Int8Embedding",
-              ("Linear", 4): "Int4Linear", ("Linear", 16): "HalfLinear", ("Conv2d", 16): "HalfConv2d",
-              ("Embedding", 16): "HalfEmbedding"}  # fmt: skip
+              ("Linear", 4): "Int4Linear", ("Embedding", 4): "Int4Embedding", ("Linear", 16): "HalfLinear",
+              ("Conv2d", 16): "HalfConv2d", ("Embedding", 16): "HalfEmbedding"}  # fmt: skip
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
@@ -557,6 +557,8 @@ def _class_for(module: nn.Module, entry: dict[str, Any]) -> type[QuantizedLayer]
         name = "Int8Embedding"
     elif linear_like and name == "HalfLinear":
         name = "HalfEmbedding"
+    elif type(module) is nn.Embedding and not entry["bias"] and name == "Int4Linear":
+        name = "Int4Embedding"  # same tensors, either scheme
     return QUANTIZED_CLASSES[name]
 
 

@@ -468,3 +468,23 @@ def test_safetensors_header_length_that_looks_like_a_zip_file(good_file: Path, t
     save_file(load_file(good_file), path, metadata={**header, "pad": pad})
     assert path.read_bytes()[:2] == b"PK"
     assert mq.load(path)[1]["layers"]["fc1"]["class"] == "Int8Linear"
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_int4_embedding_round_trip(scheme: str, tmp_path: Path) -> None:
+    """Int4 embeddings (packed rows, compressed-tensors names) save, validate and reload bit-identically."""
+    model = skeleton(0)
+    result = mq.quantize(model, dtype="int4", scheme=scheme, group_size=32, include=("emb", "fc1"))
+    assert type(result.model.emb).__name__ == "Int4Embedding"
+    path = tmp_path / "int4_emb.safetensors"
+    result.save(path)
+    metadata, specs = read_header(path)
+    assert metadata["layers"]["emb"]["class"] == "Int4Embedding" and metadata["layers"]["emb"]["group_size"] == 32
+    assert specs["emb.weight_packed"] == (torch.int32, (17, 16)) and specs["emb.weight_scale"][1] == (17, 4)
+    assert ("emb.weight_zero_point" in specs) == (scheme == "asymmetric")
+    assert "pack-quantized" in json.dumps(metadata["quantization_config"])
+    loaded = mq.load(path, model=skeleton(9))
+    x = inputs(8)
+    assert type(loaded.emb).__name__ == "Int4Embedding" and torch.equal(loaded(x), result.model(x))
+    plain = mq.load(path, model=skeleton(9), dequantize=True)
+    assert type(plain.emb) is nn.Embedding and torch.equal(plain.emb.weight, result.model.emb.dequantized_weight())

@@ -10,6 +10,7 @@ from torch import nn
 from mono_quant.config import QuantizationConfig
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, tensor_bytes
 from mono_quant.modules.half import HalfConv2d, HalfEmbedding, HalfLinear
+from mono_quant.modules.int4_embedding import Int4Embedding
 from mono_quant.modules.int4_linear import Int4Linear
 from mono_quant.modules.int8_conv import Int8Conv2d
 from mono_quant.modules.int8_embedding import Int8Embedding
@@ -18,7 +19,7 @@ from mono_quant.modules.int8_linear import Int8Linear
 REGISTRY: dict[type[nn.Module], tuple[type[QuantizedLayer], ...]] = {
     nn.Linear: (Int8Linear, Int4Linear, HalfLinear),
     nn.Conv2d: (Int8Conv2d, HalfConv2d),
-    nn.Embedding: (Int8Embedding, HalfEmbedding),
+    nn.Embedding: (Int8Embedding, Int4Embedding, HalfEmbedding),
 }
 
 QUANTIZED_CLASSES: dict[str, type[QuantizedLayer]] = {
@@ -56,6 +57,7 @@ __all__ = [
     "HalfConv2d",
     "HalfEmbedding",
     "HalfLinear",
+    "Int4Embedding",
     "Int4Linear",
     "Int8Conv2d",
     "Int8Embedding",

@@ -1,0 +1,111 @@
+"""``Int4Embedding``: group-wise int4 rows (weight-only), stored in the compressed-tensors packed layout.
+
+The state is the one ``Int4Linear`` files hold: ``weight_packed`` int32 ``[num_embeddings, dim/8]`` (eight
+4-bit values per word, least significant first, offset by 8), ``weight_scale`` ``[num_embeddings,
+dim/group]``, optional ``weight_zero_point`` (asymmetric) and ``weight_shape``. A lookup gathers the
+packed rows of the requested indices and unpacks and scales only those rows: no call touches the whole
+table in float.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mono_quant.config import Granularity, Mode, QuantDtype, QuantizationConfig, Scheme
+from mono_quant.modules.base import ActivationQParams, QuantizedLayer
+from mono_quant.qparams import QuantizedWeight, dequantize_weight, pack_int4_words, quantize_weight, unpack_int4_words
+
+
+class Int4Embedding(nn.Module, QuantizedLayer):
+    """Drop-in ``nn.Embedding`` replacement with int4 group-wise rows (``padding_idx`` kept; no ``max_norm``).
+
+    Example:
+        >>> emb = Int4Embedding.from_float(nn.Embedding(100, 64), QuantizationConfig(dtype="int4", group_size=32))
+        >>> emb(torch.tensor([[1, 2, 3]])).shape, emb.weight_packed.shape, emb.weight_scale.shape
+        (torch.Size([1, 3, 64]), torch.Size([100, 8]), torch.Size([100, 2]))
+    """
+
+    float_type = nn.Embedding
+    dtypes = (QuantDtype.INT4,)
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, group_size: int, scheme: Scheme
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.group_size, self.scheme = group_size, scheme
+        groups = embedding_dim // group_size
+        self.register_buffer("weight_packed", torch.zeros(num_embeddings, embedding_dim // 8, dtype=torch.int32))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, groups))
+        asymmetric = scheme is Scheme.ASYMMETRIC
+        self.register_buffer(
+            "weight_zero_point", torch.zeros(num_embeddings, groups, dtype=torch.int8) if asymmetric else None
+        )
+        self.register_buffer("weight_shape", torch.tensor([num_embeddings, embedding_dim], dtype=torch.int64))
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
+        if module.max_norm is not None:
+            return "max_norm renormalizes weights in place; no int4 path"
+        dim = module.embedding_dim
+        if dim % config.group_size:
+            return f"group_size={config.group_size} does not divide embedding_dim={dim}"
+        if dim % 8:
+            return f"int4 packing needs embedding_dim={dim} to be a multiple of 8"
+        return None
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Embedding, config: QuantizationConfig, activation: ActivationQParams | None = None
+    ) -> Int4Embedding:
+        qw = quantize_weight(module.weight, 4, config.scheme, Granularity.PER_GROUP, config.group_size)
+        layer = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, config.group_size, config.scheme)
+        layer.weight_packed = pack_int4_words(qw.data)
+        layer.weight_scale = qw.scale
+        layer.weight_zero_point = qw.zero_point
+        return layer
+
+    @classmethod
+    def from_metadata(cls, module: nn.Embedding, metadata: dict[str, Any]) -> Int4Embedding:
+        return cls(
+            module.num_embeddings,
+            module.embedding_dim,
+            module.padding_idx,
+            int(metadata["group_size"]),
+            Scheme(metadata.get("scheme", Scheme.SYMMETRIC.value)),
+        )
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        flat = indices.reshape(-1)
+        q = unpack_int4_words(F.embedding(flat, self.weight_packed), self.embedding_dim)
+        grouped = q.reshape(flat.numel(), -1, self.group_size).float()
+        if self.weight_zero_point is not None:
+            grouped.sub_(F.embedding(flat, self.weight_zero_point).unsqueeze(-1))
+        grouped.mul_(F.embedding(flat, self.weight_scale).unsqueeze(-1))
+        return grouped.reshape(*indices.shape, self.embedding_dim)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "kind": "Embedding",
+            "mode": Mode.WEIGHT_ONLY.value,
+            "bits": 4,
+            "scheme": self.scheme.value,
+            "group_size": self.group_size,
+        }
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = unpack_int4_words(self.weight_packed, self.embedding_dim)
+        return dequantize_weight(QuantizedWeight(q, self.weight_scale, self.weight_zero_point))
+
+    def dequantize(self) -> nn.Embedding:
+        return nn.Embedding.from_pretrained(self.dequantized_weight(), freeze=False, padding_idx=self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
+            f"group_size={self.group_size}, scheme={self.scheme.value}"
+        )
