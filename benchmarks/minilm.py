@@ -151,7 +151,7 @@ def quantize_int4(model: nn.Module, calibration: Sequence[dict] = ()) -> nn.Modu
 # (mode, library, build(model, calibration batches) -> quantized model, what it is)
 OUR_CONFIGS = [
     ("int8 dynamic", "mono-quant", quantize_int8, "Linear only; per-channel weights, per-token activations"),
-    ("int8 static", "mono-quant", quantize_int8_static, "Linear only; calibrated on 4 batches"),
+    ("int8 static", "mono-quant", quantize_int8_static, "Linear only; calibrated on 64 sentences"),
     ("int8 weight-only", "mono-quant", quantize_int8_weight_only, "Linear + Embedding"),
     ("int4 weight-only", "mono-quant", quantize_int4_all, "all Linear + Embedding int4, g32 asym"),
     ("int4 mixed", "mono-quant", quantize_int4, "int4 g32 asym; value + FFN-in (19% of weights) int8"),

@@ -516,6 +516,7 @@ def write_chart(rows: list[dict], path: Path) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "chart skipped: matplotlib is not installed (pip install -e '.[bench]')"
     workloads = list(dict.fromkeys(r["workload"] for r in rows if r["metric"] is not None))
@@ -549,6 +550,8 @@ def write_chart(rows: list[dict], path: Path) -> str:
         ax.set_xlabel("latency / float (lower is faster)", fontsize=8)
         ax.set_ylabel(subset[0]["metric_name"], fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(workloads) :]:
         ax.axis("off")
