@@ -5,7 +5,7 @@ Detection is conservative. When ``torch.fx.symbolic_trace`` succeeds, a pair is 
 graph shows the BatchNorm consuming the conv's output and nothing else consuming it; otherwise
 only adjacent ``nn.Sequential`` children are considered. Either way each module must be called
 and registered exactly once, carry no hooks, and the BatchNorm must use running statistics in
-eval mode. Folded BatchNorms become ``nn.Identity``; a conv without a bias gains one.
+eval mode. Folded BatchNorms become ``FoldedBatchNorm`` (an ``nn.Identity``); a conv without a bias gains one.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Modul
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()).eval()
         >>> folded, pairs = fold_batchnorm(model)
         >>> pairs, type(folded[1]).__name__, type(model[1]).__name__
-        ([('0', '1')], 'Identity', 'BatchNorm2d')
+        ([('0', '1')], 'FoldedBatchNorm', 'BatchNorm2d')
         >>> x = torch.randn(2, 1, 8, 8)
         >>> bool((folded(x) - model(x)).abs().max() < 1e-5)
         True
@@ -87,6 +87,22 @@ def fold_batchnorm_notes(model: nn.Module) -> dict[str, str]:
     return {bn: f"folded into {conv}" if done else _TRAIN_MODE.format(conv=conv) for bn, (conv, done) in notes.items()}
 
 
+class FoldedBatchNorm(nn.Identity):
+    """What a folded BatchNorm becomes: an identity that remembers which conv absorbed it (files record it).
+
+    Example:
+        >>> FoldedBatchNorm("features.0")
+        FoldedBatchNorm(folded into 'features.0')
+    """
+
+    def __init__(self, into: str) -> None:
+        super().__init__()
+        self.into = into
+
+    def extra_repr(self) -> str:
+        return f"folded into {self.into!r}"
+
+
 def _fold(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, bool]]]:
     notes: dict[str, tuple[str, bool]] = {}
     for conv_name, bn_name in conv_bn_pairs(model):
@@ -96,7 +112,7 @@ def _fold(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, bool]]]:
             continue
         _fold_pair(model.get_submodule(conv_name), bn)
         parent_name, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, nn.Identity())
+        setattr(model.get_submodule(parent_name), child, FoldedBatchNorm(conv_name))
         notes[bn_name] = (conv_name, True)
     return model, notes
 

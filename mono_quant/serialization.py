@@ -31,6 +31,7 @@ from torch import nn
 
 from mono_quant.config import QuantizationConfig
 from mono_quant.errors import SerializationError
+from mono_quant.fusion import FoldedBatchNorm, fold_batchnorm
 from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
 from mono_quant.report import QuantizationReport
 
@@ -75,7 +76,8 @@ def save(
     """
     if isinstance(model_or_state_dict, nn.Module):
         layers = _model_layers(model_or_state_dict)
-        _write(path, model_or_state_dict.state_dict(), layers, config, report)
+        folded = {name: m.into for name, m in model_or_state_dict.named_modules() if isinstance(m, FoldedBatchNorm)}
+        _write(path, model_or_state_dict.state_dict(), layers, config, report, folded)
     elif isinstance(model_or_state_dict, Mapping):
         save_state_dict(model_or_state_dict, path, config=config, report=report)
     else:
@@ -181,7 +183,10 @@ def _finite(value: float) -> float | None:
 
 
 def _metadata(
-    layers: dict[str, dict[str, Any]], config: QuantizationConfig | None, report: QuantizationReport | None
+    layers: dict[str, dict[str, Any]],
+    config: QuantizationConfig | None,
+    report: QuantizationReport | None,
+    folded: dict[str, str],
 ) -> dict[str, Any]:
     import mono_quant
 
@@ -197,6 +202,7 @@ def _metadata(
         "config": None if config is None else config.to_dict(),
         "layers": layers,
         "skipped": {} if report is None else dict(report.skipped),
+        "folded_batchnorm": folded,  # BatchNorm name -> the conv it was folded into
     }
 
 
@@ -256,11 +262,12 @@ def _write(
     layers: dict[str, dict[str, Any]],
     config: QuantizationConfig | None,
     report: QuantizationReport | None,
+    folded: dict[str, str] | None = None,
 ) -> None:
     path = Path(path)
     if path.suffix not in (".safetensors", *_TORCH_SUFFIXES):
         raise SerializationError(f"cannot save to {path}: unknown extension; expected .safetensors, .pt or .pth")
-    text = json.dumps(_metadata(layers, config, report), allow_nan=False)
+    text = json.dumps(_metadata(layers, config, report, folded or {}), allow_nan=False)
     plain = _plain_tensors(tensors)
     if path.suffix == ".safetensors":
         _atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt", METADATA_KEY: text}))
@@ -333,7 +340,7 @@ def load(
         return {k: v.to(map_location) for k, v in tensors.items()}, metadata
     if not isinstance(model, nn.Module):
         raise SerializationError(f"cannot load {path} into {type(model).__name__}; expected a torch.nn.Module")
-    q_model = _build_shells(path, model, metadata["layers"])
+    q_model = _build_shells(path, _fold_like_file(path, model, metadata), metadata["layers"])
     expected = {k: (v.dtype, tuple(v.shape)) for k, v in q_model.state_dict().items()}
     _check_specs(path, specs, expected, "the given model")
     q_model.load_state_dict(read(list(specs)), strict=True, assign=True)
@@ -509,6 +516,35 @@ def _check_specs(path: Path, specs: dict[str, Spec], expected: dict[str, Spec], 
 
 def _describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
     return f"{str(dtype).removeprefix('torch.')} {list(shape)}"
+
+
+def _fold_like_file(path: Path, model: nn.Module, metadata: dict[str, Any]) -> nn.Module:
+    """``model`` with the BatchNorms that were folded before quantization folded the same way (a copy).
+
+    A fresh skeleton is in train mode, so the file's record of folded layers decides, not the skeleton's
+    mode; the folded values do not matter (the conv tensors come from the file).
+    """
+    folded = sorted(metadata.get("folded_batchnorm") or {})
+    if not folded:
+        return model
+    copied = copy.deepcopy(model)
+    to_fold = []
+    for name in folded:
+        try:
+            module = copied.get_submodule(name)
+        except AttributeError:
+            message = f"cannot load {path}: folded BatchNorm {name!r} is not in the given model"
+            raise SerializationError(message) from None
+        if isinstance(module, nn.BatchNorm2d):  # anything else: a skeleton that was folded already
+            module.eval()
+            to_fold.append(name)
+    _, pairs = fold_batchnorm(copied, inplace=True)
+    done = sorted(bn for _, bn in pairs)
+    if done != to_fold:
+        raise SerializationError(
+            f"cannot load {path}: the file folded BatchNorm layers {to_fold} but the given model folds {done}"
+        )
+    return copied
 
 
 def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:

@@ -110,8 +110,10 @@ def test_save_load_and_deepcopy_keep_the_fast_path(trained: tuple, static: nn.Mo
         assert torch.equal(copied(x), expected)
         path = os.path.join(tempfile.mkdtemp(), "cnn.safetensors")
         mq.save(static, path)
-        skeleton, _ = mq.fold_batchnorm(model)  # a folded model's file loads into a folded skeleton
-        loaded = mq.load(path, model=skeleton)
+        fresh = copy.deepcopy(model).train()  # an unfolded skeleton in train mode: load folds it like the file
+        loaded = mq.load(path, model=fresh)
         assert torch.equal(loaded(x), expected)
+        assert torch.equal(mq.load(path, model=mq.fold_batchnorm(model)[0])(x), expected)  # pre-folded works too
+        assert isinstance(fresh.stem[1], nn.BatchNorm2d)  # the skeleton itself is untouched
         assert torch.allclose(loaded(x[:1]), expected[:1], atol=1e-4)  # batch 1: the head takes _int_mm
         assert math.isfinite(loaded(x).sum().item())
