@@ -1,8 +1,9 @@
 """``Int8Linear``: int8 per-channel weights; dynamic, static or weight-only activations.
 
-- dynamic: each input row (token) gets its own int8 scale at run time, ``_int_mm``, one fused
-  rescale. Per-row scales keep transformers accurate (MiniLM embeddings: cosine 0.997 against float;
-  one per-tensor scale for the batch gave 0.981) and make results independent of the batch.
+- dynamic: each input row (token) gets its own 8-bit scale at run time (uint8 on CPU, for VNNI's
+  u8 x s8), ``_int_mm``, one fused rescale. Per-row scales keep transformers accurate (MiniLM
+  embeddings: cosine 0.997 against float; one per-tensor scale for the batch gave 0.981) and make
+  results independent of the batch.
 - static: the input is quantized with the calibrated per-tensor scale and zero point. CPU batches go
   to oneDNN's u8 x s8 kernel with rescale and bias fused; single rows and other devices to
   ``_int_mm`` with every weight-side term (combined scale, zero-point correction folded into the bias)
@@ -51,8 +52,17 @@ class Int8Linear(nn.Module, QuantizedLayer):
         static = mode is Mode.STATIC
         self.register_buffer("input_scale", torch.ones(()) if static else None)
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int8) if static else None)
-        derived = ("_weight_scale_n", "_weight_scale_127", "_input_inv_scale", "_input_zero_point_u8", "_out_scale",
-                   "_out_bias", "_weight_zp_scaled", "_prepared_weight")
+        derived = (
+            "_weight_scale_n",
+            "_weight_scale_127",
+            "_unsigned_offset",
+            "_input_inv_scale",
+            "_input_zero_point_u8",
+            "_out_scale",
+            "_out_bias",
+            "_weight_zp_scaled",
+            "_prepared_weight",
+        )
         for name in derived:
             self.register_buffer(name, None, persistent=False)
         self._onednn = kernels.OneDNNWeight()
@@ -104,6 +114,9 @@ class Int8Linear(nn.Module, QuantizedLayer):
         out_scale = self.weight_scale.float().expand(self.out_features).contiguous()
         self._weight_scale_n = out_scale
         self._weight_scale_127 = out_scale / 127.0
+        # uint8 activations (q + 128) add 128 * colsum(weight) to every output: removed with this constant
+        symmetric = self.weight_zero_point is None
+        self._unsigned_offset = 128 * self.weight.sum(1, dtype=torch.int32) if symmetric else None
         zp = None if self.weight_zero_point is None else self.weight_zero_point.float().expand(self.out_features)
         self._weight_zp_scaled = None if zp is None else zp * out_scale
         self._prepared_weight = None
@@ -134,9 +147,12 @@ class Int8Linear(nn.Module, QuantizedLayer):
         if self.mode is Mode.WEIGHT_ONLY:
             out = self._weight_only_forward(x2)
         elif self.mode is Mode.DYNAMIC:
-            q, row_max = kernels.quantize_per_row(x2)
+            unsigned = self._unsigned_offset is not None and x2.device.type == "cpu"
+            q, row_max = kernels.quantize_per_row(x2, unsigned)
             acc = kernels.int_mm(q, self.weight)
-            if self.weight_zero_point is not None:
+            if unsigned:
+                acc.sub_(self._unsigned_offset)
+            elif self.weight_zero_point is not None:
                 acc = acc - q.sum(-1, keepdim=True, dtype=torch.int32) * self.weight_zero_point.int()
             out = kernels.rescale(acc, row_max * self._weight_scale_127, self.bias)
         elif self.weight_zero_point is None and kernels.use_onednn(x2):
