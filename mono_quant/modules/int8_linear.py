@@ -116,7 +116,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
         self._weight_scale_127 = out_scale / 127.0
         # uint8 activations (q + 128) add 128 * colsum(weight) to every output: removed with this constant
         symmetric = self.weight_zero_point is None
-        self._unsigned_offset = 128 * self.weight.sum(1, dtype=torch.int32) if symmetric else None
+        self._unsigned_offset = 128 * kernels.row_sums(self.weight) if symmetric else None
         zp = None if self.weight_zero_point is None else self.weight_zero_point.float().expand(self.out_features)
         self._weight_zp_scaled = None if zp is None else zp * out_scale
         self._prepared_weight = None
@@ -128,7 +128,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
         # (for asymmetric weights) rowsum(q_x) depend on the input.
         s_x, z_x = self.input_scale.float(), self.input_zero_point.float()
         combined = s_x * out_scale
-        colsum = self.weight.sum(1, dtype=torch.int32).float()
+        colsum = kernels.row_sums(self.weight).float()
         correction = -z_x * colsum
         if zp is not None:
             correction = correction + self.in_features * z_x * zp
