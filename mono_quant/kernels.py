@@ -43,7 +43,7 @@ def quantize_per_row(x: torch.Tensor, unsigned: bool = False) -> tuple[torch.Ten
     return q.to(torch.int8), row_max
 
 
-def quantize_per_tensor(
+def quantize_static_input(
     x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor, unsigned: bool = False
 ) -> torch.Tensor:
     """Static quantization with a calibrated scale (given as its inverse) and zero point.
@@ -51,7 +51,7 @@ def quantize_per_tensor(
     int8 in [-128, 127]; with ``unsigned`` uint8 in [0, 255] (pass the zero point shifted by 128).
 
     Example:
-        >>> quantize_per_tensor(torch.tensor([0.0, 1.0, 20.0]), torch.tensor(10.0), torch.tensor(-5.0))
+        >>> quantize_static_input(torch.tensor([0.0, 1.0, 20.0]), torch.tensor(10.0), torch.tensor(-5.0))
         tensor([ -5,   5, 127], dtype=torch.int8)
     """
     low, high, dtype = (0, 255, torch.uint8) if unsigned else (-128, 127, torch.int8)

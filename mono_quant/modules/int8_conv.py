@@ -84,7 +84,7 @@ class Int8Conv2d(Int8Linear):
         """uint8 activations (channels-last: oneDNN's fast layout) against the packed int8 weight."""
         x4 = x if x.dim() == 4 else x.unsqueeze(0)
         xf = x4 if x4.dtype == torch.float32 else x4.float()
-        q = kernels.quantize_per_tensor(xf, self._input_inv_scale, self._input_zero_point_u8, unsigned=True)
+        q = kernels.quantize_static_input(xf, self._input_inv_scale, self._input_zero_point_u8, unsigned=True)
         q = q.contiguous(memory_format=torch.channels_last)
         out = kernels.onednn_conv2d(q, self.input_scale, self._input_zero_point_u8, self._onednn_conv, self.weight,
                                     self.kernel_size, self._weight_scale_n, self.bias, self._geometry)

@@ -158,7 +158,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
         elif self.weight_zero_point is None and kernels.use_onednn(x2):
             out = self._onednn_static_forward(x2)
         else:
-            q = kernels.quantize_per_tensor(x2, self._input_inv_scale, self.input_zero_point)
+            q = kernels.quantize_static_input(x2, self._input_inv_scale, self.input_zero_point)
             out = kernels.rescale(kernels.int_mm(q, self.weight), self._out_scale, self._out_bias)
             if self._weight_zp_scaled is not None:
                 out = out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
@@ -175,7 +175,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
     def _onednn_static_forward(self, x: torch.Tensor) -> torch.Tensor:
         """CPU batches: uint8 activations against oneDNN's packed weight, rescale and bias fused."""
         zero_point = self._input_zero_point_u8
-        q = kernels.quantize_per_tensor(x, self._input_inv_scale, zero_point, unsigned=True)
+        q = kernels.quantize_static_input(x, self._input_inv_scale, zero_point, unsigned=True)
         return kernels.onednn_linear(q, self.input_scale, zero_point, self._onednn, self.weight, self._weight_scale_n,
                                      self.bias)
 
