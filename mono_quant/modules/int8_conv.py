@@ -19,8 +19,9 @@ from torch import nn
 
 from mono_quant import kernels
 from mono_quant.config import Mode, QuantizationConfig, Scheme
-from mono_quant.modules.base import ActivationQParams
+from mono_quant.modules.base import ActivationQParams, copy_bias
 from mono_quant.modules.int8_linear import Int8Linear
+from mono_quant.qparams import quantize_weight
 
 
 class Int8Conv2d(Int8Linear):
@@ -60,14 +61,10 @@ class Int8Conv2d(Int8Linear):
     def from_float(
         cls, module: nn.Conv2d, config: QuantizationConfig, activation: ActivationQParams | None = None
     ) -> Int8Conv2d:
-        flat = nn.Linear(module.weight[0].numel(), module.out_channels, bias=module.bias is not None)
-        with torch.no_grad():
-            flat.weight.copy_(module.weight.reshape(module.out_channels, -1))
-            if module.bias is not None:
-                flat.bias.copy_(module.bias)
-        linear = Int8Linear.from_float(flat, config, activation)
-        layer = cls(module, config.mode, config.scheme, tuple(linear.weight_scale.shape))
-        layer.load_state_dict(linear.state_dict())
+        weight = module.weight.detach().reshape(module.out_channels, -1)  # a view: no float copy
+        qw = quantize_weight(weight, 8, config.scheme, config.granularity)
+        layer = cls(module, config.mode, config.scheme, tuple(qw.scale.shape))
+        layer._set(qw, copy_bias(module), activation)
         return layer
 
     @classmethod
