@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mono_quant.config import Granularity, Mode, QuantDtype, QuantizationConfig, Scheme
+from mono_quant.config import QuantDtype, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer
-from mono_quant.qparams import QuantizedWeight, dequantize_weight, pack_int4_words, quantize_weight, unpack_int4_words
+from mono_quant.modules.int4_weight import Int4Weight
+from mono_quant.qparams import unpack_int4_words
 
 
-class Int4Embedding(nn.Module, QuantizedLayer):
+class Int4Embedding(Int4Weight, nn.Module, QuantizedLayer):
     """Drop-in ``nn.Embedding`` replacement with int4 group-wise rows (``padding_idx`` kept; no ``max_norm``).
 
     Example:
@@ -37,15 +38,7 @@ class Int4Embedding(nn.Module, QuantizedLayer):
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.group_size, self.scheme = group_size, scheme
-        groups = embedding_dim // group_size
-        self.register_buffer("weight_packed", torch.zeros(num_embeddings, embedding_dim // 8, dtype=torch.int32))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings, groups))
-        asymmetric = scheme is Scheme.ASYMMETRIC
-        self.register_buffer(
-            "weight_zero_point", torch.zeros(num_embeddings, groups, dtype=torch.int8) if asymmetric else None
-        )
-        self.register_buffer("weight_shape", torch.tensor([num_embeddings, embedding_dim], dtype=torch.int64))
+        self.register_int4(num_embeddings, embedding_dim, group_size, scheme)
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
@@ -62,11 +55,8 @@ class Int4Embedding(nn.Module, QuantizedLayer):
     def from_float(
         cls, module: nn.Embedding, config: QuantizationConfig, activation: ActivationQParams | None = None
     ) -> Int4Embedding:
-        qw = quantize_weight(module.weight, 4, config.scheme, Granularity.PER_GROUP, config.group_size)
         layer = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, config.group_size, config.scheme)
-        layer.weight_packed = pack_int4_words(qw.data)
-        layer.weight_scale = qw.scale
-        layer.weight_zero_point = qw.zero_point
+        layer.store_int4(module.weight, config)
         return layer
 
     @classmethod
@@ -89,17 +79,7 @@ class Int4Embedding(nn.Module, QuantizedLayer):
         return grouped.reshape(*indices.shape, self.embedding_dim)
 
     def metadata(self) -> dict[str, Any]:
-        return {
-            "kind": "Embedding",
-            "mode": Mode.WEIGHT_ONLY.value,
-            "bits": 4,
-            "scheme": self.scheme.value,
-            "group_size": self.group_size,
-        }
-
-    def dequantized_weight(self) -> torch.Tensor:
-        q = unpack_int4_words(self.weight_packed, self.embedding_dim)
-        return dequantize_weight(QuantizedWeight(q, self.weight_scale, self.weight_zero_point))
+        return self.int4_metadata("Embedding")
 
     def dequantize(self) -> nn.Embedding:
         return nn.Embedding.from_pretrained(self.dequantized_weight(), freeze=False, padding_idx=self.padding_idx)

@@ -14,20 +14,17 @@ import torch
 from torch import nn
 
 from mono_quant import kernels
-from mono_quant.config import Granularity, Mode, QuantDtype, QuantizationConfig, Scheme
+from mono_quant.config import QuantDtype, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias, float_linear
+from mono_quant.modules.int4_weight import Int4Weight
 from mono_quant.qparams import (
-    QuantizedWeight,
-    dequantize_weight,
-    pack_int4_words,
-    quantize_weight,
     unpack_int4_words,
 )
 
 _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 
 
-class Int4Linear(nn.Module, QuantizedLayer):
+class Int4Linear(Int4Weight, nn.Module, QuantizedLayer):
     """Drop-in ``nn.Linear`` replacement with int4 group-wise weights (about 1/7 of float bytes).
 
     Example:
@@ -42,15 +39,7 @@ class Int4Linear(nn.Module, QuantizedLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, scheme: Scheme) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.group_size, self.scheme = group_size, scheme
-        groups = in_features // group_size
-        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32))
-        self.register_buffer("weight_scale", torch.ones(out_features, groups))
-        asymmetric = scheme is Scheme.ASYMMETRIC
-        self.register_buffer(
-            "weight_zero_point", torch.zeros(out_features, groups, dtype=torch.int8) if asymmetric else None
-        )
-        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
+        self.register_int4(out_features, in_features, group_size, scheme)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._kernel_state: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
         self.register_load_state_dict_post_hook(lambda module, keys: module._drop_kernel_state())
@@ -68,11 +57,10 @@ class Int4Linear(nn.Module, QuantizedLayer):
     def from_float(
         cls, module: nn.Linear, config: QuantizationConfig, activation: ActivationQParams | None = None
     ) -> Int4Linear:
-        qw = quantize_weight(module.weight, 4, config.scheme, Granularity.PER_GROUP, config.group_size)
-        layer = cls(module.in_features, module.out_features, module.bias is not None, config.group_size, config.scheme)
-        layer.weight_packed = pack_int4_words(qw.data)
-        layer.weight_scale = qw.scale
-        layer.weight_zero_point = qw.zero_point
+        layer = cls(
+            module.in_features, module.out_features, module.bias is not None, config.group_size, config.scheme
+        )
+        layer.store_int4(module.weight, config)
         layer.bias = copy_bias(module)
         return layer
 
@@ -107,17 +95,7 @@ class Int4Linear(nn.Module, QuantizedLayer):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def metadata(self) -> dict[str, Any]:
-        return {
-            "kind": "Linear",
-            "mode": Mode.WEIGHT_ONLY.value,
-            "bits": 4,
-            "scheme": self.scheme.value,
-            "group_size": self.group_size,
-        }
-
-    def dequantized_weight(self) -> torch.Tensor:
-        q = unpack_int4_words(self.weight_packed, self.in_features)
-        return dequantize_weight(QuantizedWeight(q, self.weight_scale, self.weight_zero_point))
+        return self.int4_metadata("Linear")
 
     def dequantize(self) -> nn.Linear:
         return float_linear(self.dequantized_weight(), self.bias)
