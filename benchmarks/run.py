@@ -50,6 +50,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from cnn import median_ms  # benchmarks/ is on sys.path when this file runs
+
 import mono_quant as mq
 from mono_quant.modules import tensor_bytes
 from mono_quant.qparams import sqnr_db
@@ -69,18 +71,6 @@ def mlp(*sizes: int) -> nn.Module:
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers).eval()
-
-
-def median_ms(fn: Callable[[], object], iters: int, warmup: int = 5) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def round_robin_ms(fns: dict[str, Callable[[], object]], rounds: int, calls: int = 1) -> dict[str, float]:

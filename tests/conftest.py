@@ -23,3 +23,12 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     order = torch.randperm(len(x), generator=generator)
     x, y = x[order], y[order]
     return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread avoids oversubscribing shared cores (training is ~20x slower when contended)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ INT4 = mq.QuantizationConfig(dtype="int4", group_size=32)
 BUDGET = 0.01  # one accuracy point
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids oversubscribing shared cores (20x slower training when contended)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp() -> nn.Sequential:

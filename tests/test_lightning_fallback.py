@@ -28,13 +28,7 @@ from mono_quant_lightning.options import default_fallback_ladder
 LAYERS = ("net.0", "net.2", "net.4")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids oversubscribing shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DigitsMLP(L.LightningModule):
