@@ -25,14 +25,6 @@ class QuantDtype(str, Enum):
     FP16 = "fp16"
     BF16 = "bf16"
 
-    @property
-    def bits(self) -> int:
-        return {"int8": 8, "int4": 4, "fp16": 16, "bf16": 16}[self.value]
-
-    @property
-    def is_integer(self) -> bool:
-        return self in (QuantDtype.INT8, QuantDtype.INT4)
-
 
 class Mode(str, Enum):
     """How activations are treated. ``dynamic``/``static`` compute in int8; ``weight_only`` in float."""
