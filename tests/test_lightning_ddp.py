@@ -19,6 +19,8 @@ from torch import nn
 
 import mono_quant as mq
 
+pytestmark = pytest.mark.slow
+
 SCRIPT = textwrap.dedent(
     """
     import json

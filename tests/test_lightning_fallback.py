@@ -28,7 +28,7 @@ from mono_quant_lightning.options import default_fallback_ladder
 LAYERS = ("net.0", "net.2", "net.4")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 class DigitsMLP(L.LightningModule):

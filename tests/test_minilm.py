@@ -23,7 +23,7 @@ import minilm
 import mono_quant as mq
 
 _missing = minilm.available()
-pytestmark = pytest.mark.skipif(_missing is not None, reason=_missing or "")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_missing is not None, reason=_missing or "")]
 
 SENTENCES = 256
 
