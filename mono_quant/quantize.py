@@ -21,6 +21,7 @@ from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
 from mono_quant.fusion import fold_batchnorm_notes
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
 from mono_quant.modules.attach import install, proxy_module
+from mono_quant.modules.registry import layer_config
 from mono_quant.qparams import all_finite
 from mono_quant.report import LayerReport, QuantizationReport
 from mono_quant.selection import calibrated_layers, coverage_warning, matches, select_layers
@@ -98,7 +99,7 @@ def quantize(
         module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
         attachment = selection.attached.get(name)
         float_module = proxy_module(module, attachment) if attachment else module
-        quantized = cls.from_float(float_module, config, activations.get(name))
+        quantized = cls.from_float(float_module, layer_config(config, cls), activations.get(name))
         rows.append(layer_report(name, float_module, quantized))
         quantized_numel += float_module.weight.numel()
         if attachment:

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mono_quant.config import QuantizationConfig
+from mono_quant.copying import bake_parametrized_weights
 from mono_quant.errors import SerializationError
 from mono_quant.fusion import FoldedBatchNorm, fold_batchnorm
 from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer, class_for_kind
@@ -590,6 +591,7 @@ def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]
         for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
             memo[id(tensor)] = copy.deepcopy(tensor, {}) if tensor.is_meta else _meta_like(tensor)
     q_model = copy.deepcopy(model, memo)
+    bake_parametrized_weights(q_model)  # as quantize did: weight norm & co. became plain weights
     modules = dict(q_model.named_modules())
     for name, entry in layers.items():
         if "attach" in entry:

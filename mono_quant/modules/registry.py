@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from mono_quant.config import QuantizationConfig
+from mono_quant.config import QuantDtype, QuantizationConfig
 from mono_quant.modules.base import QuantizedLayer
 
 REGISTRY: dict[type[nn.Module], list[type[QuantizedLayer]]] = {}
@@ -67,8 +67,11 @@ def quantized_class_for(module: nn.Module, config: QuantizationConfig) -> tuple[
     Example:
         >>> quantized_class_for(nn.Linear(256, 16), QuantizationConfig(dtype="int4"))[0].__name__
         'Int4Linear'
-        >>> quantized_class_for(nn.Conv2d(1, 1, 3), QuantizationConfig(dtype="int4"))
-        (None, 'no int4 path for Conv2d')
+        >>> quantized_class_for(nn.Conv2d(1, 1, 3), QuantizationConfig(dtype="int4"))[0].__name__  # int8 instead
+        'Int8Conv2d'
+        >>> quantized_class_for(nn.Conv2d(1, 1, 3), QuantizationConfig(dtype="fp16"))[0].__name__
+        'HalfConv2d'
+
     """
     candidates = REGISTRY.get(type(module))
     if candidates is None:
@@ -77,7 +80,26 @@ def quantized_class_for(module: nn.Module, config: QuantizationConfig) -> tuple[
         if config.dtype in cls.dtypes:
             reason = cls.unsupported_reason(module, config)
             return (None, reason) if reason else (cls, "")
+    if config.dtype is QuantDtype.INT4 and any(INT4_FALLBACK in cls.dtypes for cls in candidates):
+        return quantized_class_for(module, config.replace(dtype=INT4_FALLBACK, mode="dynamic"))
     return None, f"no {config.dtype.value} path for {type(module).__name__}"
+
+
+INT4_FALLBACK = QuantDtype.INT8  # layers with no int4 kernel (convolutions) take int8 dynamic instead
+
+
+def layer_config(config: QuantizationConfig, cls: type[QuantizedLayer]) -> QuantizationConfig:
+    """``config`` as ``cls`` applies it: int4 requests on layers without an int4 kernel (convolutions)
+    run int8 dynamic, real int8 convolutions rather than float.
+
+    Example:
+        >>> from mono_quant.modules import Int8Conv2d
+        >>> layer_config(QuantizationConfig(dtype="int4"), Int8Conv2d).mode.value
+        'dynamic'
+    """
+    if config.dtype in cls.dtypes:
+        return config
+    return config.replace(dtype=cls.dtypes[0], mode="dynamic")
 
 
 def class_for_kind(kind: str, bits: int) -> type[QuantizedLayer] | None:
