@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ import mono_quant as mq
 from mono_quant.cli import inspect_file, main
 
 INDEX = "model.safetensors.index.json"
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(mq.__file__).parents[1])}  # the children import this mono_quant
 
 
 def llama_state(layers: int = 2, hidden: int = 256, inter: int = 512, vocab: int = 384) -> dict[str, torch.Tensor]:
@@ -223,7 +225,7 @@ mq.quantize_checkpoint(sys.argv[1], sys.argv[2], progress=False)
 
 def test_a_killed_run_leaves_nothing_that_looks_complete(source: tuple[Path, dict], tmp_path: Path) -> None:
     dst = tmp_path / "q"
-    child = subprocess.run([sys.executable, "-c", _CHILD, str(source[0]), str(dst), "20"], check=False)
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(source[0]), str(dst), "20"], env=CHILD_ENV, check=False)
     assert child.returncode == -9
     leftovers = [p for p in tmp_path.iterdir() if p.name != "src"]
     assert not dst.exists() and len(leftovers) == 1 and leftovers[0].name.startswith(".q.")
@@ -246,9 +248,10 @@ print(base, status("VmHWM:"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_peak_memory_is_about_twice_the_largest_tensor(tmp_path: Path, dtype: str) -> None:
-    """~300 MiB checkpoint in 4 shards, largest tensor 24 MiB: the child's peak stays under 2.5x that + 64 MiB."""
+@pytest.mark.parametrize(("dtype", "factor"), [("int8", 2.25), ("int4", 3.0)])
+def test_peak_memory_is_about_twice_the_largest_tensor(tmp_path: Path, dtype: str, factor: float) -> None:
+    """~300 MiB checkpoint in 4 shards, largest tensor 24 MiB: the child's peak above its resting memory stays
+    under ``factor`` times that plus 64 MiB (measured: int8 64 MiB, int4 102 MiB; int4 packing needs more)."""
     src = tmp_path / "src"
     src.mkdir()
     weight_map, largest, total = {}, 3072 * 2048 * 4, 0
@@ -263,8 +266,10 @@ def test_peak_memory_is_about_twice_the_largest_tensor(tmp_path: Path, dtype: st
         del shard
     (src / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     code = textwrap.dedent(_MEMORY_CHILD)
-    child = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path), dtype], capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(tmp_path), dtype], env=CHILD_ENV, capture_output=True, text=True
+    )
     assert child.returncode == 0, child.stderr
     base, peak = map(int, child.stdout.split())
     assert total > 12 * largest
-    assert peak - base < 2.5 * largest + (64 << 20), f"peak {peak >> 20} MiB, base {base >> 20} MiB"
+    assert peak - base < factor * largest + (64 << 20), f"peak {peak >> 20} MiB, base {base >> 20} MiB"
