@@ -139,6 +139,8 @@ def _from_files(root: Path, index: Path | None, shards: dict[Path, list[str] | N
             if extra:
                 raise SerializationError(f"{index}: tensor {extra[0]!r} of {shard} is missing from the weight_map")
         tensors.update(sorted(found.items()))
+    if not tensors:
+        raise SerializationError(f"cannot read {root}: the checkpoint holds no tensors")
     return SourceCheckpoint(root, index, tuple(sorted(shards)), tensors)
 
 

@@ -204,6 +204,9 @@ def test_bad_arguments(source: tuple[Path, dict], tmp_path: Path) -> None:
         mq.quantize_checkpoint(source[0], source[0])
     with pytest.raises(mq.SerializationError, match=r"expected one .*safetensors file .* found none"):
         mq.quantize_checkpoint(tmp_path, tmp_path / "q")
+    save_file({}, tmp_path / "empty.safetensors")
+    with pytest.raises(mq.SerializationError, match="holds no tensors"):
+        mq.quantize_checkpoint(tmp_path / "empty.safetensors", tmp_path / "q")
 
 
 _CHILD = """
