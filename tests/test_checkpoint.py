@@ -161,8 +161,12 @@ def test_cli_dispatches_folders_and_is_quiet(source: tuple[Path, dict], tmp_path
     assert capsys.readouterr() == ("", "")
     assert "model.layers.1.mlp.down_proj.weight_packed" in read_folder(tmp_path / "q")
     assert main(["quantize", str(source[0]), "-o", str(tmp_path / "q2"), "--exclude", "lm_head"]) == 0
-    printed = capsys.readouterr().out
-    assert "skipped lm_head: excluded by pattern 'lm_head'" in printed and "MB/s read" in printed
+    printed = capsys.readouterr()
+    assert "skipped lm_head: excluded by pattern 'lm_head'" in printed.out and "MB/s read" in printed.out
+    assert printed.err == ""  # stderr is not a terminal here: no progress line unless asked for
+    mq.quantize_checkpoint(source[0], tmp_path / "q3", progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("\rquantizing ") and "quantizing 23/23 tensors, 0.01/0.01 GB" in err and "ETA" in err
 
 
 def _break(folder: Path, case: str) -> str:
