@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +19,7 @@ from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
 from mono_quant.fusion import fold_batchnorm_notes
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
-from mono_quant.qparams import all_finite
+from mono_quant.qparams import all_finite, weight_sqnr_db
 from mono_quant.report import LayerReport, QuantizationReport
 from mono_quant.selection import calibrated_layers, matches, select_layers
 
@@ -172,12 +171,8 @@ def _module_bytes(module: nn.Module) -> int:
 
 
 def layer_report(name: str, float_module: nn.Module, quantized: QuantizedLayer) -> LayerReport:
-    reference = float_module.weight.detach()
-    noise = quantized.dequantized_weight().reshape(reference.shape)
-    noise.sub_(reference)  # in place: one float copy of the layer at a time
-    signal_norm = torch.linalg.vector_norm(reference.float()).item()
-    noise_norm = torch.linalg.vector_norm(noise).item()
-    sqnr = math.inf if noise_norm == 0 else 20 * math.log10(max(signal_norm, 1e-30) / noise_norm)
+    reference = float_module.weight.detach()  # the noise is computed in place: one float copy at a time
+    sqnr = weight_sqnr_db(name, reference, quantized.dequantized_weight().reshape(reference.shape))
     meta = quantized.metadata()
     return LayerReport(
         name, meta["kind"], meta["mode"], meta["bits"], sqnr, _module_bytes(float_module), _module_bytes(quantized)
