@@ -209,7 +209,11 @@ def _parse_metadata(path: Path, text: Any) -> dict[str, Any]:
     if not isinstance(layers, dict):
         raise SerializationError(f"cannot load {path}: metadata has no 'layers' table")
     for name, entry in layers.items():
-        if not isinstance(entry, dict) or entry.get("class") not in QUANTIZED_CLASSES:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("class"), str)
+            or entry["class"] not in QUANTIZED_CLASSES
+        ):
             found = entry.get("class") if isinstance(entry, dict) else entry
             raise SerializationError(f"cannot load {path}: layer {name!r} has unknown class {found!r}")
         missing = [k for k in ("kind", "mode", "bits", "shape", "bias") if k not in entry]
