@@ -99,9 +99,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """
     shown = Path(path)
     target = Path(os.path.realpath(shown))
-    if target.is_dir():
+    try:
+        is_dir, parent_is_dir = target.is_dir(), target.parent.is_dir()
+    except OSError as err:  # e.g. a name longer than the file system allows
+        raise SerializationError(f"cannot save to {shown}: {describe_os_error(err)}") from err
+    if is_dir:
         raise SerializationError(f"cannot save to {shown}: it is a directory; pass a file path")
-    if not target.parent.is_dir():
+    if not parent_is_dir:
         raise SerializationError(f"cannot save to {shown}: directory {target.parent} does not exist")
     for stale in stale_temp_files(target):
         with contextlib.suppress(OSError):
@@ -109,7 +113,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     tmp = temp_name(target)
     try:
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies here
+        mode = tmp.stat().st_mode & 0o777
         write(str(tmp))
+        os.chmod(tmp, mode)  # safetensors replaces the file with a 0600 one
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -128,13 +134,14 @@ def describe_os_error(err: BaseException) -> str:
     Example:
         >>> describe_os_error(OSError(28, "No space left on device"))
         'no space left on the device (errno 28)'
-        >>> describe_os_error(RuntimeError("Os { code: 13, kind: PermissionDenied }"))
+        >>> describe_os_error(RuntimeError("I/O error: Permission denied (os error 13)"))
         'permission denied (errno 13)'
     """
     code = err.errno if isinstance(err, OSError) else None
     text = " ".join(str(err).split())
     if code is None:
-        code = next((c for c in _REASONS if f"code: {c}," in text or f"[Errno {c}]" in text), None)
+        patterns = ("code: {},", "[Errno {}]", "(os error {})")  # Rust's io::Error, Python's, safetensors'
+        code = next((c for c in _REASONS if any(p.format(c) in text for p in patterns)), None)
     if code in _REASONS:
         return f"{_REASONS[code]} (errno {code})"
     if "unexpected pos" in text:
