@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +67,18 @@ def rewrite(src: Path, dst: Path, tensors: dict | None = None, edit: Any = None)
     return dst
 
 
-def header_length(path: Path) -> int:
-    return struct.unpack("<Q", path.read_bytes()[:8])[0]
+def layer_edit(layer: str, key: str, value: Any) -> Any:
+    def edit(doc: dict) -> None:
+        doc["layers"][layer][key] = value
+
+    return edit
+
+
+def top_edit(key: str, value: Any) -> Any:
+    def edit(doc: dict) -> None:
+        doc[key] = value
+
+    return edit
 
 
 def expect(error: type[Exception], word: str) -> Any:

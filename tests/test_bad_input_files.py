@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from bad_input_kit import digits_inputs, document, expect, model, rewrite, write_file
+from bad_input_kit import digits_inputs, document, expect, layer_edit, model, rewrite, top_edit, write_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -90,20 +90,6 @@ def test_int4_weight_shape_that_disagrees(files: dict[str, Path], tmp_path: Path
 
 
 # ---------------------------------------------------------------------------------- metadata values
-
-
-def layer_edit(layer: str, key: str, value: Any) -> Any:
-    def edit(doc: dict) -> None:
-        doc["layers"][layer][key] = value
-
-    return edit
-
-
-def top_edit(key: str, value: Any) -> Any:
-    def edit(doc: dict) -> None:
-        doc[key] = value
-
-    return edit
 
 
 META_CASES = [
