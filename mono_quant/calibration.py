@@ -2,6 +2,9 @@
 
 Calibration data may be a tensor, a list/tuple of tensors, of ``(inputs, target)`` tuples, of dicts,
 or any iterable such as a ``DataLoader``. ``forward_fn(model, batch)`` overrides how a batch is fed.
+At most ``QuantizationConfig.calibration_batches`` batches are used (default ``DEFAULT_BATCH_LIMIT``,
+256), so an endless iterable stops there. A batch the model cannot take raises ``CalibrationError``
+naming the batch index and what the batch holds.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class _ModeHandle:
     def remove(self) -> None:
         self.mode.__exit__(None, None, None)
 
+DEFAULT_BATCH_LIMIT = QuantizationConfig().calibration_batches
 TARGET_KEYS = frozenset({"target", "targets", "label", "labels", "y"})
 
 
@@ -156,16 +160,27 @@ class Calibrator:
     def run(
         self, model: nn.Module, data: Any, forward_fn: ForwardFn | None = None, max_batches: int | None = None
     ) -> int:
-        """Feed ``data`` through ``model`` (eval mode, no grad) while attached; returns the batch count."""
+        """Feed ``data`` through ``model`` (eval mode, no grad) while attached; returns the batch count.
+
+        At most ``max_batches`` batches (default: the config's ``calibration_batches``) are drawn.
+
+        Example:
+            >>> import itertools
+            >>> model = nn.Sequential(nn.Linear(4, 2))
+            >>> cal = Calibrator({"0": model[0]}, QuantizationConfig(mode="static", calibration_batches=5))
+            >>> cal.run(model, (torch.randn(1, 4) for _ in itertools.count()))
+            5
+        """
         feed = forward_fn or default_forward
+        limit = self.config.calibration_batches if max_batches is None else max_batches
         count = 0
         self.attach()
         try:
             with torch.inference_mode(), eval_mode(model):
                 for batch in iterate_batches(data):
-                    if max_batches is not None and count >= max_batches:
+                    if limit is not None and count >= limit:
                         break
-                    feed(model, batch)
+                    _feed_one(feed, model, batch, count, forward_fn is not None)
                     count += 1
         finally:
             self.detach()
@@ -181,7 +196,15 @@ class Calibrator:
                 f"calibration data never reached layer(s) {unreached}; check forward_fn or the include/exclude patterns"
             )
         scheme = scheme or self.config.activation_scheme
-        return {name: obs.qparams(scheme) for name, obs in self.observers.items()}
+        out = {name: obs.qparams(scheme) for name, obs in self.observers.items()}
+        for name, params in out.items():
+            scale = params.scale.float()
+            if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+                raise CalibrationError(
+                    f"layer {name!r}: the calibrated input scale is {scale.item()} (the activations' range "
+                    "overflows float32); check the calibration data and the layers before this one"
+                )
+        return out
 
     def merge(self, other: Calibrator) -> None:
         for name, observer in self.observers.items():
@@ -201,3 +224,37 @@ class Calibrator:
             raise CalibrationError(f"observer state has no entry for layer(s) {missing}")
         for name, observer in self.observers.items():
             observer.load_state_dict(dict(state[name]))
+
+
+def _feed_one(feed: ForwardFn, model: nn.Module, batch: Any, index: int, custom: bool) -> None:
+    """Feed one batch; a failure becomes a ``CalibrationError`` naming the batch (mono-quant errors pass)."""
+    try:
+        feed(model, batch)
+    except CalibrationError as err:
+        raise CalibrationError(f"calibration batch {index}: {err}") from None
+    except Exception as err:
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        if custom:
+            message = f"forward_fn failed on calibration batch {index} ({describe_batch(batch)}): {detail}"
+        else:
+            message = (
+                f"calibration batch {index} ({describe_batch(batch)}) does not fit the model's forward: {detail}; "
+                "pass forward_fn=lambda model, batch: model(...) to feed batches of this form"
+            )
+        raise CalibrationError(message) from err
+
+
+def describe_batch(batch: Any) -> str:
+    """A short description of a batch for error messages.
+
+    Example:
+        >>> describe_batch({"pixels": torch.zeros(2, 3)}), describe_batch((torch.zeros(4), 1))
+        ("a dict with keys ['pixels']", 'a tuple of 2 (first: a tensor of shape [4])')
+    """
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {list(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return f"a dict with keys {sorted(map(str, batch))}"
+    if isinstance(batch, (list, tuple)) and batch:
+        return f"a {type(batch).__name__} of {len(batch)} (first: {describe_batch(batch[0])})"
+    return f"a {type(batch).__name__}"

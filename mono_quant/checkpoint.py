@@ -31,9 +31,9 @@ import torch
 
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.errors import ConfigError, QuantizationError, SerializationError
+from mono_quant.file_write import METADATA_KEY, compressed_tensors_config, file_metadata, state_dict_layers
 from mono_quant.quantize import quantize
 from mono_quant.report import LayerReport, QuantizationReport
-from mono_quant.serialization import METADATA_KEY, _compressed_tensors_config, _metadata, _state_dict_layers
 from mono_quant.shards import INDEX_SUFFIX, ShardWriter, SourceCheckpoint, open_source
 
 _EXTRA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")  # tokenizer / generation files
@@ -157,7 +157,7 @@ def _quantize_into(
             shard.writer.add(name, tensor)
         if result is not None:
             shape = {layer: tuple(tensors[f"{layer}.weight"].shape)}
-            entries = _state_dict_layers(produced, config, result.report, shape)
+            entries = state_dict_layers(produced, config, result.report, shape)
             shard.layers.update(entries)
             layers.update(entries)
             shard.rows += result.report.layers
@@ -172,7 +172,7 @@ def _quantize_into(
     meter.finish()
     _name_shards(source, out, done)
     report = QuantizationReport(rows, skipped, meter.total_bytes, sum(s.writer.nbytes for s in done))
-    return report, _compressed_tensors_config(layers, config, report)
+    return report, compressed_tensors_config(layers, config, report)
 
 
 def _trim() -> None:
@@ -207,7 +207,7 @@ def _quantize_layer(layer: str, tensors: dict[str, torch.Tensor], origin: Path, 
 
 
 def _close(shard: _Shard, config: QuantizationConfig) -> _Shard:
-    metadata = _metadata(shard.layers, config, QuantizationReport(shard.rows, shard.skipped), {})
+    metadata = file_metadata(shard.layers, config, QuantizationReport(shard.rows, shard.skipped), {})
     shard.writer.close({"format": "pt", METADATA_KEY: json.dumps(metadata, allow_nan=False)})
     return shard
 

@@ -1,7 +1,9 @@
 """``mono-quant quantize | inspect | compare``: quantize a state_dict file, look inside a checkpoint, compare.
 
-Exit codes: 0 success, 2 bad usage (argparse errors, invalid options), 1 a failed operation (unreadable
-or mismatched file, ...). Errors are one line on stderr; ``--debug`` adds the traceback.
+Exit codes: 0 success, 2 bad usage (argparse errors, invalid options, an output that is the input), 1 a
+failed operation (unreadable or mismatched file, nothing to quantize, ...). Errors are one line on stderr
+without terminal escape codes; ``--debug`` adds the traceback. Warnings (layers a requested option
+could not apply to) are ``mono-quant: warning: ...`` lines on stderr.
 """
 
 from __future__ import annotations
@@ -10,14 +12,19 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from mono_quant.checkpoint_read import read_state_dict, same_file
+from mono_quant.errors import ConfigError, QuantizationError
+
 PROG = "mono-quant"
 _OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
 class UsageError(Exception):
@@ -33,8 +40,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
-    from mono_quant.errors import ConfigError
-
     try:
         return args.run(args)
     except (UsageError, ConfigError) as err:
@@ -49,17 +54,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(args: argparse.Namespace, err: Exception, code: int) -> int:
     if args.debug:
         traceback.print_exc()
-    message = " ".join(str(err).split()) or type(err).__name__
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {one_line(str(err)) or type(err).__name__}", file=sys.stderr)
     return code
 
 
+def one_line(text: str, limit: int = 600) -> str:
+    r"""``text`` without terminal escape codes, on one line, at most ``limit`` characters.
+
+    Example:
+        >>> one_line("\x1b[1mWeights only load failed.\x1b[0m\nRe-running")
+        'Weights only load failed. Re-running'
+    """
+    text = " ".join(_ANSI.sub("", text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
+    from mono_quant import __version__
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    parser = argparse.ArgumentParser(prog=PROG, description="Post-training quantization for PyTorch checkpoints.")
+    parser = _Parser(prog=PROG, description="Post-training quantization for PyTorch checkpoints.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     q = commands.add_parser("quantize", parents=[common], help="quantize a state_dict file or a checkpoint folder")
     q.add_argument(
@@ -67,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODEL_FILE",
         help="a state_dict (.pt/.safetensors/...), a folder of "
         "safetensors shards or its *.safetensors.index.json (output: a folder, default SRC.<dtype>)",
+    )
+    q.add_argument(
+        "--key",
+        help="the checkpoint entry holding the weights (default: the file itself, else "
+        "'state_dict', 'model' or 'module')",
     )
     q.add_argument("-o", "--output", help="output file (.safetensors or .pt); default MODEL_FILE.<dtype>.safetensors")
     q.add_argument("--dtype", default="int8", choices=("int8", "int4", "fp16", "bf16"))
@@ -88,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     c = commands.add_parser("compare", parents=[common], help="weight SQNR and size of a quantized file vs float")
     c.add_argument("float_file", metavar="FLOAT_FILE")
     c.add_argument("quant_file", metavar="QUANT_FILE")
+    c.add_argument("--key", help="the entry of FLOAT_FILE holding the weights (as for quantize)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(run=_cmd_compare)
     return parser
@@ -108,6 +139,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         output = folder.with_name(f"{folder.name}.{args.dtype}")
     if not checkpoint and output.suffix not in _OUTPUT_SUFFIXES:
         raise UsageError(f"--output={str(output)!r} must end in .safetensors, .pt or .pth")
+    if same_file(source, output):
+        raise UsageError(f"--output={str(output)!r} is the input file {str(source)!r}; choose another output path")
     config = QuantizationConfig(
         dtype=args.dtype,
         mode=args.mode,
@@ -125,15 +158,49 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(result)
         return 0
-    state = read_state_dict(source)
+    state = read_state_dict(source, args.key)
+    _check_include(state, args.include)
     progress = None if args.quiet else _progress_printer(sys.stderr)
     tensors, report, shapes = quantize_state_dict(state, config, progress)
+    _check_report(report, args)
     save_state_dict(tensors, output, config=config, report=report, float_shapes=shapes)
     if not args.quiet:
         print(report)
         size, before = output.stat().st_size, source.stat().st_size
         print(f"wrote {output}: {size:,} bytes ({size / before:.1%} of {source.name}'s {before:,} bytes)")
     return 0
+
+
+def _weight_names(state: dict[str, Any]) -> list[str]:
+    return [
+        key[: -len(".weight")]
+        for key, value in state.items()
+        if key.endswith(".weight") and value.is_floating_point() and value.dim() in (2, 4)
+    ]
+
+
+def _check_include(state: dict[str, Any], include: list[str] | None) -> None:
+    """Every ``--include`` pattern must match some layer (a typo would otherwise quantize nothing)."""
+    from mono_quant.selection import matches
+
+    names = _weight_names(state)
+    unmatched = [p for p in include or () if not any(matches(name, (p,)) for name in names)]
+    if unmatched:
+        raise UsageError(f"--include {unmatched[0]!r} matches no layer; the layers are {names[:8]}")
+
+
+def _check_report(report: Any, args: argparse.Namespace) -> None:
+    """Nothing quantized is an error; layers an explicit option could not apply to get a warning."""
+    if not report.layers:
+        reasons = sorted(set(report.skipped.values()))
+        raise QuantizationError(f"no layer was quantized ({len(report.skipped)} skipped: {'; '.join(reasons[:3])})")
+    group = [name for name, why in report.skipped.items() if "group_size" in why]
+    if group:
+        print(
+            f"{PROG}: warning: --group-size={args.group_size} left {len(group)} layer(s) in float: "
+            f"{report.skipped[group[0]]} ({group[0]})",
+            file=sys.stderr,
+        )
 
 
 def quantize_state_dict(
@@ -152,11 +219,7 @@ def quantize_state_dict(
     from mono_quant.quantize import quantize
     from mono_quant.report import QuantizationReport
 
-    names = [
-        key[: -len(".weight")]
-        for key, value in state.items()
-        if key.endswith(".weight") and value.is_floating_point() and value.dim() in (2, 4)
-    ]
+    names = _weight_names(state)
     out, rows, skipped, used = {}, [], {}, set()
     for index, name in enumerate(names, 1):
         if progress is not None:
@@ -186,43 +249,6 @@ def _progress_printer(stream: TextIO) -> Callable[[int, int, str], None] | None:
         stream.flush()
 
     return show
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """A plain state_dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``); a
-    Lightning-style ``{"state_dict": {...}}`` is unwrapped.
-
-    Example:
-        >>> import tempfile, torch
-        >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
-        >>> torch.save({"fc.weight": torch.ones(2, 2)}, path)
-        >>> list(read_state_dict(path))
-        ['fc.weight']
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from mono_quant.errors import SerializationError
-    from mono_quant.serialization import sniff
-
-    path = Path(path)
-    if not path.is_file():
-        raise SerializationError(f"cannot read {path}: no such file")
-    try:
-        if sniff(path) != "safetensors":
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            obj = load_file(str(path))
-    except Exception as err:
-        raise SerializationError(f"cannot read {path}: {' '.join(str(err).split())}") from err
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise SerializationError(f"cannot read {path}: holds a {type(obj).__name__}, not a state_dict")
-    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise SerializationError(f"cannot read {path}: entry {bad!r} is not a tensor; expected a state_dict")
-    return obj
 
 
 # -------------------------------------------------------------------------------------- inspect
@@ -295,7 +321,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------- compare
 
 
-def compare_files(float_file: str | os.PathLike, quant_file: str | os.PathLike) -> dict[str, Any]:
+def compare_files(
+    float_file: str | os.PathLike, quant_file: str | os.PathLike, key: str | None = None
+) -> dict[str, Any]:
     """Per-layer weight SQNR of ``quant_file`` against ``float_file`` and the file size ratio.
 
     Example:
@@ -312,7 +340,9 @@ def compare_files(float_file: str | os.PathLike, quant_file: str | os.PathLike) 
     from mono_quant.qparams import sqnr_db
     from mono_quant.serialization import load
 
-    reference = read_state_dict(float_file)
+    if same_file(float_file, quant_file):
+        raise UsageError(f"FLOAT_FILE and QUANT_FILE are the same file ({quant_file}); pass the float original")
+    reference = read_state_dict(float_file, key)
     restored, metadata = load(quant_file, dequantize=True)
     layers = []
     for name, entry in metadata["layers"].items():
@@ -333,7 +363,7 @@ def compare_files(float_file: str | os.PathLike, quant_file: str | os.PathLike) 
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    result = compare_files(args.float_file, args.quant_file)
+    result = compare_files(args.float_file, args.quant_file, args.key)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -110,8 +110,9 @@ class QuantizationConfig:
     """What to quantize and how. Immutable; ``replace(**changes)`` makes a validated variant.
 
     Mode rules: ``int4`` is always weight-only (group-wise); ``fp16``/``bf16`` are casts and ignore
-    ``mode``; ``static`` needs calibration data. ``granularity`` applies to int8 weights;
-    int4 is always per-group with ``group_size``.
+    ``mode``; ``static`` needs calibration data, of which at most ``calibration_batches`` (default 256,
+    ``None`` for no limit) are used. ``granularity`` applies to int8 weights; int4 is always per-group
+    with ``group_size``.
 
     Example:
         >>> cfg = QuantizationConfig(dtype="int8", mode="static", observer="histogram", exclude=("head",))
@@ -133,6 +134,7 @@ class QuantizationConfig:
     layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES
     min_numel: int = 0
     fold_batchnorm: bool = True
+    calibration_batches: int | None = 256  # calibration stops after this many batches; None: no limit
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -159,6 +161,9 @@ class QuantizationConfig:
             raise ConfigError(f"min_numel={self.min_numel!r} must be a non-negative integer")
         if not isinstance(self.fold_batchnorm, bool):
             raise ConfigError(f"fold_batchnorm={self.fold_batchnorm!r} must be True or False")
+        batches = self.calibration_batches
+        if batches is not None and (type(batches) is not int or batches < 1):
+            raise ConfigError(f"calibration_batches={batches!r} must be a positive integer or None (no limit)")
         put("include", _patterns(self.include, "include"))
         put("exclude", _patterns(self.exclude, "exclude") or ())
         types = tuple(self.layer_types)

@@ -199,6 +199,36 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     return 20 * math.log10(signal / noise)
 
 
+def weight_sqnr_db(layer: str, reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """SQNR of a layer's quantized weight, after checking that quantization gave finite values.
+
+    ``approximation`` (float32, shaped like ``reference``) is overwritten with the noise. Finite weights
+    can still quantize to Inf/NaN (an asymmetric range near ``float32`` max overflows its scale; fp16
+    cannot hold 1e30 or 7e4): that raises ``QuantizationError`` naming ``layer``.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 7e4]])
+        >>> try:
+        ...     weight_sqnr_db("fc", w, w.half().float())
+        ... except QuantizationError as err:
+        ...     print(str(err)[:62])
+        layer 'fc': quantizing its weight gives non-finite values (inf
+    """
+    if not all_finite(approximation):
+        bad = approximation[~torch.isfinite(approximation)][0].item()
+        low, high = torch.aminmax(reference.detach().float())
+        raise QuantizationError(
+            f"layer {layer!r}: quantizing its weight gives non-finite values ({bad}) although the weight is finite "
+            f"(range [{low.item():.4g}, {high.item():.4g}]): a scale overflowed or the values exceed the target "
+            "type's range; exclude the layer, use a symmetric scheme or a wider dtype, or rescale the weight"
+        )
+    signal = torch.linalg.vector_norm(reference.float()).item()
+    noise = torch.linalg.vector_norm(approximation.sub_(reference)).item()
+    if noise == 0:
+        return math.inf
+    return 20 * math.log10(max(signal, 1e-30) / noise) if math.isfinite(noise) else -math.inf
+
+
 def pack_int4_words(q: torch.Tensor) -> torch.Tensor:
     """Pack int4 values ``[N, K]`` (in [-8, 7]) into int32 words ``[N, K/8]``: eight values per word,
     least significant nibble first, each stored as ``q + 8`` (the compressed-tensors layout).
@@ -227,7 +257,7 @@ def unpack_int4_words(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """
     packed_bytes = _little_endian(packed.contiguous().view(torch.uint8))
     nibbles = torch.stack([packed_bytes & 0xF, packed_bytes >> 4], dim=-1)
-    return (nibbles.reshape(packed.shape[0], -1)[:, :cols].to(torch.int8) - 8)
+    return nibbles.reshape(packed.shape[0], -1)[:, :cols].to(torch.int8) - 8
 
 
 def _little_endian(packed_bytes: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ extra memory beyond that copy is about one float copy of the largest layer.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +21,7 @@ from mono_quant.fusion import fold_batchnorm_notes
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
 from mono_quant.modules.attach import install, proxy_module
 from mono_quant.modules.registry import layer_config
-from mono_quant.qparams import all_finite
+from mono_quant.qparams import all_finite, weight_sqnr_db
 from mono_quant.report import LayerReport, QuantizationReport
 from mono_quant.selection import calibrated_layers, coverage_warning, matches, select_layers
 
@@ -54,6 +53,8 @@ def quantize(
 ) -> QuantizationResult:
     """Quantize a copy of ``model`` (an ``nn.Module`` or a state_dict) per ``config`` and ``overrides``.
 
+    ``config`` may also be a dtype name (``quantize(model, "int4")``).
+
     In static mode, ``activation_qparams`` (layer name -> ``ActivationQParams``, e.g. from a
     ``Calibrator`` fed elsewhere) is used instead of calibrating on ``calibration_data``.
 
@@ -69,10 +70,12 @@ def quantize(
         >>> result.model[2].input_scale.item() == cal.qparams()["2"].scale.item()
         True
     """
-    if config is not None and not isinstance(config, QuantizationConfig):
+    if isinstance(config, (str, torch.dtype)):
+        config = QuantizationConfig(dtype=config)  # quantize(model, "int4") reads as the dtype
+    elif config is not None and not isinstance(config, QuantizationConfig):
         raise ConfigError(
-            f"config={config!r} is not a QuantizationConfig; pass mq.QuantizationConfig(...) or keywords such as "
-            "dtype='int8'"
+            f"config={config!r} is not a QuantizationConfig; pass mq.QuantizationConfig(...), a dtype name such "
+            "as 'int8', or keywords such as dtype='int8'"
         )
     config = (config or QuantizationConfig()).replace(**overrides) if overrides else (config or QuantizationConfig())
     if isinstance(model, Mapping):
@@ -95,11 +98,16 @@ def quantize(
         _check_finite(name, proxy_module(module, attachment) if attachment else module)
     activations = _static_activations(q_model, config, calibration_data, forward_fn, activation_qparams)
     rows, quantized_numel = [], 0
+    by_weight: dict[int, QuantizedLayer] = {}  # float weight -> its quantized layer (tied weights)
     for name, cls in selection.chosen.items():
         module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
         attachment = selection.attached.get(name)
         float_module = proxy_module(module, attachment) if attachment else module
         quantized = cls.from_float(float_module, layer_config(config, cls), activations.get(name))
+        weight_id = id(getattr(module, attachment.attribute if attachment else "weight"))
+        if weight_id in by_weight:
+            share_tied_tensors(by_weight[weight_id], quantized)
+        by_weight.setdefault(weight_id, quantized)
         rows.append(layer_report(name, float_module, quantized))
         quantized_numel += float_module.weight.numel()
         if attachment:
@@ -178,6 +186,28 @@ def _static_activations(
     return calibrator.qparams()
 
 
+def share_tied_tensors(first: nn.Module, second: nn.Module) -> None:
+    """Make ``second`` (quantized from the same float weight as ``first``, e.g. an LM head tied to the
+    embedding) hold ``first``'s identical quantized tensors, so they stay one tensor in memory and files.
+
+    Example:
+        >>> emb = nn.Embedding(16, 32)
+        >>> head = nn.Linear(32, 16, bias=False)
+        >>> head.weight = emb.weight
+        >>> q = quantize(nn.ModuleDict({"emb": emb, "head": head})).model
+        >>> q["head"].weight is q["emb"].weight
+        True
+    """
+    sources = first.state_dict(keep_vars=True)
+    for key, tensor in second.state_dict(keep_vars=True).items():
+        source = sources.get(key)
+        same = source is not None and source.shape == tensor.shape and source.dtype == tensor.dtype
+        if same and torch.equal(source, tensor):
+            second.get_submodule(key.rpartition(".")[0])._buffers[key.rpartition(".")[2]] = source
+    if hasattr(second, "_prepare"):
+        second._prepare()
+
+
 def _check_finite(name: str, module: nn.Module) -> None:
     for param_name, tensor in module.named_parameters(recurse=False):
         if tensor.is_floating_point() and not all_finite(tensor):
@@ -189,12 +219,8 @@ def _module_bytes(module: nn.Module) -> int:
 
 
 def layer_report(name: str, float_module: nn.Module, quantized: QuantizedLayer) -> LayerReport:
-    reference = float_module.weight.detach()
-    noise = quantized.dequantized_weight().reshape(reference.shape)
-    noise.sub_(reference)  # in place: one float copy of the layer at a time
-    signal_norm = torch.linalg.vector_norm(reference.float()).item()
-    noise_norm = torch.linalg.vector_norm(noise).item()
-    sqnr = math.inf if noise_norm == 0 else 20 * math.log10(max(signal_norm, 1e-30) / noise_norm)
+    reference = float_module.weight.detach()  # the noise is computed in place: one float copy at a time
+    sqnr = weight_sqnr_db(name, reference, quantized.dequantized_weight().reshape(reference.shape))
     meta = quantized.metadata()
     return LayerReport(
         name, meta["kind"], meta["mode"], meta["bits"], sqnr, _module_bytes(float_module), _module_bytes(quantized)

@@ -17,283 +17,33 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
-import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from mono_quant.config import QuantizationConfig
 from mono_quant.copying import bake_parametrized_weights
 from mono_quant.errors import SerializationError
-from mono_quant.fusion import FoldedBatchNorm, fold_batchnorm
-from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer, class_for_kind
+from mono_quant.file_checks import check_values, validate_metadata
+from mono_quant.file_io import read_safetensors
+from mono_quant.file_write import FORMAT_VERSION, METADATA_KEY, save, save_state_dict
+from mono_quant.fusion import fold_batchnorm
+from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
 from mono_quant.modules.attach import Attachment, attached_tensors, expected_keys, install, proxy_module
-from mono_quant.report import QuantizationReport
 
-FORMAT_VERSION = 1
-METADATA_KEY = "mono_quant"
-_TORCH_SUFFIXES = (".pt", ".pth")
-_ST_DTYPES: dict[str, torch.dtype] = {
+__all__ = ["FORMAT_VERSION", "dequantize", "load", "read_header", "save", "save_state_dict", "sniff"]
+
+ST_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
-
-
-# ----------------------------------------------------------------------------------------- save
-
-
-def save(
-    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
-    path: str | os.PathLike,
-    *,
-    config: QuantizationConfig | None = None,
-    report: QuantizationReport | None = None,
-) -> None:
-    """Write a quantized model (or the state_dict ``quantize`` returns for a state_dict) to ``path``.
-
-    The format follows the suffix: ``.safetensors``, or ``.pt``/``.pth``. The write is atomic: a
-    temporary file in the same directory is renamed over ``path`` only once complete. ``config`` and
-    ``report`` (per-layer SQNR, skipped layers) are stored in the metadata when given.
-
-    Example:
-        >>> import tempfile, mono_quant as mq
-        >>> q, _ = mq.dynamic_quantize(nn.Sequential(nn.Linear(32, 8)))
-        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
-        >>> save(q, path)
-        >>> load(path)[1]["layers"]["0"]["class"]
-        'Int8Linear'
-    """
-    if isinstance(model_or_state_dict, nn.Module):
-        layers = _model_layers(model_or_state_dict)
-        folded = {name: m.into for name, m in model_or_state_dict.named_modules() if isinstance(m, FoldedBatchNorm)}
-        _write(path, model_or_state_dict.state_dict(), layers, config, report, folded)
-    elif isinstance(model_or_state_dict, Mapping):
-        save_state_dict(model_or_state_dict, path, config=config, report=report)
-    else:
-        raise SerializationError(
-            f"cannot save {type(model_or_state_dict).__name__} to {os.fspath(path)}; "
-            "expected a torch.nn.Module or a state_dict"
-        )
-
-
-def save_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    path: str | os.PathLike,
-    *,
-    config: QuantizationConfig | None = None,
-    report: QuantizationReport | None = None,
-    float_shapes: Mapping[str, tuple[int, ...]] | None = None,
-) -> None:
-    """Save a quantized state_dict; quantized layers are recognized from ``report`` or tensor names.
-
-    ``float_shapes`` (layer name -> original float weight shape) restores the 4-D shape of Conv2d
-    layers, which a quantized state_dict only holds flattened. Int8 layers without ``input_scale``
-    are recorded with ``config.mode`` (``dynamic`` when no config is given).
-
-    Example:
-        >>> import tempfile, mono_quant as mq
-        >>> result = mq.quantize({"fc.weight": torch.randn(8, 32)}, dtype="int4", group_size=32)
-        >>> path = os.path.join(tempfile.mkdtemp(), "sd.pt")
-        >>> save_state_dict(result.model, path, config=result.config, report=result.report)
-        >>> load(path)[1]["layers"]["fc"]["bits"]
-        4
-    """
-    bad = next((k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise SerializationError(f"cannot save to {os.fspath(path)}: entry {bad!r} is not a named tensor")
-    layers = _state_dict_layers(state_dict, config, report, float_shapes or {})
-    _write(path, state_dict, layers, config, report)
-
-
-def _float_shape(module: nn.Module) -> list[int]:
-    if hasattr(module, "kernel_size") and hasattr(module, "out_channels"):
-        return [module.out_channels, module.in_channels, *module.kernel_size]
-    if hasattr(module, "in_features"):
-        return [module.out_features, module.in_features]
-    if hasattr(module, "num_embeddings"):
-        return [module.num_embeddings, module.embedding_dim]
-    return list(module.dequantized_weight().shape)
-
-
-def _model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    layers = {
-        name: {
-            "class": type(module).__name__,
-            **module.metadata(),
-            "shape": _float_shape(module),
-            "bias": getattr(module, "bias", None) is not None,
-        }
-        for name, module in model.named_modules()
-        if isinstance(module, QuantizedLayer)
-    }
-    for name, (attachment, tensor) in attached_tensors(model).items():
-        layer = tensor.layer
-        entry = {"class": type(layer).__name__, **layer.metadata(), "shape": _float_shape(layer), "bias": False}
-        layers[name] = {**entry, "attach": {**attachment.to_dict(), "shape": list(tensor.shape)}}
-    return layers
-
-
-def _state_dict_layers(
-    tensors: Mapping[str, torch.Tensor],
-    config: QuantizationConfig | None,
-    report: QuantizationReport | None,
-    float_shapes: Mapping[str, tuple[int, ...]],
-) -> dict[str, dict[str, Any]]:
-    if report is not None:
-        kinds = {row.name: (row.kind, row.bits) for row in report.layers}
-    else:  # without a report only integer layers are recognizable (by their scale tensors)
-        kinds = {}
-        for key in tensors:
-            if key.endswith(".weight_scale"):
-                name = key[: -len(".weight_scale")]
-                kinds[name] = ("Linear", 4 if f"{name}.weight_packed" in tensors else 8)
-    layers = {}
-    for name, (kind, bits) in kinds.items():
-        cls = class_for_kind(kind, bits)
-        weight = tensors.get(f"{name}.weight_packed" if bits == 4 else f"{name}.weight")
-        if cls is None or weight is None:
-            raise SerializationError(f"layer {name!r} ({kind}, {bits} bits) has no matching tensors in the state_dict")
-        entry: dict[str, Any] = {"class": cls.__name__, "kind": kind, "mode": "weight_only", "bits": bits}
-        scale = tensors.get(f"{name}.weight_scale")
-        scheme = "asymmetric" if f"{name}.weight_zero_point" in tensors else "symmetric"
-        shape = list(weight.shape)
-        if bits == 8:
-            static = f"{name}.input_scale" in tensors
-            mode = "static" if static else (config.mode.value if config is not None else "dynamic")
-            entry.update(mode=mode, scheme=scheme, scale_shape=list(scale.shape))
-        elif bits == 4:
-            shape = [int(v) for v in tensors[f"{name}.weight_shape"].tolist()]
-            entry.update(scheme=scheme, group_size=shape[1] // scale.shape[1])
-        else:
-            entry["dtype"] = "fp16" if weight.dtype == torch.float16 else "bf16"
-        entry["shape"] = list(float_shapes.get(name, shape))
-        entry["bias"] = f"{name}.bias" in tensors
-        layers[name] = entry
-    return layers
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _metadata(
-    layers: dict[str, dict[str, Any]],
-    config: QuantizationConfig | None,
-    report: QuantizationReport | None,
-    folded: dict[str, str],
-) -> dict[str, Any]:
-    import mono_quant
-
-    if report is not None:
-        for row in report.layers:
-            if row.name in layers:
-                layers[row.name]["sqnr_db"] = _finite(row.sqnr_db)
-    return {
-        "format": "mono-quant",
-        "format_version": FORMAT_VERSION,
-        "mono_quant_version": mono_quant.__version__,
-        "quantization_config": _compressed_tensors_config(layers, config, report),
-        "config": None if config is None else config.to_dict(),
-        "layers": layers,
-        "skipped": {} if report is None else dict(report.skipped),
-        "folded_batchnorm": folded,  # BatchNorm name -> the conv it was folded into
-    }
-
-
-def _compressed_tensors_config(
-    layers: dict[str, dict[str, Any]], config: QuantizationConfig | None, report: QuantizationReport | None
-) -> dict[str, Any]:
-    """A compressed-tensors style ``quantization_config``: one config group per distinct scheme."""
-    act_symmetric = config is not None and config.activation_scheme.value == "symmetric"
-    groups: dict[str, dict[str, Any]] = {}
-    for name, entry in layers.items():
-        bits, mode = entry["bits"], entry["mode"]
-        if bits == 16:
-            weights = {"num_bits": 16, "type": "float", "dtype": entry["dtype"], "strategy": "tensor"}
-            fmt, acts = "float-quantized", None
-        else:
-            per_group = bits == 4
-            strategy = "group" if per_group else ("channel" if len(entry.get("scale_shape", [1])) == 1 else "tensor")
-            weights = {"num_bits": bits, "type": "int", "symmetric": entry["scheme"] == "symmetric",
-                       "strategy": strategy, "group_size": entry.get("group_size"), "dynamic": False}  # fmt: skip
-            acts = None
-            if mode == "dynamic":
-                acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-            elif mode == "static":
-                acts = {"num_bits": 8, "type": "int", "symmetric": act_symmetric, "strategy": "tensor",
-                        "dynamic": False}  # fmt: skip
-            fmt = "pack-quantized" if per_group else ("int-quantized" if acts else "naive-quantized")
-        key = json.dumps([weights, acts], sort_keys=True)
-        group = groups.setdefault(key, {"targets": [], "weights": weights, "input_activations": acts,
-                                        "output_activations": None, "format": fmt})  # fmt: skip
-        group["targets"].append(name)
-    formats = {g["format"] for g in groups.values()}
-    return {
-        "quant_method": "compressed-tensors",
-        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-        "quantization_status": "compressed",
-        "config_groups": {f"group_{i}": group for i, group in enumerate(groups.values())},
-        "ignore": [] if report is None else sorted(report.skipped),
-    }
-
-
-def _plain_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, one storage per tensor (safetensors refuses shared storage)."""
-    out, seen = {}, set()
-    for key, value in tensors.items():
-        value = value.detach().to("cpu").contiguous()
-        storage = value.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() != value.numel() * value.element_size():
-            value = value.clone()
-        seen.add(value.untyped_storage().data_ptr())
-        out[key] = value
-    return out
-
-
-def _write(
-    path: str | os.PathLike,
-    tensors: Mapping[str, torch.Tensor],
-    layers: dict[str, dict[str, Any]],
-    config: QuantizationConfig | None,
-    report: QuantizationReport | None,
-    folded: dict[str, str] | None = None,
-) -> None:
-    path = Path(path)
-    if path.suffix not in (".safetensors", *_TORCH_SUFFIXES):
-        raise SerializationError(f"cannot save to {path}: unknown extension; expected .safetensors, .pt or .pth")
-    text = json.dumps(_metadata(layers, config, report, folded or {}), allow_nan=False)
-    plain = _plain_tensors(tensors)
-    if path.suffix == ".safetensors":
-        _atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt", METADATA_KEY: text}))
-    else:
-        _atomic_write(path, lambda tmp: torch.save({METADATA_KEY: text, "tensors": plain}, tmp))
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write to a temporary file next to ``path`` and rename it: ``path`` is never half-written."""
-    if not path.parent.is_dir():
-        raise SerializationError(f"cannot save to {path}: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise SerializationError(f"cannot save to {path}: {err}") from err
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 # ----------------------------------------------------------------------------------------- load
@@ -314,9 +64,9 @@ def load(
     ``state_dict`` maps every tensor name in the file to a tensor with its stored dtype (or, with
     ``dequantize=True``, each quantized layer's tensors replaced by float32 ``<layer>.weight`` in the
     original shape and ``<layer>.bias``); ``metadata`` is the parsed JSON document (see the module
-    docstring). safetensors files are memory-mapped (copy-on-write: pages are read when first used and
-    writes never reach the file); kernels that need aligned weights realign them once when the modules
-    are built (``kernels.prepare_int8_weight_only``). Tensors are put on ``map_location``.
+    docstring). Tensors are read into fresh, 64-byte aligned memory (no memory map: truncating or
+    replacing the file afterwards cannot change or crash the result) and their values are checked
+    (finite, positive scales) before anything is assigned. Tensors are put on ``map_location``.
 
     Example:
         >>> import tempfile, mono_quant as mq
@@ -339,6 +89,7 @@ def load(
     if model is None:
         _check_against_metadata(path, metadata["layers"], specs)
         tensors = read(list(specs))
+        check_values(path, metadata["layers"], tensors)
         if dequantize:
             tensors = _dequantize_tensors(tensors, metadata["layers"])
         return {k: v.to(map_location) for k, v in tensors.items()}, metadata
@@ -347,7 +98,9 @@ def load(
     q_model = _build_shells(path, _fold_like_file(path, model, metadata), metadata["layers"])
     expected = {k: (v.dtype, tuple(v.shape)) for k, v in q_model.state_dict().items()}
     _check_specs(path, specs, expected, "the given model")
-    q_model.load_state_dict(read(list(specs)), strict=True, assign=True)
+    tensors = read(list(specs))
+    check_values(path, metadata["layers"], tensors)
+    q_model.load_state_dict(tensors, strict=True, assign=True)
     if dequantize:
         q_model = _dequantize_in_place(q_model)
     return q_model.to(map_location).eval()
@@ -376,13 +129,31 @@ def _open(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[s
         raise SerializationError(f"cannot load {path}: no such file")
     try:
         kind = sniff(path)
-        return _open_safetensors(path) if kind == "safetensors" else _open_torch(path, mmap=kind == "torch-zip")
+        opened = _open_safetensors(path) if kind == "safetensors" else _open_torch(path, mmap=kind == "torch-zip")
+        return _with_ties(path, *opened)
     except SerializationError:
         raise
     except Exception as err:  # safetensors/torch raise many types for corrupt input
         detail = " ".join(str(err).split()) or type(err).__name__
         message = f"cannot load {path}: not a readable checkpoint (truncated or corrupt?): {detail}"
         raise SerializationError(message) from err
+
+
+def _with_ties(path: Path, metadata: dict[str, Any], specs: dict[str, Spec], read: Callable) -> tuple:
+    """Tensors written once for several names (``metadata["tied"]``) listed and read under every name,
+    each name getting the same tensor (tied again in memory)."""
+    tied = metadata.get("tied") or {}
+    missing = next((f"{name} -> {source}" for name, source in tied.items() if source not in specs), None)
+    if missing is not None:
+        raise SerializationError(f"cannot load {path}: tied tensor {missing} is not in the file")
+    if not tied:
+        return metadata, specs, read
+
+    def read_tied(names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = read(sorted({tied.get(name, name) for name in names}))
+        return {name: tensors[tied.get(name, name)] for name in names}
+
+    return metadata, {**specs, **{name: specs[source] for name, source in tied.items()}}, read_tied
 
 
 def sniff(path: str | os.PathLike) -> str:
@@ -414,18 +185,15 @@ def _open_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Call
         specs = {}
         for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
             piece = handle.get_slice(name)
-            dtype = _ST_DTYPES.get(piece.get_dtype())
+            dtype = ST_DTYPES.get(piece.get_dtype())
             if dtype is None:
                 found = piece.get_dtype()
                 raise SerializationError(f"cannot load {path}: tensor {name!r} has unsupported dtype {found}")
             specs[name] = (dtype, tuple(piece.get_shape()))
     metadata = _parse_metadata(path, header.get(METADATA_KEY))
 
-    def read(names: list[str]) -> dict[str, torch.Tensor]:
-        with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in names}
-
-    return metadata, specs, read
+    dtypes = {name: dtype for name, (dtype, _) in specs.items()}
+    return metadata, specs, lambda names: read_safetensors(path, names, dtypes)
 
 
 def _open_torch(path: Path, mmap: bool) -> tuple[dict[str, Any], dict[str, Spec], Callable]:
@@ -461,12 +229,17 @@ def _parse_metadata(path: Path, text: Any) -> dict[str, Any]:
     if not isinstance(layers, dict):
         raise SerializationError(f"cannot load {path}: metadata has no 'layers' table")
     for name, entry in layers.items():
-        if not isinstance(entry, dict) or entry.get("class") not in QUANTIZED_CLASSES:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("class"), str)
+            or entry["class"] not in QUANTIZED_CLASSES
+        ):
             found = entry.get("class") if isinstance(entry, dict) else entry
             raise SerializationError(f"cannot load {path}: layer {name!r} has unknown class {found!r}")
         missing = [k for k in ("kind", "mode", "bits", "shape", "bias") if k not in entry]
         if missing:
             raise SerializationError(f"cannot load {path}: layer {name!r} metadata lacks {missing}")
+    validate_metadata(path, metadata)
     return metadata
 
 

@@ -22,10 +22,10 @@ import torch
 from safetensors import safe_open
 
 from mono_quant.errors import SerializationError
-from mono_quant.serialization import _ST_DTYPES
+from mono_quant.serialization import ST_DTYPES
 
 INDEX_SUFFIX = ".safetensors.index.json"
-_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+_ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 _COPY_CHUNK = 8 << 20
 
 
@@ -150,7 +150,7 @@ def _header(shard: Path) -> dict[str, TensorInfo]:
             out = {}
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
                 piece = handle.get_slice(name)
-                dtype = _ST_DTYPES.get(piece.get_dtype())
+                dtype = ST_DTYPES.get(piece.get_dtype())
                 if dtype is None:
                     raise SerializationError(f"{shard}: tensor {name!r} has unsupported dtype {piece.get_dtype()}")
                 out[name] = TensorInfo(shard, dtype, tuple(piece.get_shape()))

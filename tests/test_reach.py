@@ -163,14 +163,45 @@ def test_nothing_quantized_warns_with_the_reason() -> None:
     assert str(result.report).startswith("WARNING: no layer was quantized")
 
 
-def test_meta_model_and_string_config_get_clear_errors() -> None:
+def test_meta_model_and_bad_config_get_clear_errors() -> None:
     with pytest.raises(mq.QuantizationError, match="meta device"):
         mq.quantize(nn.Linear(4, 4, device="meta"))
     with pytest.raises(mq.ConfigError, match="not a QuantizationConfig"):
-        mq.quantize(nn.Linear(4, 4), "int8")
+        mq.quantize(nn.Linear(4, 4), {"dtype": "int8"})
+    with pytest.raises(mq.ConfigError, match="dtype"):
+        mq.quantize(nn.Sequential(nn.Linear(4, 4)), "int3")
 
 
 def test_zero_size_layers_are_skipped_with_the_reason() -> None:
     model = nn.Sequential(nn.Linear(0, 4), nn.Linear(4, 4))
     result = mq.quantize(model)
     assert "empty weight" in dict(zip(result.skipped, result.report.skipped.values(), strict=True))["0"]
+
+
+def test_tied_lm_head_stays_one_tensor_in_memory_and_file(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        config = GPT2Config(vocab_size=96, n_embd=64, n_layer=1, n_head=4, n_positions=32, bos_token_id=1,
+                            eos_token_id=2)  # fmt: skip
+        return GPT2LMHeadModel(config).eval()
+
+    model = build(0)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    q = mq.quantize(model).model
+    assert q.lm_head.weight is q.transformer.wte.weight and q.lm_head.weight.dtype == torch.int8
+    path = tmp_path / "gpt2.safetensors"
+    mq.save(q, path)
+    state, metadata = mq.load(path)
+    assert metadata["tied"] == {
+        "lm_head.weight": "transformer.wte.weight",
+        "lm_head.weight_scale": "transformer.wte.weight_scale",
+    }
+    assert state["lm_head.weight"] is state["transformer.wte.weight"]
+    loaded = mq.load(path, build(1))
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, q(ids).logits)
+        assert sqnr_db(model(ids).logits, q(ids).logits) > 25

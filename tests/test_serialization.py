@@ -440,7 +440,7 @@ def test_interrupted_write_never_leaves_a_partial_file(
         Path(path).write_bytes(b"half a file")
         raise error
 
-    monkeypatch.setattr("mono_quant.serialization.save_file", crash)
+    monkeypatch.setattr("mono_quant.file_write.save_file", crash)
     with pytest.raises(mq.SerializationError if isinstance(error, OSError) else KeyboardInterrupt):
         mq.save(skeleton(3), good_file)
     assert good_file.read_bytes() == original  # the previous file is intact

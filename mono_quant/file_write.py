@@ -1,0 +1,286 @@
+"""Writing quantized checkpoints: ``save`` / ``save_state_dict`` build the metadata document (see
+``mono_quant.serialization``) and write ``.safetensors`` or ``.pt`` atomically (``file_io.atomic_write``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from mono_quant.config import QuantizationConfig
+from mono_quant.errors import SerializationError
+from mono_quant.file_io import atomic_write
+from mono_quant.fusion import FoldedBatchNorm
+from mono_quant.modules import QuantizedLayer, class_for_kind
+from mono_quant.modules.attach import attached_tensors
+from mono_quant.report import QuantizationReport
+
+FORMAT_VERSION = 1
+METADATA_KEY = "mono_quant"
+TORCH_SUFFIXES = (".pt", ".pth")
+
+
+def save(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    config: QuantizationConfig | None = None,
+    report: QuantizationReport | None = None,
+) -> None:
+    """Write a quantized model (or the state_dict ``quantize`` returns for a state_dict) to ``path``.
+
+    The format follows the suffix: ``.safetensors``, or ``.pt``/``.pth``. The write is atomic: a
+    temporary file in the same directory is renamed over ``path`` only once complete. ``config`` and
+    ``report`` (per-layer SQNR, skipped layers) are stored in the metadata when given.
+
+    Example:
+        >>> import tempfile, mono_quant as mq
+        >>> q, _ = mq.dynamic_quantize(nn.Sequential(nn.Linear(32, 8)))
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> save(q, path)
+        >>> mq.load(path)[1]["layers"]["0"]["class"]
+        'Int8Linear'
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        layers = _model_layers(model_or_state_dict)
+        folded = {name: m.into for name, m in model_or_state_dict.named_modules() if isinstance(m, FoldedBatchNorm)}
+        _write(path, model_or_state_dict.state_dict(), layers, config, report, folded)
+    elif isinstance(model_or_state_dict, Mapping):
+        save_state_dict(model_or_state_dict, path, config=config, report=report)
+    else:
+        raise SerializationError(
+            f"cannot save {type(model_or_state_dict).__name__} to {os.fspath(path)}; "
+            "expected a torch.nn.Module or a state_dict"
+        )
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    config: QuantizationConfig | None = None,
+    report: QuantizationReport | None = None,
+    float_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Save a quantized state_dict; quantized layers are recognized from ``report`` or tensor names.
+
+    ``float_shapes`` (layer name -> original float weight shape) restores the 4-D shape of Conv2d
+    layers, which a quantized state_dict only holds flattened. Int8 layers without ``input_scale``
+    are recorded with ``config.mode`` (``dynamic`` when no config is given).
+
+    Example:
+        >>> import tempfile, mono_quant as mq
+        >>> result = mq.quantize({"fc.weight": torch.randn(8, 32)}, dtype="int4", group_size=32)
+        >>> path = os.path.join(tempfile.mkdtemp(), "sd.pt")
+        >>> save_state_dict(result.model, path, config=result.config, report=result.report)
+        >>> mq.load(path)[1]["layers"]["fc"]["bits"]
+        4
+    """
+    bad = next((k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise SerializationError(f"cannot save to {os.fspath(path)}: entry {bad!r} is not a named tensor")
+    layers = state_dict_layers(state_dict, config, report, float_shapes or {})
+    _write(path, state_dict, layers, config, report)
+
+
+def _float_shape(module: nn.Module) -> list[int]:
+    if hasattr(module, "kernel_size") and hasattr(module, "out_channels"):
+        return [module.out_channels, module.in_channels, *module.kernel_size]
+    if hasattr(module, "in_features"):
+        return [module.out_features, module.in_features]
+    if hasattr(module, "num_embeddings"):
+        return [module.num_embeddings, module.embedding_dim]
+    return list(module.dequantized_weight().shape)
+
+
+def _model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    layers = {
+        name: {
+            "class": type(module).__name__,
+            **module.metadata(),
+            "shape": _float_shape(module),
+            "bias": getattr(module, "bias", None) is not None,
+        }
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedLayer)
+    }
+    for name, (attachment, tensor) in attached_tensors(model).items():
+        layer = tensor.layer
+        entry = {"class": type(layer).__name__, **layer.metadata(), "shape": _float_shape(layer), "bias": False}
+        layers[name] = {**entry, "attach": {**attachment.to_dict(), "shape": list(tensor.shape)}}
+    return layers
+
+
+def state_dict_layers(
+    tensors: Mapping[str, torch.Tensor],
+    config: QuantizationConfig | None,
+    report: QuantizationReport | None,
+    float_shapes: Mapping[str, tuple[int, ...]],
+) -> dict[str, dict[str, Any]]:
+    if report is not None:
+        kinds = {row.name: (row.kind, row.bits) for row in report.layers}
+    else:  # without a report only integer layers are recognizable (by their scale tensors)
+        kinds = {}
+        for key in tensors:
+            if key.endswith(".weight_scale"):
+                name = key[: -len(".weight_scale")]
+                kinds[name] = ("Linear", 4 if f"{name}.weight_packed" in tensors else 8)
+    layers = {}
+    for name, (kind, bits) in kinds.items():
+        cls = class_for_kind(kind, bits)
+        weight = tensors.get(f"{name}.weight_packed" if bits == 4 else f"{name}.weight")
+        if cls is None or weight is None:
+            raise SerializationError(f"layer {name!r} ({kind}, {bits} bits) has no matching tensors in the state_dict")
+        entry: dict[str, Any] = {"class": cls.__name__, "kind": kind, "mode": "weight_only", "bits": bits}
+        scale = tensors.get(f"{name}.weight_scale")
+        scheme = "asymmetric" if f"{name}.weight_zero_point" in tensors else "symmetric"
+        shape = list(weight.shape)
+        if bits == 8:
+            static = f"{name}.input_scale" in tensors
+            mode = "static" if static else (config.mode.value if config is not None else "dynamic")
+            entry.update(mode=mode, scheme=scheme, scale_shape=list(scale.shape))
+        elif bits == 4:
+            shape = [int(v) for v in tensors[f"{name}.weight_shape"].tolist()]
+            entry.update(scheme=scheme, group_size=shape[1] // scale.shape[1])
+        else:
+            entry["dtype"] = "fp16" if weight.dtype == torch.float16 else "bf16"
+        entry["shape"] = list(float_shapes.get(name, shape))
+        entry["bias"] = f"{name}.bias" in tensors
+        layers[name] = entry
+    return layers
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def file_metadata(
+    layers: dict[str, dict[str, Any]],
+    config: QuantizationConfig | None,
+    report: QuantizationReport | None,
+    folded: dict[str, str],
+    tied: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The JSON document stored under ``METADATA_KEY``: format version, layers, config, skips, folds, ties.
+
+    Example:
+        >>> file_metadata({}, None, None, {}, {"head.weight": "emb.weight"})["tied"]
+        {'head.weight': 'emb.weight'}
+    """
+    import mono_quant
+
+    if report is not None:
+        for row in report.layers:
+            if row.name in layers:
+                layers[row.name]["sqnr_db"] = _finite(row.sqnr_db)
+    return {
+        "format": "mono-quant",
+        "format_version": FORMAT_VERSION,
+        "mono_quant_version": mono_quant.__version__,
+        "quantization_config": compressed_tensors_config(layers, config, report),
+        "config": None if config is None else config.to_dict(),
+        "layers": layers,
+        "skipped": {} if report is None else dict(report.skipped),
+        "folded_batchnorm": folded,  # BatchNorm name -> the conv it was folded into
+        "tied": tied or {},  # tensor name -> the name it is stored under (one tensor in memory)
+    }
+
+
+def untie(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``tensors`` with every tensor that is the same memory as an earlier one left out, and the map
+    from each left-out name to the name it is stored under.
+
+    Example:
+        >>> shared = torch.ones(2)
+        >>> untie({"emb.weight": shared, "head.weight": shared, "b": torch.ones(2)})[1]
+        {'head.weight': 'emb.weight'}
+    """
+    kept: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in tensors.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.device)
+        if tensor.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = tensor
+    return kept, tied
+
+
+def compressed_tensors_config(
+    layers: dict[str, dict[str, Any]], config: QuantizationConfig | None, report: QuantizationReport | None
+) -> dict[str, Any]:
+    """A compressed-tensors style ``quantization_config``: one config group per distinct scheme."""
+    act_symmetric = config is not None and config.activation_scheme.value == "symmetric"
+    groups: dict[str, dict[str, Any]] = {}
+    for name, entry in layers.items():
+        bits, mode = entry["bits"], entry["mode"]
+        if bits == 16:
+            weights = {"num_bits": 16, "type": "float", "dtype": entry["dtype"], "strategy": "tensor"}
+            fmt, acts = "float-quantized", None
+        else:
+            per_group = bits == 4
+            strategy = "group" if per_group else ("channel" if len(entry.get("scale_shape", [1])) == 1 else "tensor")
+            weights = {"num_bits": bits, "type": "int", "symmetric": entry["scheme"] == "symmetric",
+                       "strategy": strategy, "group_size": entry.get("group_size"), "dynamic": False}  # fmt: skip
+            acts = None
+            if mode == "dynamic":
+                acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+            elif mode == "static":
+                acts = {"num_bits": 8, "type": "int", "symmetric": act_symmetric, "strategy": "tensor",
+                        "dynamic": False}  # fmt: skip
+            fmt = "pack-quantized" if per_group else ("int-quantized" if acts else "naive-quantized")
+        key = json.dumps([weights, acts], sort_keys=True)
+        group = groups.setdefault(key, {"targets": [], "weights": weights, "input_activations": acts,
+                                        "output_activations": None, "format": fmt})  # fmt: skip
+        group["targets"].append(name)
+    formats = {g["format"] for g in groups.values()}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": group for i, group in enumerate(groups.values())},
+        "ignore": [] if report is None else sorted(report.skipped),
+    }
+
+
+def _plain_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, one storage per tensor (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != value.numel() * value.element_size():
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out
+
+
+def _write(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    layers: dict[str, dict[str, Any]],
+    config: QuantizationConfig | None,
+    report: QuantizationReport | None,
+    folded: dict[str, str] | None = None,
+) -> None:
+    path = Path(path)
+    if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
+        raise SerializationError(f"cannot save to {path}: unknown extension; expected .safetensors, .pt or .pth")
+    tensors, tied = untie(tensors)
+    text = json.dumps(file_metadata(layers, config, report, folded or {}, tied), allow_nan=False)
+    plain = _plain_tensors(tensors)
+    if path.suffix == ".safetensors":
+        atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt", METADATA_KEY: text}))
+    else:
+        atomic_write(path, lambda tmp: torch.save({METADATA_KEY: text, "tensors": plain}, tmp))
