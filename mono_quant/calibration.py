@@ -59,6 +59,23 @@ def iterate_batches(data: Any) -> Iterator[Any]:
     yield from data
 
 
+def first_batch(data: Any) -> Any:
+    """The first batch of ``data`` when it can be read again afterwards (a tensor, dict, list, DataLoader...);
+    ``None`` for ``None``, an empty collection or a one-shot iterator (which must not be consumed).
+
+    Example:
+        >>> first_batch([torch.zeros(1), torch.ones(1)]), first_batch(iter([torch.zeros(1)]))
+        (tensor([0.]), None)
+    """
+    if data is None or isinstance(data, (str, bytes)) or (isinstance(data, Iterator) and not isinstance(data, Mapping)):
+        return None
+    if isinstance(data, (torch.Tensor, Mapping)):
+        return data
+    if not isinstance(data, Iterable):
+        return None
+    return next(iter(data), None)
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)

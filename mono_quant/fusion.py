@@ -1,11 +1,15 @@
 """Conv2d + BatchNorm2d folding: an eval-mode BatchNorm that only ever sees one conv's output is an
 affine map per output channel, so it folds exactly into that conv's weight and bias.
 
-Detection is conservative. When ``torch.fx.symbolic_trace`` succeeds, a pair is folded only if the
-graph shows the BatchNorm consuming the conv's output and nothing else consuming it; otherwise
-only adjacent ``nn.Sequential`` children are considered. Either way each module must be called
-and registered exactly once, carry no hooks, and the BatchNorm must use running statistics in
-eval mode. Folded BatchNorms become ``FoldedBatchNorm`` (an ``nn.Identity``); a conv without a bias gains one.
+Pairs are proven by data flow, never by registration order. With an example batch (calibration
+data), a recorded forward pairs a BatchNorm with the conv (``nn.Conv2d`` or a subclass, e.g. a
+same-padding conv) whose output tensor *is* the BatchNorm's input, and the folded model's output
+is checked against the unfolded one on that batch (nothing is folded if it differs). Without a
+batch, ``torch.fx`` proves pairs when the model traces (the BatchNorm consumes the conv's output and
+nothing else does), else only adjacent ``nn.Sequential`` children count (Sequential feeds each child
+only the previous output). Each module must be registered and called once and carry no hooks, and
+the BatchNorm must be in eval mode. Folded BatchNorms become ``FoldedBatchNorm`` (an ``nn.Identity``);
+a conv without a bias gains one.
 """
 
 from __future__ import annotations
@@ -13,15 +17,25 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from mono_quant.calibration import ForwardFn, default_forward
+from mono_quant.copying import eval_mode
+from mono_quant.fidelity import output_tensor
+from mono_quant.qparams import sqnr_db
+
+_CHECK_SQNR_DB = 60.0  # a float64 fold is exact to float32 rounding (> 100 dB); anything lower is a wrong pair
+
 _TRAIN_MODE = "not folded into {conv}: BatchNorm2d is in train mode (call model.eval() to fold it)"
 
 
-def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv name, batchnorm name)`` for every BatchNorm2d provably fed only by one Conv2d's output.
+def conv_bn_pairs(model: nn.Module, example: Any = None, forward_fn: ForwardFn | None = None) -> list[tuple[str, str]]:
+    """``(conv name, batchnorm name)`` for every BatchNorm2d provably fed only by one Conv2d's output;
+    with ``example`` (one batch) by a recorded forward, else by the traced graph or Sequential order.
 
     Train/eval mode is not considered here (see ``fold_batchnorm``).
 
@@ -36,7 +50,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     def candidate(conv_name: str, bn_name: str) -> bool:
         conv, bn = modules.get(conv_name), modules.get(bn_name)
         return (
-            type(conv) is nn.Conv2d
+            isinstance(conv, nn.Conv2d)
             and type(bn) is nn.BatchNorm2d
             and bn.num_features == conv.out_channels
             and bn.running_mean is not None
@@ -47,7 +61,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             and not _has_hooks(bn)
         )
 
-    pairs = _traced_pairs(model)
+    pairs = _recorded_pairs(model, example, forward_fn) if example is not None else _traced_pairs(model)
     if pairs is None:
         pairs = _sequential_pairs(model)
     return [(conv, bn) for conv, bn in pairs if candidate(conv, bn)]
@@ -73,18 +87,62 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Modul
     return folded, [(conv, bn) for bn, (conv, done) in notes.items() if done]
 
 
-def fold_batchnorm_notes(model: nn.Module) -> dict[str, str]:
+def fold_batchnorm_notes(
+    model: nn.Module, example: Any = None, forward_fn: ForwardFn | None = None
+) -> dict[str, str]:
     """Fold ``model`` in place; ``{batchnorm name: reason}`` for each conv->bn pair (for a report's skips).
+
+    With ``example`` (one batch), pairs come from a recorded forward and the folded output is checked
+    against the unfolded one (everything is restored, with the reason, if it differs).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
         >>> fold_batchnorm_notes(model)["1"][:14]
         'not folded int'
-        >>> fold_batchnorm_notes(model.eval())
+        >>> fold_batchnorm_notes(model.eval(), torch.randn(2, 1, 8, 8))
         {'1': 'folded into 0'}
     """
-    _, notes = _fold(model)
+    feed = forward_fn or default_forward
+    reference = None
+    if example is not None:
+        with torch.no_grad(), eval_mode(model):
+            reference = output_tensor(feed(model, example)).float()
+    saved = {
+        name: (module.weight, module.bias) if isinstance(module, nn.Conv2d) else module
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
+    }
+    _, notes = _fold(model, example, forward_fn)
+    if reference is not None and any(done for _, done in notes.values()):
+        with torch.no_grad(), eval_mode(model):
+            folded = output_tensor(feed(model, example)).float()
+        if sqnr_db(reference, folded) < _CHECK_SQNR_DB:
+            _unfold(model, notes, saved)
+            reason = "not folded into {conv}: the folded model's output differed on calibration data"
+            return {bn: reason.format(conv=conv) for bn, (conv, _) in notes.items()}
     return {bn: f"folded into {conv}" if done else _TRAIN_MODE.format(conv=conv) for bn, (conv, done) in notes.items()}
+
+
+def fold_pairs(model: nn.Module, pairs: dict[str, str]) -> None:
+    """Fold each BatchNorm named in ``pairs`` (batchnorm name -> conv name) into its conv, in place, as a
+    file records them (no detection); raises ``ValueError`` naming a pair that is not a conv and a BatchNorm.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+        >>> fold_pairs(model, {"1": "0"})
+        >>> type(model[1]).__name__
+        'FoldedBatchNorm'
+    """
+    modules = dict(model.named_modules())
+    for bn_name, conv_name in pairs.items():
+        conv, bn = modules.get(conv_name), modules.get(bn_name)
+        if isinstance(bn, FoldedBatchNorm) and bn.into == conv_name:
+            continue  # the model was folded already
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+            raise ValueError(f"{bn_name!r} -> {conv_name!r} is not a BatchNorm2d folded into a Conv2d in this model")
+        _fold_pair(conv, bn)
+        parent_name, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, FoldedBatchNorm(conv_name))
 
 
 class FoldedBatchNorm(nn.Identity):
@@ -103,9 +161,11 @@ class FoldedBatchNorm(nn.Identity):
         return f"folded into {self.into!r}"
 
 
-def _fold(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, bool]]]:
+def _fold(
+    model: nn.Module, example: Any = None, forward_fn: ForwardFn | None = None
+) -> tuple[nn.Module, dict[str, tuple[str, bool]]]:
     notes: dict[str, tuple[str, bool]] = {}
-    for conv_name, bn_name in conv_bn_pairs(model):
+    for conv_name, bn_name in conv_bn_pairs(model, example, forward_fn):
         bn = model.get_submodule(bn_name)
         if bn.training:
             notes[bn_name] = (conv_name, False)
@@ -115,6 +175,57 @@ def _fold(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, bool]]]:
         setattr(model.get_submodule(parent_name), child, FoldedBatchNorm(conv_name))
         notes[bn_name] = (conv_name, True)
     return model, notes
+
+
+def _unfold(model: nn.Module, notes: dict[str, tuple[str, bool]], saved: dict[str, tuple]) -> None:
+    """Undo ``_fold``: the convs get their own weight and bias back, the BatchNorms return."""
+    for bn_name, (conv_name, done) in notes.items():
+        if not done:
+            continue
+        conv = model.get_submodule(conv_name)
+        conv.weight, conv.bias = saved[conv_name]
+        parent_name, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, saved[bn_name])
+
+
+def _recorded_pairs(model: nn.Module, example: Any, forward_fn: ForwardFn | None) -> list[tuple[str, str]]:
+    """Pairs seen in a forward on ``example``: the BatchNorm's input is the conv's output tensor."""
+    produced: dict[int, str] = {}
+    consumed: dict[str, int] = {}
+    calls: Counter[str] = Counter()
+    keep: list[torch.Tensor] = []  # outputs stay alive so their ids are not reused during the forward
+
+    def record_output(name: str) -> Callable:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            calls[name] += 1
+            if isinstance(output, torch.Tensor):
+                produced[id(output)] = name
+                keep.append(output)
+
+        return hook
+
+    def record_input(name: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            calls[name] += 1
+            if args and isinstance(args[0], torch.Tensor):
+                consumed[name] = id(args[0])
+
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(record_output(name)))
+        elif isinstance(module, nn.BatchNorm2d):
+            handles.append(module.register_forward_pre_hook(record_input(name)))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            (forward_fn or default_forward)(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    pairs = [(produced[source], bn) for bn, source in consumed.items() if source in produced]
+    return [(conv, bn) for conv, bn in pairs if calls[conv] == 1 and calls[bn] == 1]
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.calibration import Calibrator, ForwardFn
+from mono_quant.calibration import Calibrator, ForwardFn, first_batch
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
@@ -88,7 +88,8 @@ def quantize(
     bytes_before = _module_bytes(model)
     q_model = copy_model(model)
     bake_parametrized_weights(q_model)  # weight norm & co: the effective weight is what gets quantized
-    folded = fold_batchnorm_notes(q_model) if config.fold_batchnorm else {}  # before eval(): train mode stays unfolded
+    example = first_batch(calibration_data)  # proves conv->BatchNorm pairs by data flow
+    folded = fold_batchnorm_notes(q_model, example, forward_fn) if config.fold_batchnorm else {}
     q_model.eval()
     selection = select_layers(q_model, config)
     selection.skipped.update(folded)

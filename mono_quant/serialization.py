@@ -31,7 +31,7 @@ from mono_quant.errors import SerializationError
 from mono_quant.file_checks import check_values, validate_metadata
 from mono_quant.file_io import read_safetensors
 from mono_quant.file_write import FORMAT_VERSION, METADATA_KEY, save, save_state_dict
-from mono_quant.fusion import fold_batchnorm
+from mono_quant.fusion import fold_pairs
 from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
 from mono_quant.modules.attach import Attachment, attached_tensors, expected_keys, install, proxy_module
 
@@ -301,29 +301,18 @@ def _describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
 def _fold_like_file(path: Path, model: nn.Module, metadata: dict[str, Any]) -> nn.Module:
     """``model`` with the BatchNorms that were folded before quantization folded the same way (a copy).
 
-    A fresh skeleton is in train mode, so the file's record of folded layers decides, not the skeleton's
-    mode; the folded values do not matter (the conv tensors come from the file).
+    The file's record of folded pairs decides (no detection: a fresh skeleton is in train mode and the
+    pairs may have been proven on calibration data); the folded values do not matter (the conv tensors
+    come from the file).
     """
-    folded = sorted(metadata.get("folded_batchnorm") or {})
+    folded = metadata.get("folded_batchnorm") or {}
     if not folded:
         return model
     copied = copy.deepcopy(model)
-    to_fold = []
-    for name in folded:
-        try:
-            module = copied.get_submodule(name)
-        except AttributeError:
-            message = f"cannot load {path}: folded BatchNorm {name!r} is not in the given model"
-            raise SerializationError(message) from None
-        if isinstance(module, nn.BatchNorm2d):  # anything else: a skeleton that was folded already
-            module.eval()
-            to_fold.append(name)
-    _, pairs = fold_batchnorm(copied, inplace=True)
-    done = sorted(bn for _, bn in pairs)
-    if done != to_fold:
-        raise SerializationError(
-            f"cannot load {path}: the file folded BatchNorm layers {to_fold} but the given model folds {done}"
-        )
+    try:
+        fold_pairs(copied, folded)
+    except ValueError as err:
+        raise SerializationError(f"cannot load {path}: the file folded BatchNorm {err}") from None
     return copied
 
 
