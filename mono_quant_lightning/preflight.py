@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
@@ -50,10 +51,13 @@ def check_data(cb: Any, trainer: Trainer) -> None:
         needs.append(f"metric={type(cb.metric).__name__}(...)")
     if not needs:
         return
-    loop = trainer.fit_loop.epoch_loop.val_loop
-    loop.setup_data()  # what the first validation would do; a no-op when the sanity check already did it
-    if val_loaders(trainer):
-        return
+    try:  # what the first validation would do; a no-op when the sanity check already did it
+        trainer.fit_loop.epoch_loop.val_loop.setup_data()
+    except MisconfigurationException:  # no val dataloader anywhere
+        pass
+    else:
+        if val_loaders(trainer):
+            return
     raise mq.ConfigError(
         f"QuantizationCallback({', '.join(needs)}) needs validation data, but this fit has none (no val "
         f"dataloader, no validation_step, or limit_val_batches=0) for {_name(trainer.lightning_module)}; add a "
