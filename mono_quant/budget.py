@@ -23,13 +23,12 @@ score, so the returned model is the best one evaluated. Static int8 calibrates o
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import numbers
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -39,6 +38,7 @@ from torch import nn
 from mono_quant.budget_report import FLOAT, BudgetReport, BudgetResult, BudgetStep, SensitivityRow
 from mono_quant.calibration import Calibrator, ForwardFn, default_forward, iterate_batches
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig, parse_dtype
+from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
 from mono_quant.fidelity import output_tensor
 from mono_quant.modules import ActivationQParams
@@ -278,7 +278,7 @@ def _calibrate(
         return None
     if calibration_data is None:
         raise CalibrationError("mode='static' needs calibration_data (or use mode='dynamic')")
-    with _restored_modes(model):
+    with eval_mode(model):
         calibrator = Calibrator(layers, config)
         calibrator.run(model, calibration_data, forward_fn)
     return calibrator.qparams()
@@ -302,18 +302,6 @@ def _given_qparams(
     if missing:
         raise CalibrationError(f"activation_qparams has no entry for layer(s) {missing}")
     return dict(given)
-
-
-@contextlib.contextmanager
-def _restored_modes(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode and give every module its ``training`` flag back afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _parse_score(value: Any, what: str) -> tuple[float, torch.Tensor | None]:
@@ -412,7 +400,7 @@ class _Search:
         return copy.deepcopy(self.model).eval() if q_model is self.model else q_model
 
     def evaluate(self, model: nn.Module, what: str) -> tuple[float, torch.Tensor | None]:
-        with _restored_modes(model):
+        with eval_mode(model):
             try:
                 value = self.eval_fn(model)
             except Exception as err:
@@ -433,7 +421,7 @@ class _Search:
     @torch.inference_mode()
     def read_pool(self, data: Any) -> None:
         """Read at least ``SENSITIVITY_POOL`` items (whole batches) and the float model's outputs on them."""
-        with _restored_modes(self.model):
+        with eval_mode(self.model):
             for batch in iterate_batches(data):
                 reference = output_tensor(self.feed(self.model, batch)).detach().float()
                 size = _batch_size(batch)

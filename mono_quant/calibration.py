@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mono_quant.config import QuantizationConfig, Scheme
+from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError
 from mono_quant.modules.base import ActivationQParams
 from mono_quant.observers import Observer, Reduce, make_observer
@@ -111,11 +112,9 @@ class Calibrator:
         """Feed ``data`` through ``model`` (eval mode, no grad) while attached; returns the batch count."""
         feed = forward_fn or default_forward
         count = 0
-        was_training = model.training
-        model.eval()
         self.attach()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), eval_mode(model):
                 for batch in iterate_batches(data):
                     if max_batches is not None and count >= max_batches:
                         break
@@ -123,7 +122,6 @@ class Calibrator:
                     count += 1
         finally:
             self.detach()
-            model.train(was_training)
         if count == 0:
             raise CalibrationError("calibration_data is empty; pass at least one batch")
         return count

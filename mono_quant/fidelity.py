@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mono_quant.calibration import ForwardFn, default_forward, iterate_batches
+from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError
 
 
@@ -57,10 +58,7 @@ def compare(
     signal = noise = 0.0
     cosines: list[torch.Tensor] = []
     max_error, batches = 0.0, 0
-    modes = (float_model.training, quantized_model.training)
-    float_model.eval()
-    quantized_model.eval()
-    try:
+    with eval_mode(float_model), eval_mode(quantized_model):
         for batch in iterate_batches(data):
             ref = output_tensor(feed(float_model, batch)).float()
             out = output_tensor(feed(quantized_model, batch)).float().to(ref.device)
@@ -71,9 +69,6 @@ def compare(
             rows = ref.reshape(ref.shape[0], -1) if ref.dim() > 1 else ref.reshape(1, -1)
             cosines.append(torch.cosine_similarity(rows, out.reshape(rows.shape), dim=-1).cpu())
             batches += 1
-    finally:
-        float_model.train(modes[0])
-        quantized_model.train(modes[1])
     if not batches:
         raise CalibrationError("data is empty; compare needs at least one batch")
     cos = torch.cat(cosines)

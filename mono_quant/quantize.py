@@ -6,7 +6,6 @@ extra memory beyond that copy is about one float copy of the largest layer.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from torch import nn
 
 from mono_quant.calibration import Calibrator, ForwardFn
 from mono_quant.config import Mode, QuantizationConfig
+from mono_quant.copying import copy_model
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
 from mono_quant.fusion import fold_batchnorm_notes
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
@@ -75,7 +75,7 @@ def quantize(
             f"model of type {type(model).__name__} is not supported; expected a torch.nn.Module or a state_dict"
         )
     bytes_before = _module_bytes(model)
-    q_model = copy.deepcopy(model)
+    q_model = copy_model(model)
     folded = fold_batchnorm_notes(q_model) if config.fold_batchnorm else {}  # before eval(): train mode stays unfolded
     q_model.eval()
     selection = select_layers(q_model, config)
