@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_digits_example(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "train_digits.py"), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout

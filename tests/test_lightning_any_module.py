@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import lightning as L
 import pytest
 import torch
@@ -104,7 +102,7 @@ def with_outlier(model: Classifier) -> Classifier:
 
 def test_dict_batches_with_the_zero_argument_callback(tmp_path, digits, caplog):
     cb = QuantizationCallback()
-    trainer, model = fit(tmp_path, digits, cb)
+    trainer, _ = fit(tmp_path, digits, cb)
     assert cb.mode_used is QuantMode.STATIC
     assert cb.fidelity.cosine_min > 0.98
     assert cb.export_path.is_file() and (cb.export_path.parent / "model.quant.report.txt").is_file()
@@ -129,7 +127,7 @@ def test_monitor_gates_on_the_logged_metric(tmp_path, digits):
 
 
 def test_monitor_min_on_a_plain_value(tmp_path, digits):
-    cb = QuantizationCallback(dtype="int4", monitor="val_loss", monitor_mode="min", max_drop=1.0, verbose=False)
+    cb = QuantizationCallback(mode="dynamic", monitor="val_loss", monitor_mode="min", max_drop=0.05, verbose=False)
     fit(tmp_path, digits, cb, max_epochs=2)
     assert cb.decision.passed and 0 < cb.decision.float_score < 1.0
 
@@ -251,6 +249,27 @@ def test_checkpoint_io_is_restored_when_fit_raises(tmp_path, digits):
 
 def test_torchmetrics_updated_in_training_step(tmp_path, digits):
     cb = QuantizationCallback(monitor="val_acc", max_drop=0.05, verbose=False)
-    _, model = fit(tmp_path, digits, cb, max_epochs=1, limit_train_batches=3)  # train metrics mid-epoch state
+    _, model = fit(tmp_path, digits, cb, max_epochs=1, limit_train_batches=3)
+    assert model.train_mse.update_count > 0  # the non-leaf state that broke the deep copy is really there
     assert cb.decision.passed and cb.export_path.is_file()
-    assert json.loads(json.dumps(read_gate(cb.export_path)))["metric"] == "val_acc"
+    assert read_gate(cb.export_path)["metric"] == "val_acc"
+
+
+def test_load_quantized_rebuilds_from_hyperparameters(tmp_path, digits):
+    from mono_quant_lightning import load_quantized
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = QuantizationCallback(quantize_on=("fit_end", "checkpoint"), verbose=False)
+    trainer = L.Trainer(
+        callbacks=[checkpoint, cb], max_epochs=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(Classifier(hidden=48), *data(digits))
+    q = load_quantized(checkpoint.last_model_path, Classifier)
+    assert not q.training and q.net[1].out_features == 48  # hidden=48 came from the checkpoint's hyperparameters
+    assert type(q.net[1]).__name__ == "Int8Linear"
+    x = digits[2][:16].reshape(-1, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), mq.load(tmp_path / "ckpt" / "last.quant.safetensors", Classifier(48))(x))
+    with pytest.raises(mq.SerializationError, match="no quantized file beside"):
+        load_quantized(checkpoint.last_model_path, Classifier, quantized_path=tmp_path / "none.safetensors")
