@@ -64,14 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     q = commands.add_parser("quantize", parents=[common], help="quantize a state_dict file (.pt/.safetensors)")
     q.add_argument("model_file", metavar="MODEL_FILE", help="a state_dict saved as .pt/.pth/.bin/.ckpt/.safetensors")
     q.add_argument("-o", "--output", help="output file (.safetensors or .pt); default MODEL_FILE.<dtype>.safetensors")
-    q.add_argument("--dtype", default="int8", choices=("int8", "int4", "fp16", "bf16"))
-    q.add_argument("--mode", default="dynamic", choices=("dynamic", "weight_only"), help="static needs a model")
-    q.add_argument("--scheme", default="symmetric", choices=("symmetric", "asymmetric"))
-    q.add_argument("--granularity", default="per_channel", choices=("per_channel", "per_tensor"))
-    q.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    q.add_argument("--config", metavar="FILE", help="options from a .toml/.yaml/.json file; flags given here win")
+    q.add_argument("--dtype", choices=("int8", "int4", "fp16", "bf16"), help="default int8")
+    q.add_argument("--mode", choices=("dynamic", "weight_only"), help="default dynamic (static needs a model)")
+    q.add_argument("--scheme", choices=("symmetric", "asymmetric"), help="default symmetric")
+    q.add_argument("--granularity", choices=("per_channel", "per_tensor"), help="default per_channel")
+    q.add_argument("--group-size", type=int, help="int4 group size (default 128)")
     q.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
-    q.add_argument("--exclude", action="append", metavar="GLOB", default=[], help="skip matching layers")
-    q.add_argument("--min-numel", type=int, default=0, help="skip layers with fewer weights")
+    q.add_argument("--exclude", action="append", metavar="GLOB", help="skip matching layers")
+    q.add_argument("--min-numel", type=int, help="skip layers with fewer weights (default 0)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     q.set_defaults(run=_cmd_quantize)
 
@@ -95,20 +96,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from mono_quant.config import QuantizationConfig
     from mono_quant.serialization import save_state_dict
 
+    names = ("dtype", "mode", "scheme", "granularity", "group_size", "include", "exclude", "min_numel")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}  # flags > file > defaults
+    config = QuantizationConfig.from_file(args.config, **given) if args.config else QuantizationConfig(**given)
     source = Path(args.model_file)
-    output = Path(args.output) if args.output else source.with_name(f"{source.stem}.{args.dtype}.safetensors")
+    default_name = f"{source.stem}.{config.dtype.value}.safetensors"
+    output = Path(args.output) if args.output else source.with_name(default_name)
     if output.suffix not in _OUTPUT_SUFFIXES:
         raise UsageError(f"--output={str(output)!r} must end in .safetensors, .pt or .pth")
-    config = QuantizationConfig(
-        dtype=args.dtype,
-        mode=args.mode,
-        scheme=args.scheme,
-        granularity=args.granularity,
-        group_size=args.group_size,
-        include=args.include,
-        exclude=tuple(args.exclude),
-        min_numel=args.min_numel,
-    )
     state = read_state_dict(source)
     progress = None if args.quiet else _progress_printer(sys.stderr)
     tensors, report, shapes = quantize_state_dict(state, config, progress)
