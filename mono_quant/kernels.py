@@ -160,21 +160,8 @@ def onednn_conv2d(
     """
     packed, zero_points = weight.get_conv(int8_weight, kernel_size, weight_scale, x_scale, x_zero_point, geometry)
     return torch.ops.onednn.qconv2d_pointwise(
-        q,
-        weight.x_scale,
-        weight.x_zero_point,
-        packed,
-        weight_scale,
-        zero_points,
-        bias,
-        *geometry,
-        1,
-        1.0,
-        0,
-        torch.float32,
-        "none",
-        [],
-        "",
+        q, weight.x_scale, weight.x_zero_point, packed, weight_scale, zero_points, bias, *geometry, 1,
+        1.0, 0, torch.float32, "none", [], "",
     )
 
 

@@ -227,7 +227,7 @@ def unpack_int4_words(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """
     packed_bytes = _little_endian(packed.contiguous().view(torch.uint8))
     nibbles = torch.stack([packed_bytes & 0xF, packed_bytes >> 4], dim=-1)
-    return nibbles.reshape(packed.shape[0], -1)[:, :cols].to(torch.int8) - 8
+    return (nibbles.reshape(packed.shape[0], -1)[:, :cols].to(torch.int8) - 8)
 
 
 def _little_endian(packed_bytes: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,9 @@ class Int4Linear(Int4Weight, nn.Module, QuantizedLayer):
     def from_float(
         cls, module: nn.Linear, config: QuantizationConfig, activation: ActivationQParams | None = None
     ) -> Int4Linear:
-        layer = cls(module.in_features, module.out_features, module.bias is not None, config.group_size, config.scheme)
+        layer = cls(
+            module.in_features, module.out_features, module.bias is not None, config.group_size, config.scheme
+        )
         layer.store_int4(module.weight, config)
         layer.bias = copy_bias(module)
         return layer

@@ -83,17 +83,8 @@ class Int8Conv2d(Int8Linear):
         xf = x4 if x4.dtype == torch.float32 else x4.float()
         q = kernels.quantize_static_input(xf, self._input_inv_scale, self._input_zero_point_u8, unsigned=True)
         q = q.contiguous(memory_format=torch.channels_last)
-        out = kernels.onednn_conv2d(
-            q,
-            self.input_scale,
-            self._input_zero_point_u8,
-            self._onednn_conv,
-            self.weight,
-            self.kernel_size,
-            self._weight_scale_n,
-            self.bias,
-            self._geometry,
-        )
+        out = kernels.onednn_conv2d(q, self.input_scale, self._input_zero_point_u8, self._onednn_conv, self.weight,
+                                    self.kernel_size, self._weight_scale_n, self.bias, self._geometry)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out if x.dim() == 4 else out.squeeze(0)

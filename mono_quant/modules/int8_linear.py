@@ -176,9 +176,8 @@ class Int8Linear(nn.Module, QuantizedLayer):
         """CPU batches: uint8 activations against oneDNN's packed weight, rescale and bias fused."""
         zero_point = self._input_zero_point_u8
         q = kernels.quantize_static_input(x, self._input_inv_scale, zero_point, unsigned=True)
-        return kernels.onednn_linear(
-            q, self.input_scale, zero_point, self._onednn, self.weight, self._weight_scale_n, self.bias
-        )
+        return kernels.onednn_linear(q, self.input_scale, zero_point, self._onednn, self.weight, self._weight_scale_n,
+                                     self.bias)
 
     def metadata(self) -> dict[str, Any]:
         return {
