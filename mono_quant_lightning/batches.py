@@ -14,7 +14,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from torch import nn
 
-from mono_quant.errors import ConfigError
+import mono_quant as mq
 from mono_quant_lightning.core_api import TARGET_KEYS
 
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -37,7 +37,7 @@ def default_batch_fn(batch: Any) -> tuple[Any, Any]:
         key = next((k for k in ("target", "targets", "label", "labels", "y") if k in batch), None)
         if key is not None:
             return {k: v for k, v in batch.items() if k not in TARGET_KEYS}, batch[key]
-    raise ConfigError(
+    raise mq.ConfigError(
         f"cannot find the target of a batch of type {type(batch).__name__} for metric=; pass "
         "QuantizationCallback(batch_fn=lambda batch: (inputs, target)), or gate on a value validation_step logs "
         "with monitor='...'"

@@ -19,7 +19,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 import mono_quant as mq
-from mono_quant.config import QuantDtype
 from mono_quant_lightning import checkpoint_io, export
 from mono_quant_lightning.batches import BatchFn
 from mono_quant_lightning.evaluation import step_forward
@@ -108,7 +107,7 @@ class QuantizationCallback(Callback):
         super().__init__()
         arguments = parse_arguments(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
         self.__dict__.update(arguments)
-        self.dtype: QuantDtype = self.config.dtype
+        self.dtype: mq.QuantDtype = self.config.dtype
         self.observation = Observation(self.config, self.calibration_batches)
         self.measurer = Measurer(self)
         self.result: mq.QuantizationResult | None = None
@@ -135,7 +134,7 @@ class QuantizationCallback(Callback):
             >>> QuantizationCallback().calibrates, QuantizationCallback(mode="dynamic").calibrates
             (True, False)
         """
-        return self.dtype is QuantDtype.INT8 and self.mode in (QuantMode.AUTO, QuantMode.STATIC)
+        return self.dtype is mq.QuantDtype.INT8 and self.mode in (QuantMode.AUTO, QuantMode.STATIC)
 
     def state_dict(self) -> dict[str, Any]:
         """The last validation epoch's observer statistics, as plain tensors (``weights_only``-loadable).

@@ -21,7 +21,6 @@ from torch import nn
 from torchmetrics import Metric
 
 import mono_quant as mq
-from mono_quant.errors import ConfigError
 from mono_quant_lightning.batches import BatchFn, call_model, default_batch_fn, iterate
 from mono_quant_lightning.core_api import output_tensor
 
@@ -216,8 +215,8 @@ def fidelity(
     return mq.compare(float_module, q_module, batches, step_forward(trainer, options.get("batch_fn")))
 
 
-def _no_forward(module: nn.Module) -> ConfigError:
-    return ConfigError(
+def _no_forward(module: nn.Module) -> mq.ConfigError:
+    return mq.ConfigError(
         f"{type(module).__name__}.validation_step never calls the module's forward (self(...)), so "
         "QuantizationCallback has no outputs to score or compare; pass batch_fn=lambda batch: (inputs, target), "
         "or gate on a value validation_step logs with monitor='...'"

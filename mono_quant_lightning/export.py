@@ -13,7 +13,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mono_quant as mq
-from mono_quant.errors import ConfigError
 from mono_quant_lightning.gate import GateDecision
 
 EXPORT_NAME = "model.quant.safetensors"
@@ -69,7 +68,7 @@ def check_export_dir(export_dir: Path) -> None:
     elif not os.access(existing, os.W_OK | os.X_OK):
         problem = f"is not writable ({existing} does not allow writing)"
     if problem:
-        raise ConfigError(f"QuantizationCallback(export_dir={os.fspath(export_dir)!r}): export_dir {problem}")
+        raise mq.ConfigError(f"QuantizationCallback(export_dir={os.fspath(export_dir)!r}): export_dir {problem}")
 
 
 def write(

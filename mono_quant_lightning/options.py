@@ -9,9 +9,8 @@ from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
 
-from mono_quant.budget import FLOAT, parse_ladder
-from mono_quant.config import ObserverKind, QuantDtype, parse_dtype, parse_enum
-from mono_quant.errors import ConfigError
+from mono_quant import ConfigError, ObserverKind, QuantDtype
+from mono_quant_lightning.core_api import FLOAT, parse_dtype, parse_enum, parse_ladder
 
 
 class QuantMode(str, Enum):

@@ -9,7 +9,6 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
 import mono_quant as mq
-from mono_quant.config import QuantDtype
 from mono_quant_lightning.batches import val_loaders
 from mono_quant_lightning.core_api import select_layers
 from mono_quant_lightning.options import QuantMode
@@ -19,15 +18,15 @@ def check_layers(module: nn.Module, config: mq.QuantizationConfig) -> None:
     """int4 where ``group_size`` fits no layer would export a float model: a ``ConfigError`` naming the layers.
 
     Example:
-        >>> model = nn.Sequential(nn.Linear(48, 8), nn.Linear(8, 2))
+        >>> model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 2))
         >>> try:
-        ...     check_layers(model, mq.QuantizationConfig(dtype="int4", group_size=32))
+        ...     check_layers(model, mq.QuantizationConfig(dtype="int4", group_size=128))
         ... except mq.ConfigError as err:
         ...     print(str(err)[:70])
-        QuantizationCallback(config.group_size=32): no layer takes it, so int4
-        >>> check_layers(model, mq.QuantizationConfig(dtype="int4", group_size=16))
+        QuantizationCallback(config.group_size=128): no layer takes it, so int
+        >>> check_layers(model, mq.QuantizationConfig(dtype="int4", group_size=32))
     """
-    if config.dtype is not QuantDtype.INT4:
+    if config.dtype is not mq.QuantDtype.INT4:
         return
     selection = select_layers(module, config)
     reasons = {name: why for name, why in selection.skipped.items() if "group_size" in why}
