@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torchmetrics import Metric
+from tqdm.auto import tqdm
 
 import mono_quant as mq
 from mono_quant_lightning.batches import BatchFn, call_model, default_batch_fn, iterate
@@ -136,6 +137,7 @@ def evaluate(
     loaders: list[tuple[Any, float]],
     metric: Metric | None = None,
     batch_fn: BatchFn | None = None,
+    desc: str = "validation",
 ) -> Scores:
     """Run ``validation_step`` over ``loaders``; with ``metric``, also score ``forward``'s outputs (or, with
     ``batch_fn``, ``model(inputs)``) against the batch's target.
@@ -157,7 +159,7 @@ def evaluate(
         score.reset()
     with StepRunner(module, trainer, len(loaders)) as runner:
         module.on_validation_epoch_start()
-        for dataloader_idx, batch_idx, batch in iterate(loaders):
+        for dataloader_idx, batch_idx, batch in progress(trainer, iterate(loaders), desc):
             output = runner.step(batch, batch_idx, dataloader_idx)
             if score is None:
                 continue
@@ -172,6 +174,20 @@ def evaluate(
                 score.update(output_tensor(output), target)
         module.on_validation_epoch_end()
         return runner.scores(None if score is None else float(score.compute()))
+
+
+def progress(trainer: Trainer, batches: Iterable[Any], desc: str) -> Iterable[Any]:
+    """``batches`` with a progress bar on global rank zero that appears only once a pass takes over a second
+    (and only when the trainer shows progress bars).
+
+    Example:
+        >>> import lightning as L
+        >>> list(progress(L.Trainer(logger=False, enable_progress_bar=False), [1, 2], "pass"))
+        [1, 2]
+    """
+    if trainer.progress_bar_callback is None or not trainer.is_global_zero:
+        return batches
+    return tqdm(batches, desc=f"[mono-quant] {desc}", delay=1.0, leave=False, unit="batch")
 
 
 def step_forward(trainer: Trainer, batch_fn: BatchFn | None = None) -> Callable[[nn.Module, Any], Any]:

@@ -51,7 +51,7 @@ def search(
     ranking, qparams = trainer.strategy.broadcast((ranking, qparams), src=0)
     budget = mq.quantize_with_budget(
         module,
-        lambda model: search.score(evaluate(model, trainer, loaders, search.metric, search.batch_fn)),
+        lambda model: search.score(evaluate(model, trainer, loaders, search.metric, search.batch_fn, "fallback pass")),
         config=config,
         max_drop=search.max_drop,
         drop_type=search.drop_type,

@@ -77,8 +77,8 @@ class Measurer:
         loaders = val_loaders(trainer)
         gated = cb.monitor is not None or cb.metric is not None
         if gated:
-            float_scores = evaluate(module, trainer, loaders, cb.metric, cb.batch_fn)
-            quantized = evaluate(result.model, trainer, loaders, cb.metric, cb.batch_fn)
+            float_scores = evaluate(module, trainer, loaders, cb.metric, cb.batch_fn, desc="float validation")
+            quantized = evaluate(result.model, trainer, loaders, cb.metric, cb.batch_fn, desc="quantized validation")
             if cb.higher_is_better is None:
                 cb.higher_is_better = _direction(cb.monitor, cb.monitor_mode, float_scores.higher_is_better)
             self._decide(self.score(float_scores), self.score(quantized))
