@@ -94,10 +94,31 @@ def fit(tmp_path, digits, cb, model=None, **kwargs):
 
 
 def with_outlier(model: Classifier) -> Classifier:
-    """A huge weight on pixel 0 (always 0 in digits): float accuracy is unchanged, int4 groups lose the rest."""
+    """A big weight on pixel 0 (always 0 in digits): float accuracy is unchanged, int4 groups lose the rest."""
     with torch.no_grad():
-        model.net[1].weight[:, 0] = 500.0
+        model.net[1].weight[:, 0] = 2.0
     return model
+
+
+def outlier_classifier(digits) -> Classifier:
+    """Random ReLU features + a ridge-regression head (accurate), with a big weight on pixel 0 (always 0 in
+    digits): the float model is unaffected, but int4 groups of 32 inputs that hold it lose their other weights."""
+    model = with_outlier(Classifier(lr=0.0))  # lr 0: one training step changes nothing
+    with torch.no_grad():
+        hidden = torch.relu(model.net[1](digits[0]))
+        features = torch.cat([hidden, torch.ones(len(hidden), 1)], 1).double()
+        ridge = features.T @ features + 1e-2 * torch.eye(features.shape[1], dtype=torch.float64)
+        solution = torch.linalg.solve(ridge, features.T @ nn.functional.one_hot(digits[1], 10).double()).float()
+        model.net[3].weight.copy_(solution[:-1].T)
+        model.net[3].bias.copy_(solution[-1])
+    return model
+
+
+def one_step_trainer(tmp_path, cb) -> L.Trainer:
+    return L.Trainer(
+        callbacks=[cb], max_epochs=1, limit_train_batches=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+    )  # fmt: skip
 
 
 def test_dict_batches_with_the_zero_argument_callback(tmp_path, digits, caplog):
@@ -145,18 +166,8 @@ def test_int4_failing_the_monitor_gate(tmp_path, digits, on_violation):
         export_dir=tmp_path / "out",
         verbose=False,
     )
-    model = with_outlier(Classifier(lr=0.0))  # lr 0: the outlier stays, the float model is what it is
-    trainer = L.Trainer(
-        callbacks=[cb], max_epochs=1, limit_train_batches=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-    )  # fmt: skip
-    with torch.no_grad():  # a trained head: ridge regression on the hidden features
-        hidden = torch.relu(model.net[1](digits[0]))
-        features = torch.cat([hidden, torch.ones(len(hidden), 1)], 1).double()
-        ridge = features.T @ features + 1e-2 * torch.eye(features.shape[1], dtype=torch.float64)
-        solution = torch.linalg.solve(ridge, features.T @ nn.functional.one_hot(digits[1], 10).double()).float()
-        model.net[3].weight.copy_(solution[:-1].T)
-        model.net[3].bias.copy_(solution[-1])
+    model = outlier_classifier(digits)
+    trainer = one_step_trainer(tmp_path, cb)
     if on_violation == "raise":
         with pytest.raises(QuantizationGateError, match=r"val_acc float .*removed the stale model.quant.safetensors"):
             trainer.fit(model, *data(digits))
@@ -169,6 +180,28 @@ def test_int4_failing_the_monitor_gate(tmp_path, digits, on_violation):
         gate = read_gate(stale)
         assert gate["passed"] is False and gate["metric"] == "val_acc"
         assert gate["drop"] == pytest.approx(cb.decision.drop) and gate["float"] == cb.decision.float_score
+
+
+def test_fallback_scores_candidates_with_the_monitor(tmp_path, digits):
+    cb = QuantizationCallback(
+        config=mq.QuantizationConfig(dtype="int4", group_size=32),
+        monitor="val_acc",
+        max_drop=0.02,
+        on_violation="fallback",
+        export_dir=tmp_path / "out",
+        verbose=False,
+    )
+    one_step_trainer(tmp_path, cb).fit(outlier_classifier(digits), *data(digits))
+    budget = cb.budget
+    assert budget.float_score - budget.quantized_score > 0.1  # plain int4 fails by far
+    assert budget.reached and budget.drop <= 0.02 and budget.moves["net.1"] == "int8"  # the outlier layer moved
+    assert budget.steps[0].layer == "net.1"  # ranked most sensitive by the module's own validation forward
+    assert cb.decision.passed and cb.decision.quantized_score == budget.final_score
+    reloaded = mq.load(cb.export_path, model=Classifier())
+    bits = {"int8": "Int8Linear", "int4": "Int4Linear"}
+    assert {n: type(reloaded.get_submodule(n)).__name__ for n in ("net.1", "net.3")} == {
+        n: bits[p] for n, p in budget.precisions.items()
+    }
 
 
 def test_monitor_never_logged_fails_at_the_first_validation(tmp_path, digits):
