@@ -10,6 +10,7 @@ Example:
 
 from mono_quant.budget import BudgetResult, quantize_with_budget
 from mono_quant.calibration import Calibrator
+from mono_quant.checkpoint import CheckpointResult, quantize_checkpoint
 from mono_quant.config import (
     Granularity,
     HistogramMethod,
@@ -33,6 +34,7 @@ __all__ = [
     "BudgetResult",
     "CalibrationError",
     "Calibrator",
+    "CheckpointResult",
     "ConfigError",
     "FidelityReport",
     "Granularity",
@@ -57,6 +59,7 @@ __all__ = [
     "fold_batchnorm",
     "load",
     "quantize",
+    "quantize_checkpoint",
     "quantize_with_budget",
     "save",
     "static_quantize",

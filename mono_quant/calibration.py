@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mono_quant.config import QuantizationConfig, Scheme
 from mono_quant.copying import eval_mode
@@ -19,6 +21,16 @@ from mono_quant.modules.base import ActivationQParams
 from mono_quant.observers import Observer, Reduce, make_observer
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+class _ModeHandle:
+    """Ends a torch function mode the way ``RemovableHandle.remove`` ends a hook."""
+
+    def __init__(self, mode: TorchFunctionMode) -> None:
+        self.mode = mode
+
+    def remove(self) -> None:
+        self.mode.__exit__(None, None, None)
 
 TARGET_KEYS = frozenset({"target", "targets", "label", "labels", "y"})
 
@@ -74,8 +86,35 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     )
 
 
+_WEIGHT_CALLS = {  # function -> (index of the weight, index of the input)
+    F.linear: (1, 0), F.conv1d: (1, 0), F.conv2d: (1, 0), torch.addmm: (2, 1), torch.Tensor.addmm: (2, 1),
+    torch.matmul: (1, 0), torch.Tensor.matmul: (1, 0), torch.Tensor.__matmul__: (1, 0), torch.mm: (1, 0),
+}  # fmt: skip
+
+
+class _WeightInputObserver(TorchFunctionMode):
+    """Feeds an observer the input of every linear/conv/matmul call whose weight is a watched tensor
+    (or a view of one, such as ``weight.T``), wherever in the model the call is made."""
+
+    def __init__(self, watched: dict[int, Observer]) -> None:
+        super().__init__()
+        self.watched = watched
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        where = _WEIGHT_CALLS.get(func)
+        if where is not None and len(args) > max(where):
+            weight, x = args[where[0]], args[where[1]]
+            observer = self.watched.get(id(weight)) or self.watched.get(id(getattr(weight, "_base", None)))
+            if observer is not None and isinstance(x, torch.Tensor):
+                observer.update(x)
+        return func(*args, **(kwargs or {}))
+
+
 class Calibrator:
     """Observers on named layers, recording each layer's input while attached.
+
+    A layer is a module (its forward input is observed) or a weight tensor (the input of each
+    ``F.linear``/``F.conv*``/``addmm``/``matmul`` that uses it is observed).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -86,7 +125,7 @@ class Calibrator:
         ['0', '2']
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], config: QuantizationConfig) -> None:
+    def __init__(self, layers: Mapping[str, nn.Module | torch.Tensor], config: QuantizationConfig) -> None:
         self.layers = dict(layers)
         self.config = config
         self.observers: dict[str, Observer] = {name: make_observer(config, name) for name in self.layers}
@@ -96,13 +135,21 @@ class Calibrator:
         """Start observing (idempotent)."""
         if self._handles:
             return
+        watched = {}
         for name, layer in self.layers.items():
             observer = self.observers[name]
-            self._handles.append(layer.register_forward_pre_hook(lambda _m, args, obs=observer: obs.update(args[0])))
+            if isinstance(layer, torch.Tensor):
+                watched[id(layer)] = observer
+            else:
+                self._handles.append(layer.register_forward_pre_hook(lambda _m, a, obs=observer: obs.update(a[0])))
+        if watched:
+            mode = _WeightInputObserver(watched)
+            mode.__enter__()
+            self._handles.append(_ModeHandle(mode))
 
     def detach(self) -> None:
         """Stop observing; the layers are left exactly as before ``attach``."""
-        for handle in self._handles:
+        for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
 

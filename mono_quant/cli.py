@@ -61,8 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    q = commands.add_parser("quantize", parents=[common], help="quantize a state_dict file (.pt/.safetensors)")
-    q.add_argument("model_file", metavar="MODEL_FILE", help="a state_dict saved as .pt/.pth/.bin/.ckpt/.safetensors")
+    q = commands.add_parser("quantize", parents=[common], help="quantize a state_dict file or a checkpoint folder")
+    q.add_argument(
+        "model_file",
+        metavar="MODEL_FILE",
+        help="a state_dict (.pt/.safetensors/...), a folder of "
+        "safetensors shards or its *.safetensors.index.json (output: a folder, default SRC.<dtype>)",
+    )
     q.add_argument("-o", "--output", help="output file (.safetensors or .pt); default MODEL_FILE.<dtype>.safetensors")
     q.add_argument("--config", metavar="FILE", help="options from a .toml/.yaml/.json file; flags given here win")
     q.add_argument("--dtype", choices=("int8", "int4", "fp16", "bf16"), help="default int8")
@@ -100,10 +105,21 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}  # flags > file > defaults
     config = QuantizationConfig.from_file(args.config, **given) if args.config else QuantizationConfig(**given)
     source = Path(args.model_file)
-    default_name = f"{source.stem}.{config.dtype.value}.safetensors"
-    output = Path(args.output) if args.output else source.with_name(default_name)
-    if output.suffix not in _OUTPUT_SUFFIXES:
+    checkpoint = source.is_dir() or source.name.endswith(".safetensors.index.json")  # -> quantize_checkpoint
+    dtype = config.dtype.value
+    output = Path(args.output) if args.output else source.with_name(f"{source.stem}.{dtype}.safetensors")
+    if checkpoint and not args.output:
+        folder = (source if source.is_dir() else source.parent).resolve()
+        output = folder.with_name(f"{folder.name}.{dtype}")
+    if not checkpoint and output.suffix not in _OUTPUT_SUFFIXES:
         raise UsageError(f"--output={str(output)!r} must end in .safetensors, .pt or .pth")
+    if checkpoint:
+        from mono_quant.checkpoint import quantize_checkpoint
+
+        result = quantize_checkpoint(source, output, config, progress=False if args.quiet else None)
+        if not args.quiet:
+            print(result)
+        return 0
     state = read_state_dict(source)
     progress = None if args.quiet else _progress_printer(sys.stderr)
     tensors, report, shapes = quantize_state_dict(state, config, progress)

@@ -71,7 +71,10 @@ _DTYPE_ALIASES: dict[Any, QuantDtype] = {
     "bfloat16": QuantDtype.BF16,
 }
 
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
+# subclasses count (a same-padding conv is a Conv2d); transformers' Conv1D counts as a Linear
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.MultiheadAttention,
+)  # fmt: skip
 
 
 def parse_enum(enum_type: type[Enum], value: Any, argument: str) -> Any:

@@ -79,3 +79,51 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def bake_parametrized_weights(model: nn.Module) -> list[str]:
+    """Replace weight norm (old hooks and ``parametrizations``) and other parametrizations by the effective
+    tensor they compute, in place (on the copy ``quantize`` works on); returns the affected module names.
+
+    Example:
+        >>> model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)))
+        >>> bake_parametrized_weights(model), type(model[0].weight).__name__
+        (['0'], 'Parameter')
+    """
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    baked = []
+    for name, module in model.named_modules():
+        hooks = [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, WeightNorm)]
+        for hook in hooks:
+            nn.utils.remove_weight_norm(module, hook.name)
+        if parametrize.is_parametrized(module):
+            # not parametrize.remove_parametrizations: it edits the parametrized class, which the copy
+            # shares with the user's model
+            values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+            module.__class__ = module.__class__.__bases__[0]
+            del module._modules["parametrizations"]
+            for tensor_name, value in values.items():
+                module.register_parameter(tensor_name, nn.Parameter(value, requires_grad=False))
+            hooks.append(None)
+        if hooks:
+            baked.append(name)
+    return baked
+
+
+def reject_meta_model(model: nn.Module) -> None:
+    """Raise a clear error when ``model`` has tensors on the meta device (nothing to quantize).
+
+    Example:
+        >>> reject_meta_model(nn.Linear(2, 2, device="meta"))
+        Traceback (most recent call last):
+        ...
+        mono_quant.errors.QuantizationError: model has tensors on the meta device ('weight'); quantize needs...
+    """
+    meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise QuantizationError(
+            f"model has tensors on the meta device ({meta!r}); quantize needs real weights: load them first "
+            "(model.to_empty(device='cpu') then load_state_dict), or use mq.load for a quantized file"
+        )

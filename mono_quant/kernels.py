@@ -87,14 +87,10 @@ class OneDNNWeight:
 
 
 class OneDNNConvWeight(OneDNNWeight):
-    """oneDNN's packed copy of an int8 convolution weight (plus the static input parameters as Python
-    numbers), built on first use on CPU. A cache like ``OneDNNWeight``: never saved, copied or moved.
-    """
+    """oneDNN's packed copy of an int8 convolution weight, built on first use on CPU.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.x_scale = 1.0
-        self.x_zero_point = 0
+    A cache like ``OneDNNWeight``: never saved, copied or moved.
+    """
 
     def get_conv(
         self,
@@ -104,14 +100,14 @@ class OneDNNConvWeight(OneDNNWeight):
         x_scale: torch.Tensor,
         x_zero_point: torch.Tensor,
         geometry: tuple[list[int], list[int], list[int]],
+        groups: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed weight and its (zero) zero points; ``weight`` is the flat int8 ``[out, in*kh*kw]``."""
         if self.packed is None:
             out_channels = weight.shape[0]
             weight4 = _aligned(weight).reshape(out_channels, -1, *kernel_size)
-            self.x_scale, self.x_zero_point = float(x_scale), int(x_zero_point)
             self.packed = torch.ops.onednn.qconv_prepack(
-                weight4, weight_scale, self.x_scale, self.x_zero_point, *geometry, 1, None
+                weight4, weight_scale, float(x_scale), int(x_zero_point), *geometry, groups, None
             )
             self.zero_points = torch.zeros(out_channels, dtype=torch.int64)
         return self.packed, self.zero_points
@@ -143,12 +139,14 @@ def onednn_conv2d(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     geometry: tuple[list[int], list[int], list[int]],
+    groups: int = 1,
 ) -> torch.Tensor:
     """``conv2d((q - x_zero_point) * x_scale, int8_weight * weight_scale) + bias`` in one oneDNN call, float32 out.
 
     ``q`` is uint8 ``[N, C, H, W]`` (channels-last is fastest; the output has ``q``'s memory format);
-    ``x_scale``/``x_zero_point`` are the layer's fixed static parameters (read once, when the weight is
-    packed); ``int8_weight`` is flat ``[out, C*kh*kw]``; ``geometry`` is ``(stride, padding, dilation)``.
+    ``x_scale``/``x_zero_point`` may change from call to call (oneDNN takes them at run time; measured:
+    a weight packed for one scale gives exact results for another); ``int8_weight`` is flat
+    ``[out, C/groups*kh*kw]``; ``geometry`` is ``(stride, padding, dilation)``.
 
     Example:
         >>> w = torch.ones(4, 2 * 3 * 3, dtype=torch.int8)
@@ -158,11 +156,26 @@ def onednn_conv2d(
         >>> out.shape, out[0, 0, 0, 0].item()
         (torch.Size([1, 4, 3, 3]), 18.0)
     """
-    packed, zero_points = weight.get_conv(int8_weight, kernel_size, weight_scale, x_scale, x_zero_point, geometry)
+    packed, zero_points = weight.get_conv(int8_weight, kernel_size, weight_scale, x_scale, x_zero_point, geometry,
+                                          groups)
     return torch.ops.onednn.qconv2d_pointwise(
-        q, weight.x_scale, weight.x_zero_point, packed, weight_scale, zero_points, bias, *geometry, 1,
+        q, float(x_scale), int(x_zero_point), packed, weight_scale, zero_points, bias, *geometry, groups,
         1.0, 0, torch.float32, "none", [], "",
     )
+
+
+def dynamic_uint8_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point, 1 / scale)`` mapping ``x``'s range (widened to include 0) onto uint8 [0, 255].
+
+    Example:
+        >>> [round(v.item(), 4) for v in dynamic_uint8_params(torch.tensor([0.0, 2.55]))]
+        [0.01, 0.0, 100.0]
+    """
+    low, high = torch.aminmax(x)
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    scale = ((high - low) / 255).clamp_min(1e-12)
+    zero_point = torch.round(-low / scale).clamp(0, 255) + 0.0  # + 0.0: no -0.0
+    return scale, zero_point, 1.0 / scale
 
 
 def use_onednn(x: torch.Tensor) -> bool:

@@ -16,13 +16,15 @@ from torch import nn
 
 from mono_quant.calibration import Calibrator, ForwardFn
 from mono_quant.config import Mode, QuantizationConfig
-from mono_quant.copying import copy_model
+from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
 from mono_quant.fusion import fold_batchnorm_notes
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
+from mono_quant.modules.attach import install, proxy_module
+from mono_quant.modules.registry import layer_config
 from mono_quant.qparams import all_finite
 from mono_quant.report import LayerReport, QuantizationReport
-from mono_quant.selection import calibrated_layers, matches, select_layers
+from mono_quant.selection import calibrated_layers, coverage_warning, matches, select_layers
 
 
 @dataclasses.dataclass
@@ -67,6 +69,11 @@ def quantize(
         >>> result.model[2].input_scale.item() == cal.qparams()["2"].scale.item()
         True
     """
+    if config is not None and not isinstance(config, QuantizationConfig):
+        raise ConfigError(
+            f"config={config!r} is not a QuantizationConfig; pass mq.QuantizationConfig(...) or keywords such as "
+            "dtype='int8'"
+        )
     config = (config or QuantizationConfig()).replace(**overrides) if overrides else (config or QuantizationConfig())
     if isinstance(model, Mapping):
         return _quantize_state_dict(model, config)
@@ -74,24 +81,34 @@ def quantize(
         raise QuantizationError(
             f"model of type {type(model).__name__} is not supported; expected a torch.nn.Module or a state_dict"
         )
+    reject_meta_model(model)
     bytes_before = _module_bytes(model)
     q_model = copy_model(model)
+    bake_parametrized_weights(q_model)  # weight norm & co: the effective weight is what gets quantized
     folded = fold_batchnorm_notes(q_model) if config.fold_batchnorm else {}  # before eval(): train mode stays unfolded
     q_model.eval()
     selection = select_layers(q_model, config)
     selection.skipped.update(folded)
     modules = {name: q_model.get_submodule(name) for name in selection.chosen}
-    for name in modules:
-        _check_finite(name, modules[name])
+    for name, module in modules.items():
+        attachment = selection.attached.get(name)
+        _check_finite(name, proxy_module(module, attachment) if attachment else module)
     activations = _static_activations(q_model, config, calibration_data, forward_fn, activation_qparams)
-    rows = []
+    rows, quantized_numel = [], 0
     for name, cls in selection.chosen.items():
-        float_module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
-        quantized = cls.from_float(float_module, config, activations.get(name))
+        module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
+        attachment = selection.attached.get(name)
+        float_module = proxy_module(module, attachment) if attachment else module
+        quantized = cls.from_float(float_module, layer_config(config, cls), activations.get(name))
         rows.append(layer_report(name, float_module, quantized))
-        _set_submodule(q_model, name, quantized)
-        del float_module
-    report = QuantizationReport(rows, selection.skipped, bytes_before, _module_bytes(q_model))
+        quantized_numel += float_module.weight.numel()
+        if attachment:
+            install(module, attachment, quantized)
+        else:
+            _set_submodule(q_model, name, quantized)
+        del float_module, module
+    warning = coverage_warning(q_model, quantized_numel, selection.skipped)
+    report = QuantizationReport(rows, selection.skipped, bytes_before, _module_bytes(q_model), warning)
     return QuantizationResult(q_model, list(selection.skipped), report, config)
 
 

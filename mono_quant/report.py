@@ -36,6 +36,7 @@ class QuantizationReport:
     skipped: dict[str, str]
     model_bytes_before: int | None = None
     model_bytes_after: int | None = None
+    warning: str = ""  # e.g. "only 40% of the matmul weights were quantized (...)"; printed first
 
     @property
     def bytes_before(self) -> int:
@@ -63,6 +64,7 @@ class QuantizationReport:
             "compression_ratio": self.compression_ratio,
             "model_bytes_before": self.model_bytes_before,
             "model_bytes_after": self.model_bytes_after,
+            "warning": self.warning,
         }
 
     def __str__(self) -> str:
@@ -73,7 +75,8 @@ class QuantizationReport:
         ]
         widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
         line = "  ".join(f"{{:<{w}}}" for w in widths)
-        out = [line.format(*header), line.format(*("-" * w for w in widths))]
+        out = [f"WARNING: {self.warning}"] if self.warning else []
+        out += [line.format(*header), line.format(*("-" * w for w in widths))]
         out += [line.format(*row) for row in rows]
         out.append(
             f"{len(self.layers)} layers quantized: {self.bytes_before:,} -> {self.bytes_after:,} bytes "

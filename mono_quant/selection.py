@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import warnings
 from fnmatch import fnmatchcase
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from mono_quant.config import Mode, QuantizationConfig
-from mono_quant.modules import QuantizedLayer, quantized_class_for
+from mono_quant.modules import QuantizedLayer, QuantizedTensor, quantized_class_for, swapped_types
+from mono_quant.modules.attach import Attachment, attachment_for, proxy_module
 
 
 class Selection(NamedTuple):
-    """``chosen`` maps module name -> quantized class; ``skipped`` maps name -> reason."""
+    """``chosen`` maps module name -> quantized class; ``skipped`` maps name -> reason.
+
+    ``attached`` names the chosen modules that keep their own class and ``forward`` and get a quantized
+    weight tensor instead (``modules/attach.py``); the others are swapped for the quantized class.
+    """
 
     chosen: dict[str, type[QuantizedLayer]]
     skipped: dict[str, str]
+    attached: dict[str, Attachment]
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> str | None:
@@ -39,33 +47,51 @@ def select_layers(model: nn.Module, config: QuantizationConfig) -> Selection:
     """
     chosen: dict[str, type[QuantizedLayer]] = {}
     skipped: dict[str, str] = {}
+    attached: dict[str, Attachment] = {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedLayer):
+        if isinstance(module, QuantizedLayer) or any(isinstance(b, QuantizedTensor) for b in module._buffers.values()):
             skipped[name] = "already quantized"
             continue
         owns_parameters = any(True for _ in module.parameters(recurse=False))
-        if not isinstance(module, config.layer_types):
+        attachment = attachment_for(module)
+        linear_like = attachment is not None and attachment.kind == "linear" and nn.Linear in config.layer_types
+        if not isinstance(module, config.layer_types) and not linear_like:
             if owns_parameters:
-                skipped[name] = f"{type(module).__name__} is not a supported layer type"
+                supported = attachment is not None or type(module) in swapped_types()
+                skipped[name] = f"{type(module).__name__} is " + ("not in layer_types" if supported else
+                                                                    "not a supported layer type")
             continue
-        weight = getattr(module, "weight", None)
+        if attachment is None and type(module) not in swapped_types():
+            if owns_parameters:
+                skipped[name] = f"{type(module).__name__} does not multiply by a weight this library recognises"
+            continue
+        weight = getattr(module, attachment.attribute if attachment else "weight", None)
         if config.include is not None and not matches(name, config.include):
             skipped[name] = f"not matched by include={list(config.include)}"
         elif pattern := matches(name, config.exclude):
             skipped[name] = f"excluded by pattern {pattern!r}"
         elif weight is not None and weight.numel() < config.min_numel:
             skipped[name] = f"{weight.numel()} weights < min_numel={config.min_numel}"
+        elif weight is not None and weight.numel() == 0:
+            skipped[name] = f"{type(module).__name__} has an empty weight {list(weight.shape)}"
+        elif weight is not None and weight.is_meta:
+            skipped[name] = "weight is on the meta device (no values to quantize)"
         else:
-            cls, reason = quantized_class_for(module, config)
+            cls, reason = quantized_class_for(proxy_module(module, attachment) if attachment else module, config)
             if cls is None:
                 skipped[name] = reason
             else:
                 chosen[name] = cls
-    return Selection(chosen, skipped)
+                if attachment is not None:
+                    attached[name] = attachment
+    return Selection(chosen, skipped, attached)
 
 
-def calibrated_layers(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.Module]:
+def calibrated_layers(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.Module | torch.Tensor]:
     """The layers whose inputs static quantization observes (int8 Linear/Conv2d); empty unless static.
+
+    A swapped layer is observed through its module's input; an attached one through the weight tensor
+    (the input of the ``F.linear``/``F.conv2d``... call that uses it, wherever it is called from).
 
     Example:
         >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2))
@@ -74,5 +100,60 @@ def calibrated_layers(model: nn.Module, config: QuantizationConfig) -> dict[str,
     """
     if config.mode is not Mode.STATIC:
         return {}
-    chosen = select_layers(model, config).chosen
-    return {name: model.get_submodule(name) for name, cls in chosen.items() if cls.needs_calibration}
+    selection = select_layers(model, config)
+    targets: dict[str, nn.Module | torch.Tensor] = {}
+    for name, cls in selection.chosen.items():
+        if cls.needs_calibration:
+            module = model.get_submodule(name)
+            attachment = selection.attached.get(name)
+            targets[name] = getattr(module, attachment.attribute) if attachment else module
+    return targets
+
+
+def matmul_weight_numel(module: nn.Module) -> int:
+    """How many weights ``module`` multiplies its input by (0 for norms, activations, containers).
+
+    Example:
+        >>> matmul_weight_numel(nn.Linear(4, 3)), matmul_weight_numel(nn.LayerNorm(4))
+        (12, 0)
+    """
+    attachment = attachment_for(module)
+    if attachment is None and type(module) not in swapped_types():
+        return 0
+    weight = getattr(module, attachment.attribute if attachment else "weight", None)
+    return weight.numel() if isinstance(weight, torch.Tensor) else 0
+
+
+def coverage_warning(model: nn.Module, quantized_numel: int, skipped: dict[str, str]) -> str:
+    """A warning (also issued with ``warnings.warn``) when nothing or under half of the matmul weights of
+    ``model`` (the float model, or the copy before swapping) got quantized; ``""`` otherwise.
+
+    Example:
+        >>> coverage_warning(nn.Sequential(nn.Linear(4, 4)), 0, {"0": "excluded by pattern '0'"})
+        "no layer was quantized (0% of the matmul weights): 0: excluded by pattern '0'"
+    """
+    missed = {}
+    chosen_by_user = ("not matched by include=", "excluded by pattern", "< min_numel=", "not in layer_types")
+    if quantized_numel and all(any(k in r for k in chosen_by_user) for r in skipped.values()):
+        return ""  # the user's own filters left these out
+    for name, reason in skipped.items():
+        if quantized_numel and any(key in reason for key in chosen_by_user):
+            continue
+        try:
+            numel = matmul_weight_numel(model.get_submodule(name))
+        except AttributeError:
+            continue
+        if numel:
+            missed[name] = (numel, reason)
+    total = quantized_numel + sum(numel for numel, _ in missed.values())
+    if total == 0 or quantized_numel / total >= 0.5:
+        return ""
+    share = quantized_numel / total
+    main = sorted(missed.items(), key=lambda item: -item[1][0])[:3]
+    reasons = "; ".join(f"{name or '<root>'}: {reason}" for name, (_, reason) in main)
+    if quantized_numel == 0:
+        message = f"no layer was quantized ({share:.0%} of the matmul weights): {reasons}"
+    else:
+        message = f"only {share:.0%} of the matmul weights were quantized: {reasons}"
+    warnings.warn(message, UserWarning, stacklevel=3)
+    return message

@@ -30,9 +30,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mono_quant.config import QuantizationConfig
+from mono_quant.copying import bake_parametrized_weights
 from mono_quant.errors import SerializationError
 from mono_quant.fusion import FoldedBatchNorm, fold_batchnorm
-from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
+from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer, class_for_kind
+from mono_quant.modules.attach import Attachment, attached_tensors, expected_keys, install, proxy_module
 from mono_quant.report import QuantizationReport
 
 FORMAT_VERSION = 1
@@ -43,9 +45,6 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
-_CLASS_FOR = {("Linear", 8): "Int8Linear", ("Conv2d", 8): "Int8Conv2d", ("Embedding", 8): "Int8Embedding",
-              ("Linear", 4): "Int4Linear", ("Embedding", 4): "Int4Embedding", ("Linear", 16): "HalfLinear",
-              ("Conv2d", 16): "HalfConv2d", ("Embedding", 16): "HalfEmbedding"}  # fmt: skip
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
@@ -127,7 +126,7 @@ def _float_shape(module: nn.Module) -> list[int]:
 
 
 def _model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {
+    layers = {
         name: {
             "class": type(module).__name__,
             **module.metadata(),
@@ -137,6 +136,11 @@ def _model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
         for name, module in model.named_modules()
         if isinstance(module, QuantizedLayer)
     }
+    for name, (attachment, tensor) in attached_tensors(model).items():
+        layer = tensor.layer
+        entry = {"class": type(layer).__name__, **layer.metadata(), "shape": _float_shape(layer), "bias": False}
+        layers[name] = {**entry, "attach": {**attachment.to_dict(), "shape": list(tensor.shape)}}
+    return layers
 
 
 def _state_dict_layers(
@@ -155,11 +159,11 @@ def _state_dict_layers(
                 kinds[name] = ("Linear", 4 if f"{name}.weight_packed" in tensors else 8)
     layers = {}
     for name, (kind, bits) in kinds.items():
-        cls = _CLASS_FOR.get((kind, bits))
+        cls = class_for_kind(kind, bits)
         weight = tensors.get(f"{name}.weight_packed" if bits == 4 else f"{name}.weight")
         if cls is None or weight is None:
             raise SerializationError(f"layer {name!r} ({kind}, {bits} bits) has no matching tensors in the state_dict")
-        entry: dict[str, Any] = {"class": cls, "kind": kind, "mode": "weight_only", "bits": bits}
+        entry: dict[str, Any] = {"class": cls.__name__, "kind": kind, "mode": "weight_only", "bits": bits}
         scale = tensors.get(f"{name}.weight_scale")
         scheme = "asymmetric" if f"{name}.weight_zero_point" in tensors else "symmetric"
         shape = list(weight.shape)
@@ -346,7 +350,7 @@ def load(
     q_model.load_state_dict(read(list(specs)), strict=True, assign=True)
     if dequantize:
         q_model = _dequantize_in_place(q_model)
-    return q_model.to(map_location)
+    return q_model.to(map_location).eval()
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spec]]:
@@ -494,8 +498,11 @@ def _check_against_metadata(path: Path, layers: dict[str, dict[str, Any]], specs
     for name, entry in layers.items():
         shell = _shell(path, name, _meta_float_module(entry), entry)
         prefix = f"{name}." if name else ""
-        expected = {prefix + k: (v.dtype, tuple(v.shape)) for k, v in shell.state_dict().items()}
+        names = expected_keys(shell, entry["attach"]["attribute"] if "attach" in entry else None)
+        expected = {prefix + names[k]: (v.dtype, tuple(v.shape)) for k, v in shell.state_dict().items()}
         found = {k: v for k, v in specs.items() if k.rpartition(".")[0] == name}
+        if "attach" in entry:  # the owner's other tensors (bias, ...) are checked against the model
+            found = {k: v for k, v in found.items() if k in expected}
         _check_specs(path, found, expected, f"the metadata of layer {name!r}")
 
 
@@ -560,6 +567,16 @@ def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]
         if module is None:
             raise SerializationError(f"cannot load {path}: layer {name!r} is not in the given model")
         cls = classes[name] = _class_for(module, entry)
+        if "attach" in entry:
+            attribute = entry["attach"]["attribute"]
+            if list(getattr(module, attribute, torch.empty(0)).shape) != entry["attach"]["shape"]:
+                raise SerializationError(
+                    f"cannot load {path}: layer {name!r} has no {attribute!r} of shape {entry['attach']['shape']} "
+                    "in the given model"
+                )
+            tensor = getattr(module, attribute)
+            memo[id(tensor)] = _meta_like(tensor)
+            continue
         if type(module) is not cls.float_type:
             raise SerializationError(
                 f"cannot load {path}: layer {name!r} is {type(module).__name__} in the given model "
@@ -574,8 +591,14 @@ def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]
         for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
             memo[id(tensor)] = copy.deepcopy(tensor, {}) if tensor.is_meta else _meta_like(tensor)
     q_model = copy.deepcopy(model, memo)
+    bake_parametrized_weights(q_model)  # as quantize did: weight norm & co. became plain weights
     modules = dict(q_model.named_modules())
     for name, entry in layers.items():
+        if "attach" in entry:
+            attachment = Attachment(**{k: v for k, v in entry["attach"].items() if k != "shape"})
+            proxy = proxy_module(modules[name], attachment)
+            install(modules[name], attachment, _shell(path, name, proxy, {**entry, "class": classes[name].__name__}))
+            continue
         shell = _shell(path, name, modules[name], {**entry, "class": classes[name].__name__})
         if not name:
             return shell
@@ -625,6 +648,10 @@ def dequantize(q_model: nn.Module) -> nn.Module:
 def _dequantize_in_place(model: nn.Module) -> nn.Module:
     if isinstance(model, QuantizedLayer):
         return model.dequantize()
+    for name, (attachment, tensor) in attached_tensors(model).items():
+        module = model.get_submodule(name)
+        del module._buffers[attachment.attribute]
+        module.register_parameter(attachment.attribute, nn.Parameter(tensor.dequantize(), requires_grad=False))
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLayer):
             plain = module.dequantize().train(module.training)
@@ -638,11 +665,19 @@ def _dequantize_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict
     out = dict(tensors)
     for name, entry in layers.items():
         prefix = f"{name}." if name else ""
-        own = {k[len(prefix) :]: out.pop(k) for k in list(out) if k.rpartition(".")[0] == name}
+        attach = entry.get("attach")
         with torch.device("meta"):
             shell = QUANTIZED_CLASSES[entry["class"]].from_metadata(_meta_float_module(entry), entry)
+        names = expected_keys(shell, attach["attribute"] if attach else None)
+        own = {key: out.pop(prefix + names[key]) for key in shell.state_dict()}
         shell.load_state_dict(own, strict=True, assign=True)
-        out[f"{prefix}weight"] = shell.dequantized_weight().float().reshape(entry["shape"])
+        weight = shell.dequantized_weight().float()
+        if attach:
+            weight = weight.squeeze(-2) if attach["kind"] == "conv1d" else weight
+            weight = weight.t() if attach["transposed"] else weight
+            out[prefix + attach["attribute"]] = weight.reshape(attach["shape"])
+            continue
+        out[f"{prefix}weight"] = weight.reshape(entry["shape"])
         if "bias" in own:
             out[f"{prefix}bias"] = own["bias"].float()
     return out

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import mono_quant as mq
-from mono_quant.modules import Int8Conv2d
+from mono_quant.modules import Int8Conv2d, quantized_layers
 from mono_quant.qparams import sqnr_db
 
 
@@ -53,14 +53,14 @@ def test_static_int8_agrees_with_float_on_digits(trained: tuple, static: nn.Modu
     assert (int8_pred == float_pred).float().mean().item() >= 0.99
     assert 100 * (float_acc - (int8_pred == test_y).float().mean().item()) <= 0.5
     assert not any(isinstance(m, nn.BatchNorm2d) for m in static.modules())  # folded
-    assert sum(isinstance(m, Int8Conv2d) for m in static.modules()) == 9
+    assert sum(isinstance(m, Int8Conv2d) for m in quantized_layers(static).values()) == 9
 
 
 def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
         module.register_forward_pre_hook(lambda mod, args, name=name: inputs.setdefault(name, args[0]))
-        for name, module in model.named_modules()
+        for name, module in quantized_layers(model).items()
         if isinstance(module, Int8Conv2d)
     ]
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_onednn_convolution_matches_im2col(trained: tuple, static: nn.Module) ->
     assert len(inputs) == 9
     with torch.no_grad():
         for name, x in inputs.items():
-            layer = static.get_submodule(name)
+            layer = quantized_layers(static)[name]
             fast, reference = layer(x), layer._im2col_forward(x)
             assert layer._onednn_conv.packed is not None, name  # the oneDNN path served it
             assert fast.shape == reference.shape
@@ -95,7 +95,7 @@ def test_fallbacks_match(trained: tuple) -> None:
             assert sqnr_db(reference, q(x)) > 20, options
         conv = nn.Conv2d(16, 8, 3, stride=2, padding=2, dilation=2, bias=False)
         data = torch.randn(4, 16, 11, 9)
-        layer = mq.quantize(nn.Sequential(conv), mode="static", calibration_data=[data]).model[0]
+        layer = mq.quantize(nn.Sequential(conv), mode="static", calibration_data=[data]).model[0].weight.layer
         assert sqnr_db(layer._im2col_forward(data), layer(data)) > 40
         assert sqnr_db(conv(data), layer(data)) > 30
 
@@ -106,7 +106,7 @@ def test_save_load_and_deepcopy_keep_the_fast_path(trained: tuple, static: nn.Mo
     with torch.no_grad():
         expected = static(x)
         copied = copy.deepcopy(static)
-        assert copied.stem[0]._onednn_conv.packed is None  # a cache, not state
+        assert copied.stem[0].weight.layer._onednn_conv.packed is None  # a cache, not state
         assert torch.equal(copied(x), expected)
         path = os.path.join(tempfile.mkdtemp(), "cnn.safetensors")
         mq.save(static, path)

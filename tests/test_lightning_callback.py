@@ -316,7 +316,7 @@ def test_sidecars_follow_top_k_rotation_save_last_and_weights_only(tmp_path, dig
     assert ckpts == ["epoch=2-step=24", "epoch=3-step=32", "last"]
     assert sidecars == [*ckpts, "model"]
     q = mq.load(ckpt_dir / "epoch=2-step=24.quant.safetensors", model=DigitsCNN())
-    assert type(q.net[0]).__name__ == "Int8Conv2d"
+    assert type(q.net[0].weight.layer).__name__ == "Int8Conv2d"
     assert not list(ckpt_dir.glob("*.tmp*"))
 
 

@@ -108,12 +108,6 @@ def test_int8_conv2d_matches_float(mode):
     assert torch.allclose(q.dequantize()(x), F.conv2d(x, q.dequantized_weight(), conv.bias, 2, 1), atol=1e-5)
 
 
-def test_conv_without_int8_path_is_reported():
-    config = QuantizationConfig()
-    assert "groups=4" in Int8Conv2d.unsupported_reason(nn.Conv2d(4, 4, 3, groups=4), config)
-    assert "padding_mode" in Int8Conv2d.unsupported_reason(nn.Conv2d(4, 4, 3, padding_mode="reflect"), config)
-
-
 def test_int8_embedding_gathers_rows_exactly_as_dequantized():
     emb = nn.Embedding(50, 24, padding_idx=0)
     q = Int8Embedding.from_float(emb, QuantizationConfig())

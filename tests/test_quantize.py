@@ -7,7 +7,7 @@ from torch import nn
 
 import mono_quant as mq
 from mono_quant import CalibrationError, ConfigError, QuantizationError
-from mono_quant.modules import HalfLinear, Int4Linear, Int8Conv2d, Int8Embedding, Int8Linear
+from mono_quant.modules import HalfLinear, Int4Linear, Int8Conv2d, Int8Embedding, Int8Linear, QuantizedTensor
 from mono_quant.qparams import sqnr_db
 
 
@@ -43,9 +43,12 @@ def test_every_linear_is_replaced_in_a_copy_and_the_input_is_untouched():
     assert model.training  # the user's mode is not changed either
     assert isinstance(q_model.encoder[0], Int8Linear) and isinstance(q_model.head, Int8Linear)
     assert isinstance(q_model.embed, Int8Embedding)
-    # nn.MultiheadAttention reads out_proj.weight directly: its Linear subclass stays float
+    # nn.MultiheadAttention reads out_proj.weight and its own in_proj_weight directly: the modules stay,
+    # their weights become quantized tensors
     assert type(q_model.attn.out_proj) is type(model.attn.out_proj)
-    assert "attn.out_proj" in skipped and "norm" in skipped and "attn" in skipped
+    assert isinstance(q_model.attn.out_proj.weight, QuantizedTensor)
+    assert isinstance(q_model.attn.in_proj_weight, QuantizedTensor)
+    assert skipped == ["norm"]
 
 
 def test_quantized_model_runs_and_stays_close():
@@ -92,7 +95,7 @@ def test_include_exclude_and_min_numel():
 def test_layer_types_restricts_selection():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
     result = mq.quantize(model, layer_types=(nn.Conv2d,))
-    assert isinstance(result.model[0], Int8Conv2d) and isinstance(result.model[2], nn.Linear)
+    assert isinstance(result.model[0].weight.layer, Int8Conv2d) and type(result.model[2]) is nn.Linear
 
 
 def test_static_quantize_calibrates_every_layer_with_its_own_input():

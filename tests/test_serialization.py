@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mono_quant as mq
+from mono_quant.modules import quantized_layers
 from mono_quant.serialization import read_header
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -198,8 +199,9 @@ def test_dequantize_gives_plain_float_model(saved: dict) -> None:
     plain = mq.dequantize(q_model)
     assert [type(m) for m in plain.children()] == [nn.Embedding, nn.Conv2d, nn.Linear, nn.LayerNorm, nn.Linear]
     assert all(p.dtype == torch.float32 for p in plain.parameters())
+    layers = quantized_layers(q_model)
     for name in ("emb", "conv", "fc1", "fc2"):
-        assert torch.equal(getattr(plain, name).weight, getattr(q_model, name).dequantized_weight())
+        assert torch.equal(getattr(plain, name).weight, layers[name].dequantized_weight())
     assert type(q_model.fc1).__name__ == "Int4Linear"  # the input is not modified
 
 

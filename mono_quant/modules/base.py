@@ -26,8 +26,12 @@ class ActivationQParams(NamedTuple):
 class QuantizedLayer:
     """Mixin for quantized modules; see the module docstring for the contract."""
 
-    float_type: ClassVar[type[nn.Module]]
+    float_type: ClassVar[type[nn.Module]]  # set by ``@register(float_type)``
     dtypes: ClassVar[tuple[QuantDtype, ...]]
+    bits: ClassVar[int]  # what files record for the layer
+    # exact float modules are replaced by this class; when False, they keep their class and get a
+    # QuantizedTensor weight backed by it (convolutions: models read ``conv.weight.dtype``, as ViT does)
+    swap_module: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False  # whether static mode calibrates this layer's input
 
     @classmethod

@@ -15,12 +15,14 @@ from torch import nn
 
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer
+from mono_quant.modules.registry import register
 
 _TORCH_DTYPES = {QuantDtype.FP16: torch.float16, QuantDtype.BF16: torch.bfloat16}
 
 
 class _HalfMixin(QuantizedLayer):
     dtypes = (QuantDtype.FP16, QuantDtype.BF16)
+    bits = 16
 
     @classmethod
     def from_float(
@@ -51,6 +53,7 @@ class _HalfMixin(QuantizedLayer):
         return layer
 
 
+@register(nn.Linear)
 class HalfLinear(_HalfMixin, nn.Linear):
     """``nn.Linear`` in fp16/bf16.
 
@@ -59,12 +62,11 @@ class HalfLinear(_HalfMixin, nn.Linear):
         torch.float32
     """
 
-    float_type = nn.Linear
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._cast_call(x, x.dtype)
 
 
+@register(nn.Conv2d)
 class HalfConv2d(_HalfMixin, nn.Conv2d):
     """``nn.Conv2d`` in fp16/bf16.
 
@@ -73,12 +75,13 @@ class HalfConv2d(_HalfMixin, nn.Conv2d):
         torch.Size([1, 2, 3, 3])
     """
 
-    float_type = nn.Conv2d
+    swap_module = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._cast_call(x, x.dtype)
 
 
+@register(nn.Embedding)
 class HalfEmbedding(_HalfMixin, nn.Embedding):
     """``nn.Embedding`` in fp16/bf16, returning float32 rows.
 
@@ -86,8 +89,6 @@ class HalfEmbedding(_HalfMixin, nn.Embedding):
         >>> HalfEmbedding.from_float(nn.Embedding(5, 3), QuantizationConfig(dtype="fp16"))(torch.tensor([1])).dtype
         torch.float32
     """
-
-    float_type = nn.Embedding
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return self._cast_call(indices, torch.float32)

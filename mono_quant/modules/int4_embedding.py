@@ -18,9 +18,11 @@ from torch import nn
 from mono_quant.config import QuantDtype, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer
 from mono_quant.modules.int4_weight import Int4Weight
+from mono_quant.modules.registry import register
 from mono_quant.qparams import unpack_int4_words
 
 
+@register(nn.Embedding)
 class Int4Embedding(Int4Weight, nn.Module, QuantizedLayer):
     """Drop-in ``nn.Embedding`` replacement with int4 group-wise rows (``padding_idx`` kept; no ``max_norm``).
 
@@ -30,8 +32,8 @@ class Int4Embedding(Int4Weight, nn.Module, QuantizedLayer):
         (torch.Size([1, 3, 64]), torch.Size([100, 8]), torch.Size([100, 2]))
     """
 
-    float_type = nn.Embedding
     dtypes = (QuantDtype.INT4,)
+    bits = 4
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, group_size: int, scheme: Scheme

@@ -17,6 +17,7 @@ from mono_quant import kernels
 from mono_quant.config import QuantDtype, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias, float_linear
 from mono_quant.modules.int4_weight import Int4Weight
+from mono_quant.modules.registry import register
 from mono_quant.qparams import (
     unpack_int4_words,
 )
@@ -24,6 +25,7 @@ from mono_quant.qparams import (
 _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 
 
+@register(nn.Linear)
 class Int4Linear(Int4Weight, nn.Module, QuantizedLayer):
     """Drop-in ``nn.Linear`` replacement with int4 group-wise weights (about 1/7 of float bytes).
 
@@ -33,8 +35,8 @@ class Int4Linear(Int4Weight, nn.Module, QuantizedLayer):
         (torch.Size([2, 64]), torch.Size([64, 32]))
     """
 
-    float_type = nn.Linear
     dtypes = (QuantDtype.INT4,)
+    bits = 4
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, scheme: Scheme) -> None:
         super().__init__()

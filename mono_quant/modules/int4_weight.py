@@ -7,6 +7,7 @@ int8 of the same shape when asymmetric, and ``weight_shape`` int64 ``[2]``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -54,6 +55,21 @@ class Int4Weight:
             "scheme": self.scheme.value,
             "group_size": self.group_size,
         }
+
+    @property
+    def weight(self: Any) -> torch.Tensor:
+        """A stand-in with the float weight's shape, dtype (float32) and device, for code that reads
+        ``layer.weight.dtype`` (T5 casts its activations to it). It holds no values (one NaN, broadcast):
+        use ``dequantized_weight()`` for those.
+
+        Example:
+            >>> layer = Int4Weight.__new__(Int4Weight)
+            >>> layer.weight_shape, layer.weight_scale = torch.tensor([4, 64]), torch.ones(4, 1)
+            >>> layer.weight.shape, layer.weight.dtype
+            (torch.Size([4, 64]), torch.float32)
+        """
+        rows, cols = (int(v) for v in self.weight_shape.tolist())
+        return torch.full((), math.nan, device=self.weight_scale.device).expand(rows, cols)
 
     def dequantized_weight(self: Any) -> torch.Tensor:
         q = unpack_int4_words(self.weight_packed, self.weight_packed.shape[1] * 8)

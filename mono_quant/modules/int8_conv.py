@@ -1,16 +1,19 @@
 """``Int8Conv2d``: int8 per-output-channel weights; a real int8 convolution.
 
-Static mode on CPU (symmetric weights) runs oneDNN's u8 x s8 convolution with rescale and bias
-fused, on a packed weight built lazily from the stored one (a cache, never saved). Everything else
-(dynamic and weight-only modes, asymmetric weights, other devices, inside ``torch.compile``) uses
+On CPU (symmetric weights) static and dynamic modes run oneDNN's u8 x s8 convolution with rescale
+and bias fused, on a packed weight built lazily from the stored one (a cache, never saved): static
+with the calibrated input scale, dynamic with one asymmetric uint8 scale per call (the input's
+min/max), which oneDNN takes at run time. Grouped and depthwise convolutions take the same path.
+Everything else (weight-only mode, asymmetric weights, other devices, inside ``torch.compile``) uses
 im2col: the input patches (``F.unfold``) form an ``[N*L, C*kh*kw]`` matrix that goes through the
-``Int8Linear`` path (dynamic per-row, static per-tensor, or weight-only). The weight is stored
-flattened, ``[out, in*kh*kw]`` int8. Grouped/depthwise convolutions, string padding and non-zero
-padding modes have no int8 path here and are skipped with that reason.
+``Int8Linear`` path (one group at a time). The weight is stored flattened, ``[out, in/groups*kh*kw]``
+int8. String padding and non-zero padding modes of an exact ``nn.Conv2d`` are served through the
+weight-tensor path (``modules/weight_tensor.py``), which pads first.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -21,9 +24,11 @@ from mono_quant import kernels
 from mono_quant.config import Mode, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, copy_bias
 from mono_quant.modules.int8_linear import Int8Linear
+from mono_quant.modules.registry import register
 from mono_quant.qparams import quantize_weight
 
 
+@register(nn.Conv2d)
 class Int8Conv2d(Int8Linear):
     """Drop-in ``nn.Conv2d`` replacement.
 
@@ -33,13 +38,14 @@ class Int8Conv2d(Int8Linear):
         (torch.Size([2, 8, 16, 16]), torch.Size([8, 27]))
     """
 
-    float_type = nn.Conv2d
+    swap_module = False
 
     def __init__(self, conv: nn.Conv2d, mode: Mode, scheme: Scheme, scale_shape: tuple[int, ...]) -> None:
         super().__init__(conv.weight[0].numel(), conv.out_channels, conv.bias is not None, mode, scheme, scale_shape)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
+        self.groups = conv.groups
         self._geometry = (list(self.stride), list(self.padding), list(self.dilation))
         self._onednn_conv = kernels.OneDNNConvWeight()
 
@@ -49,8 +55,6 @@ class Int8Conv2d(Int8Linear):
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
-        if module.groups != 1:
-            return f"grouped convolution (groups={module.groups}) has no int8 path"
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} has no int8 path"
         if isinstance(module.padding, str):
@@ -72,8 +76,18 @@ class Int8Conv2d(Int8Linear):
         scale_shape = tuple(metadata.get("scale_shape", (module.out_channels,)))
         return cls(module, Mode(metadata["mode"]), Scheme(metadata["scheme"]), scale_shape)
 
+    def with_geometry(self, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> Int8Conv2d:
+        """A layer sharing this one's int8 state but convolving with other stride/padding/dilation."""
+        twin = copy.copy(self)  # shallow: same buffers; own geometry and kernel cache
+        twin._buffers = dict(self._buffers)
+        twin.stride, twin.padding, twin.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        twin._geometry = (list(twin.stride), list(twin.padding), list(twin.dilation))
+        twin._onednn_conv = kernels.OneDNNConvWeight()
+        return twin
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode is Mode.STATIC and self.weight_zero_point is None and kernels.use_onednn_conv(x):
+        onednn = self.mode is not Mode.WEIGHT_ONLY and self.weight_zero_point is None
+        if onednn and kernels.use_onednn_conv(x):
             return self._onednn_forward(x)
         return self._im2col_forward(x)
 
@@ -81,10 +95,24 @@ class Int8Conv2d(Int8Linear):
         """uint8 activations (channels-last: oneDNN's fast layout) against the packed int8 weight."""
         x4 = x if x.dim() == 4 else x.unsqueeze(0)
         xf = x4 if x4.dtype == torch.float32 else x4.float()
-        q = kernels.quantize_static_input(xf, self._input_inv_scale, self._input_zero_point_u8, unsigned=True)
+        if self.mode is Mode.STATIC:
+            x_scale, zero_point, inv_scale = self.input_scale, self._input_zero_point_u8, self._input_inv_scale
+        else:
+            x_scale, zero_point, inv_scale = kernels.dynamic_uint8_params(xf)
+        q = kernels.quantize_static_input(xf, inv_scale, zero_point, unsigned=True)
         q = q.contiguous(memory_format=torch.channels_last)
-        out = kernels.onednn_conv2d(q, self.input_scale, self._input_zero_point_u8, self._onednn_conv, self.weight,
-                                    self.kernel_size, self._weight_scale_n, self.bias, self._geometry)
+        out = kernels.onednn_conv2d(
+            q,
+            x_scale,
+            zero_point,
+            self._onednn_conv,
+            self.weight,
+            self.kernel_size,
+            self._weight_scale_n,
+            self.bias,
+            self._geometry,
+            self.groups,
+        )
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out if x.dim() == 4 else out.squeeze(0)
@@ -100,15 +128,42 @@ class Int8Conv2d(Int8Linear):
             )
         )
         cols = F.unfold(x4, self.kernel_size, self.dilation, self.padding, self.stride)  # [N, C*k*k, L]
-        out = super().forward(cols.transpose(1, 2))  # [N, L, out]
+        if self.groups == 1:
+            out = super().forward(cols.transpose(1, 2))  # [N, L, out]
+        else:
+            out = torch.cat(
+                [self._group(g).forward(c.transpose(1, 2)) for g, c in enumerate(cols.chunk(self.groups, dim=1))],
+                dim=-1,
+            )
         out = out.transpose(1, 2).reshape(x4.shape[0], self.out_channels, out_h, out_w)
         return out if batched else out.squeeze(0)
 
+    def _group(self, index: int) -> Int8Linear:
+        """The ``Int8Linear`` of one group's output channels (im2col path of grouped convolutions)."""
+        rows = slice(index * self.out_channels // self.groups, (index + 1) * self.out_channels // self.groups)
+        part = Int8Linear(
+            self.in_features,
+            rows.stop - rows.start,
+            self.bias is not None,
+            self.mode,
+            self.scheme,
+            (rows.stop - rows.start,),
+        )
+        part.input_scale, part.input_zero_point = self.input_scale, self.input_zero_point
+        part.weight, part.weight_scale = self.weight[rows], self.weight_scale.expand(self.out_channels)[rows]
+        if self.weight_zero_point is not None:
+            part.weight_zero_point = self.weight_zero_point.expand(self.out_channels)[rows]
+        part.bias = None if self.bias is None else self.bias[rows]
+        part._prepare()
+        return part
+
     def metadata(self) -> dict[str, Any]:
-        return {**super().metadata(), "kind": "Conv2d"}
+        return {**super().metadata(), "kind": "Conv2d", "groups": self.groups}
 
     def dequantized_weight(self) -> torch.Tensor:
-        return super().dequantized_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        return (
+            super().dequantized_weight().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        )
 
     def dequantize(self) -> nn.Conv2d:
         conv = nn.Conv2d(
@@ -118,6 +173,7 @@ class Int8Conv2d(Int8Linear):
             self.stride,
             self.padding,
             self.dilation,
+            self.groups,
             bias=self.bias is not None,
             device=self.weight.device,
         )
@@ -130,5 +186,5 @@ class Int8Conv2d(Int8Linear):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, mode={self.mode.value}"
+            f"padding={self.padding}, groups={self.groups}, mode={self.mode.value}"
         )

@@ -13,9 +13,11 @@ from torch import nn
 
 from mono_quant.config import Granularity, Mode, QuantDtype, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer
+from mono_quant.modules.registry import register
 from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weight
 
 
+@register(nn.Embedding)
 class Int8Embedding(nn.Module, QuantizedLayer):
     """Drop-in ``nn.Embedding`` replacement (``padding_idx`` kept; ``max_norm`` is not supported).
 
@@ -25,8 +27,8 @@ class Int8Embedding(nn.Module, QuantizedLayer):
         (torch.Size([1, 3, 16]), torch.int8)
     """
 
-    float_type = nn.Embedding
     dtypes = (QuantDtype.INT8,)
+    bits = 8
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None) -> None:
         super().__init__()

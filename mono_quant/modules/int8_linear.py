@@ -22,9 +22,11 @@ from torch import nn
 from mono_quant import kernels
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias, float_linear
+from mono_quant.modules.registry import register
 from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weight
 
 
+@register(nn.Linear)
 class Int8Linear(nn.Module, QuantizedLayer):
     """Drop-in replacement for ``nn.Linear`` holding int8 weights (``[out, in]``) and float scales.
 
@@ -34,8 +36,8 @@ class Int8Linear(nn.Module, QuantizedLayer):
         (torch.Size([3, 32]), torch.int8)
     """
 
-    float_type = nn.Linear
     dtypes = (QuantDtype.INT8,)
+    bits = 8
     needs_calibration = True  # in static mode
 
     def __init__(
