@@ -99,14 +99,15 @@ def _parser() -> argparse.ArgumentParser:
         "'state_dict', 'model' or 'module')",
     )
     q.add_argument("-o", "--output", help="output file (.safetensors or .pt); default MODEL_FILE.<dtype>.safetensors")
-    q.add_argument("--dtype", default="int8", choices=("int8", "int4", "fp16", "bf16"))
-    q.add_argument("--mode", default="dynamic", choices=("dynamic", "weight_only"), help="static needs a model")
-    q.add_argument("--scheme", default="symmetric", choices=("symmetric", "asymmetric"))
-    q.add_argument("--granularity", default="per_channel", choices=("per_channel", "per_tensor"))
-    q.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    q.add_argument("--config", metavar="FILE", help="options from a .toml/.yaml/.json file; flags given here win")
+    q.add_argument("--dtype", choices=("int8", "int4", "fp16", "bf16"), help="default int8")
+    q.add_argument("--mode", choices=("dynamic", "weight_only"), help="default dynamic (static needs a model)")
+    q.add_argument("--scheme", choices=("symmetric", "asymmetric"), help="default symmetric")
+    q.add_argument("--granularity", choices=("per_channel", "per_tensor"), help="default per_channel")
+    q.add_argument("--group-size", type=int, help="int4 group size (default 128)")
     q.add_argument("--include", action="append", metavar="GLOB", help="only layers matching (repeatable)")
-    q.add_argument("--exclude", action="append", metavar="GLOB", default=[], help="skip matching layers")
-    q.add_argument("--min-numel", type=int, default=0, help="skip layers with fewer weights")
+    q.add_argument("--exclude", action="append", metavar="GLOB", help="skip matching layers")
+    q.add_argument("--min-numel", type=int, help="skip layers with fewer weights (default 0)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     q.set_defaults(run=_cmd_quantize)
 
@@ -131,26 +132,20 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from mono_quant.config import QuantizationConfig
     from mono_quant.serialization import save_state_dict
 
+    names = ("dtype", "mode", "scheme", "granularity", "group_size", "include", "exclude", "min_numel")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}  # flags > file > defaults
+    config = QuantizationConfig.from_file(args.config, **given) if args.config else QuantizationConfig(**given)
     source = Path(args.model_file)
     checkpoint = source.is_dir() or source.name.endswith(".safetensors.index.json")  # -> quantize_checkpoint
-    output = Path(args.output) if args.output else source.with_name(f"{source.stem}.{args.dtype}.safetensors")
+    dtype = config.dtype.value
+    output = Path(args.output) if args.output else source.with_name(f"{source.stem}.{dtype}.safetensors")
     if checkpoint and not args.output:
         folder = (source if source.is_dir() else source.parent).resolve()
-        output = folder.with_name(f"{folder.name}.{args.dtype}")
+        output = folder.with_name(f"{folder.name}.{dtype}")
     if not checkpoint and output.suffix not in _OUTPUT_SUFFIXES:
         raise UsageError(f"--output={str(output)!r} must end in .safetensors, .pt or .pth")
     if same_file(source, output):
         raise UsageError(f"--output={str(output)!r} is the input file {str(source)!r}; choose another output path")
-    config = QuantizationConfig(
-        dtype=args.dtype,
-        mode=args.mode,
-        scheme=args.scheme,
-        granularity=args.granularity,
-        group_size=args.group_size,
-        include=args.include,
-        exclude=tuple(args.exclude),
-        min_numel=args.min_numel,
-    )
     if checkpoint:
         from mono_quant.checkpoint import quantize_checkpoint
 
@@ -162,7 +157,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     _check_include(state, args.include)
     progress = None if args.quiet else _progress_printer(sys.stderr)
     tensors, report, shapes = quantize_state_dict(state, config, progress)
-    _check_report(report, args)
+    _check_report(report, config)
     save_state_dict(tensors, output, config=config, report=report, float_shapes=shapes)
     if not args.quiet:
         print(report)
@@ -189,7 +184,7 @@ def _check_include(state: dict[str, Any], include: list[str] | None) -> None:
         raise UsageError(f"--include {unmatched[0]!r} matches no layer; the layers are {names[:8]}")
 
 
-def _check_report(report: Any, args: argparse.Namespace) -> None:
+def _check_report(report: Any, config: Any) -> None:
     """Nothing quantized is an error; layers an explicit option could not apply to get a warning."""
     if not report.layers:
         reasons = sorted(set(report.skipped.values()))
@@ -197,7 +192,7 @@ def _check_report(report: Any, args: argparse.Namespace) -> None:
     group = [name for name, why in report.skipped.items() if "group_size" in why]
     if group:
         print(
-            f"{PROG}: warning: --group-size={args.group_size} left {len(group)} layer(s) in float: "
+            f"{PROG}: warning: --group-size={config.group_size} left {len(group)} layer(s) in float: "
             f"{report.skipped[group[0]]} ({group[0]})",
             file=sys.stderr,
         )

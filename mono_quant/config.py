@@ -7,8 +7,11 @@ enums below at construction, so the rest of the library compares enums, never st
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Iterable, Sequence
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -171,6 +174,34 @@ class QuantizationConfig:
             raise ConfigError(f"layer_types={self.layer_types!r} must be a non-empty tuple of nn.Module classes")
         put("layer_types", types)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> QuantizationConfig:
+        r"""Read options from a TOML, YAML or JSON file; ``overrides`` win over the file, the file over defaults.
+
+        The file holds the fields of this class at its top level (``layer_types`` excepted); an unknown key is
+        a ``ConfigError`` naming the key and the file.
+
+        Example:
+            >>> import tempfile
+            >>> path = Path(tempfile.mkdtemp()) / "quant.toml"
+            >>> _ = path.write_text('dtype = "int4"\ngroup_size = 64\nexclude = ["head"]\n')
+            >>> cfg = QuantizationConfig.from_file(path, group_size=32)
+            >>> cfg.dtype, cfg.group_size, cfg.exclude
+            (<QuantDtype.INT4: 'int4'>, 32, ('head',))
+        """
+        path = Path(path)
+        data = _read_options(path)
+        allowed = {f.name for f in dataclasses.fields(cls)} - {"layer_types"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"{path}: unknown option {unknown[0]!r}; expected some of {sorted(allowed)}")
+        try:
+            return cls(**{**data, **overrides})
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        except TypeError as err:  # an unknown keyword in overrides
+            raise ConfigError(f"QuantizationConfig.from_file({os.fspath(path)!r}, ...): {err}") from None
+
     def replace(self, **changes: Any) -> QuantizationConfig:
         """Return a validated copy with ``changes`` applied; unknown names raise ``ConfigError``.
 
@@ -202,6 +233,37 @@ class QuantizationConfig:
                 value = list(value)
             out[f.name] = value
         return out
+
+
+def _read_options(path: Path) -> dict[str, Any]:
+    """The mapping in a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(path.read_text())
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+        elif suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            raise ConfigError(f"config file {path}: unknown extension {suffix!r}; expected .toml, .yaml, .yml or .json")
+    except ImportError as err:
+        raise ConfigError(f"config file {path}: reading {suffix} needs {err.name} (pip install pyyaml)") from None
+    except ValueError as err:  # TOML, YAML (via its own errors below) and JSON syntax
+        raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {err}") from None
+    except Exception as err:  # yaml.YAMLError
+        if type(err).__module__.startswith("yaml"):
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of options, not {type(data).__name__}")
+    return data
 
 
 def _patterns(value: Any, argument: str) -> tuple[str, ...] | None:

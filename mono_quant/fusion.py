@@ -102,6 +102,8 @@ def fold_batchnorm_notes(
         >>> fold_batchnorm_notes(model.eval(), torch.randn(2, 1, 8, 8))
         {'1': 'folded into 0'}
     """
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return {}  # nothing to fold: no forward passes
     feed = forward_fn or default_forward
     reference = None
     if example is not None:

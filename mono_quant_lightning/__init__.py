@@ -8,15 +8,18 @@ Example:
 
 from mono_quant_lightning.callback import QuantizationCallback
 from mono_quant_lightning.gate import DropType, GateDecision, QuantizationGateError, decide
-from mono_quant_lightning.options import OnViolation, QuantizeOn, QuantMode
+from mono_quant_lightning.loading import load_quantized
+from mono_quant_lightning.options import MonitorMode, OnViolation, QuantizeOn, QuantMode
 
 __all__ = [
     "DropType",
     "GateDecision",
+    "MonitorMode",
     "OnViolation",
     "QuantMode",
     "QuantizationCallback",
     "QuantizationGateError",
     "QuantizeOn",
     "decide",
+    "load_quantized",
 ]

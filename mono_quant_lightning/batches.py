@@ -1,17 +1,21 @@
-"""How the callback reads batches: split into ``(inputs, target)``, feed a model, find validation loaders."""
+"""What the callback needs to know about batches: the target of a batch and the fit's validation loaders.
+
+The module's own ``validation_step`` decides how a batch feeds the model; only the callback's own
+``metric=`` needs a target, and only ``batch_fn=`` (an optional override) needs the inputs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import itertools
+import math
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 
-from mono_quant.calibration import TARGET_KEYS
-from mono_quant.errors import ConfigError
+import mono_quant as mq
+from mono_quant_lightning.core_api import TARGET_KEYS
 
 BatchFn = Callable[[Any], tuple[Any, Any]]
 
@@ -20,6 +24,7 @@ def default_batch_fn(batch: Any) -> tuple[Any, Any]:
     """Split a batch into ``(inputs, target)``: tuples/lists by first and last item, dicts by key.
 
     Example:
+        >>> import torch
         >>> default_batch_fn((torch.zeros(2, 3), torch.ones(2)))[1]
         tensor([1., 1.])
         >>> inputs, target = default_batch_fn({"pixels": torch.zeros(2, 3), "label": torch.ones(2)})
@@ -32,13 +37,21 @@ def default_batch_fn(batch: Any) -> tuple[Any, Any]:
         key = next((k for k in ("target", "targets", "label", "labels", "y") if k in batch), None)
         if key is not None:
             return {k: v for k, v in batch.items() if k not in TARGET_KEYS}, batch[key]
-    raise ConfigError(
-        f"cannot split a batch of type {type(batch).__name__} into (inputs, target); pass "
-        "QuantizationCallback(batch_fn=lambda batch: (inputs, target))"
+    raise mq.ConfigError(
+        f"cannot find the target of a batch of type {type(batch).__name__} for metric=; pass "
+        "QuantizationCallback(batch_fn=lambda batch: (inputs, target)), or gate on a value validation_step logs "
+        "with monitor='...'"
     )
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Feed ``inputs``: a dict as keyword arguments, a tuple/list as positional ones, anything else as is.
+
+    Example:
+        >>> import torch
+        >>> call_model(nn.Linear(3, 1), torch.zeros(2, 3)).shape
+        torch.Size([2, 1])
+    """
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (list, tuple)):
@@ -46,27 +59,15 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def make_forward(batch_fn: BatchFn | None) -> Callable[[nn.Module, Any], Any]:
-    def feed(model: nn.Module, batch: Any) -> Any:
-        device = next((p.device for p in model.parameters()), None)
-        if device is None:
-            device = next((b.device for b in model.buffers()), torch.device("cpu"))
-        batch = move_data_to_device(batch, device)
-        if batch_fn is not None:
-            inputs = batch_fn(batch)[0]
-        elif isinstance(batch, torch.Tensor):
-            inputs = batch
-        elif isinstance(batch, Mapping):
-            inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
-        else:
-            inputs = default_batch_fn(batch)[0]
-        return call_model(model, inputs)
+def val_loaders(trainer: Trainer) -> list[tuple[Any, float]]:
+    """The fit's validation loaders (sharded per process by Lightning) with their batch limits
+    (``limit_val_batches`` applied); empty when validation does not run.
 
-    return feed
-
-
-def val_loaders(trainer: Trainer) -> list[Any]:
-    """The fit validation dataloader(s) (already sharded per process by Lightning); empty when there are none."""
+    Example:
+        >>> import lightning as L
+        >>> val_loaders(L.Trainer(logger=False, enable_progress_bar=False))
+        []
+    """
     loaders = trainer.val_dataloaders
     if loaders is None:
         return []
@@ -74,11 +75,20 @@ def val_loaders(trainer: Trainer) -> list[Any]:
         loaders = list(loaders.values())
     elif not isinstance(loaders, (list, tuple)):
         loaders = [loaders]
-    return [loader for loader in loaders if has_batches(loader)]
+    limits = list(trainer.num_val_batches) or [math.inf] * len(loaders)
+    return [(loader, limit) for loader, limit in zip(loaders, limits, strict=False) if limit > 0]
 
 
-def has_batches(loader: Any) -> bool:
-    try:
-        return len(loader) > 0
-    except TypeError:
-        return True
+def iterate(loaders: list[tuple[Any, float]], max_batches: float = math.inf) -> Iterator[tuple[int, int, Any]]:
+    """``(dataloader_idx, batch_idx, batch)`` over ``loaders`` within their limits, at most ``max_batches`` in all.
+
+    Example:
+        >>> [(d, b) for d, b, _ in iterate([([1, 2, 3], 2), ([4], 5)])]
+        [(0, 0), (0, 1), (1, 0)]
+    """
+    chained = (
+        (index, batch_idx, batch)
+        for index, (loader, limit) in enumerate(loaders)
+        for batch_idx, batch in enumerate(loader if math.isinf(limit) else itertools.islice(loader, int(limit)))
+    )
+    return chained if math.isinf(max_batches) else itertools.islice(chained, int(max_batches))

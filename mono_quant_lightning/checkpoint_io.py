@@ -4,7 +4,8 @@ Lightning funnels every checkpoint write and delete through ``strategy.checkpoin
 zero only (``ModelCheckpoint`` top-k rotation, ``save_last``, ``save_weights_only``, manual
 ``trainer.save_checkpoint``), so wrapping it is the one place that sees them all. After the wrapped
 plugin writes ``<stem>.ckpt`` this one calls ``write_sidecar(<stem>.quant.safetensors)``; when
-Lightning removes the checkpoint it removes the sidecar too.
+Lightning removes the checkpoint it removes the sidecar too. A sidecar that fails never stops training:
+it warns with the reason, and no stale sidecar of an older checkpoint stays under that name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 SIDECAR_SUFFIX = ".quant.safetensors"
 
@@ -61,10 +64,19 @@ class SidecarCheckpointIO(CheckpointIO):
         self.write_sidecar = write_sidecar
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        """Write the checkpoint through the wrapped plugin, then its quantized sidecar."""
+        """Write the checkpoint through the wrapped plugin, then its quantized sidecar (a failure only warns)."""
         self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        if _is_local(path):
-            self.write_sidecar(sidecar_path(path))
+        if not _is_local(path):
+            return
+        sidecar = sidecar_path(path)
+        try:
+            self.write_sidecar(sidecar)
+        except Exception as err:  # training must never be lost to a sidecar
+            sidecar.unlink(missing_ok=True)  # never leave an older model under this checkpoint's name
+            rank_zero_warn(
+                f"[mono-quant] no quantized sidecar for {Path(path).name} ({type(err).__name__}: {err}); "
+                "the checkpoint was saved and training goes on"
+            )
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
         """Unchanged: checkpoints load exactly as without the callback."""
@@ -78,6 +90,27 @@ class SidecarCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.checkpoint_io.teardown()
+
+
+def install(trainer: Trainer, write_sidecar: Callable[[Path], Any]) -> None:
+    """Wrap the strategy's checkpoint IO (once)."""
+    if not isinstance(trainer.strategy.checkpoint_io, SidecarCheckpointIO):
+        trainer.strategy.checkpoint_io = SidecarCheckpointIO(trainer.strategy.checkpoint_io, write_sidecar)
+
+
+def restore(trainer: Trainer) -> None:
+    """Give the strategy its own checkpoint IO back (teardown, exceptions).
+
+    Example:
+        >>> import lightning as L
+        >>> trainer = L.Trainer(logger=False, enable_progress_bar=False)
+        >>> original = trainer.strategy.checkpoint_io
+        >>> install(trainer, print); restore(trainer); trainer.strategy.checkpoint_io is original
+        True
+    """
+    io = trainer.strategy.checkpoint_io
+    if isinstance(io, SidecarCheckpointIO):
+        trainer.strategy.checkpoint_io = io.checkpoint_io
 
 
 def _is_local(path: Any) -> bool:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from enum import Enum
 
-from mono_quant.errors import QuantizationError
+from mono_quant import QuantizationError
 
 
 class DropType(str, Enum):

@@ -9,9 +9,8 @@ from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
 
-from mono_quant.budget import FLOAT, parse_ladder
-from mono_quant.config import QuantDtype, parse_dtype, parse_enum
-from mono_quant.errors import ConfigError
+from mono_quant import ConfigError, ObserverKind, QuantDtype
+from mono_quant_lightning.core_api import FLOAT, parse_dtype, parse_enum, parse_ladder
 
 
 class QuantMode(str, Enum):
@@ -103,3 +102,154 @@ def parse_metric(metric: Any) -> Any:
     if metric.higher_is_better is None:
         bad_argument("metric", metric, "must declare higher_is_better (True or False) so the drop has a direction")
     return metric
+
+
+class MonitorMode(str, Enum):
+    """The direction of ``monitor``: ``max`` (higher is better, e.g. accuracy) or ``min`` (e.g. a loss)."""
+
+    MAX = "max"
+    MIN = "min"
+
+
+def parse_monitor(monitor: Any, monitor_mode: Any, metric: Any) -> tuple[str | None, MonitorMode | None]:
+    """Validate ``monitor`` / ``monitor_mode`` (and that ``metric`` is not also given).
+
+    Example:
+        >>> parse_monitor("val_acc", "max", None)
+        ('val_acc', <MonitorMode.MAX: 'max'>)
+        >>> parse_monitor(None, "max", None)
+        Traceback (most recent call last):
+        ...
+        mono_quant.errors.ConfigError: QuantizationCallback(monitor_mode='max'): monitor_mode needs monitor='...'
+    """
+    if monitor is not None and (not isinstance(monitor, str) or not monitor):
+        bad_argument("monitor", monitor, "must be the name of a value validation_step logs, e.g. 'val_acc'")
+    if monitor is not None and metric is not None:
+        bad_argument("monitor", monitor, "and metric= are alternatives; gate on one of them")
+    mode = None if monitor_mode is None else checked("monitor_mode", monitor_mode, _parse_mode)
+    if mode is not None and monitor is None:
+        bad_argument("monitor_mode", monitor_mode, "needs monitor='...'")
+    return monitor, mode
+
+
+def _parse_mode(value: Any) -> MonitorMode:
+    return parse_enum(MonitorMode, value, "monitor_mode")
+
+
+def parse_config(config: Any) -> Any:
+    """``config`` must be a ``mono_quant.QuantizationConfig`` (or ``None``).
+
+    Example:
+        >>> parse_config({"dtype": "int4"})
+        Traceback (most recent call last):
+        ...
+        mono_quant.errors.ConfigError: QuantizationCallback(config={'dtype': 'int4'}): config must be a ...
+    """
+    from mono_quant import QuantizationConfig
+
+    if config is not None and not isinstance(config, QuantizationConfig):
+        bad_argument("config", config, "must be a mono_quant.QuantizationConfig(...) (or QuantizationConfig.from_file)")
+    return config
+
+
+def base_config(config: Any, dtype: Any, mode: Any, observer: Any, include: Any, exclude: Any) -> tuple[Any, QuantMode]:
+    """The callback's ``QuantizationConfig`` and mode: explicit arguments > ``config`` > defaults (int8, auto).
+
+    The config's mode is static when the callback calibrates (int8 auto/static); ``mode`` is resolved per export.
+
+    Example:
+        >>> from mono_quant import QuantizationConfig
+        >>> cfg, mode = base_config(QuantizationConfig(dtype="int4", group_size=32), None, None, None, None, None)
+        >>> cfg.group_size, mode
+        (32, <QuantMode.WEIGHT_ONLY: 'weight_only'>)
+        >>> base_config(None, None, None, None, None, None)[1]
+        <QuantMode.AUTO: 'auto'>
+    """
+    from mono_quant import QuantizationConfig
+
+    config = parse_config(config)
+    changes: dict[str, Any] = {}
+    if dtype is not None:
+        changes["dtype"] = checked("dtype", dtype, parse_dtype)
+    if observer is not None:
+        changes["observer"] = checked("observer", observer, lambda v: parse_enum(ObserverKind, v, "observer"))
+    for argument, patterns in (("include", include), ("exclude", exclude)):
+        if patterns is not None and not isinstance(patterns, (str, Iterable)):
+            bad_argument(argument, patterns, "must be a glob pattern or a sequence of them")
+        if patterns is not None:
+            changes[argument] = patterns
+    if mode is None:
+        mode = QuantMode.AUTO if config is None else QuantMode(config.mode.value)
+    parsed = checked("mode", mode, lambda v: parse_enum(QuantMode, v, "mode"))
+    calibrates = parse_dtype(changes.get("dtype", config.dtype if config else "int8")) is QuantDtype.INT8 and (
+        parsed in (QuantMode.AUTO, QuantMode.STATIC)
+    )
+    changes["mode"] = "static" if calibrates else "dynamic" if parsed is QuantMode.AUTO else parsed.value
+    return checked("mode", mode, lambda _: (config or QuantizationConfig()).replace(**changes)), parsed
+
+
+def parse_arguments(**arguments: Any) -> dict[str, Any]:
+    """Validate every ``QuantizationCallback`` argument; the parsed values, by attribute name.
+
+    Example:
+        >>> parsed = parse_arguments(dtype="int4", max_drop=0.02)
+        >>> parsed["config"].dtype, parsed["max_drop"], parsed["fallback_ladder"]
+        (<QuantDtype.INT4: 'int4'>, 0.02, ('int4', 'int8', 'float'))
+    """
+    from pathlib import Path
+
+    a = {
+        "dtype": None,
+        "mode": None,
+        "config": None,
+        "monitor": None,
+        "monitor_mode": None,
+        "metric": None,
+        "max_drop": 0.01,
+        "drop_type": "absolute",
+        "on_violation": "raise",
+        "fallback_ladder": None,
+        "quantize_on": ("fit_end",),
+        "export_dir": None,
+        "observer": None,
+        "include": None,
+        "exclude": None,
+        "calibration_batches": 32,
+        "calibration_dataloader": None,
+        "batch_fn": None,
+        "verbose": True,
+        **arguments,
+    }
+    out: dict[str, Any] = {}
+    out["config"], out["mode"] = base_config(
+        a["config"], a["dtype"], a["mode"], a["observer"], a["include"], a["exclude"]
+    )
+    batches = a["calibration_batches"]
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        bad_argument("calibration_batches", batches, "must be an integer >= 1")
+    out["calibration_batches"] = batches
+    out["quantize_on"] = parse_quantize_on(a["quantize_on"])
+    out["metric"] = parse_metric(a["metric"])
+    out["monitor"], out["monitor_mode"] = parse_monitor(a["monitor"], a["monitor_mode"], out["metric"])
+    max_drop = a["max_drop"]
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < float("inf"):
+        bad_argument("max_drop", max_drop, "must be a finite number >= 0")
+    out["max_drop"] = float(max_drop)
+    from mono_quant_lightning.gate import DropType
+
+    out["drop_type"] = checked("drop_type", a["drop_type"], lambda v: parse_enum(DropType, v, "drop_type"))
+    violation = checked("on_violation", a["on_violation"], lambda v: parse_enum(OnViolation, v, "on_violation"))
+    out["on_violation"] = violation
+    if violation is OnViolation.FALLBACK and out["metric"] is None and out["monitor"] is None:
+        bad_argument("on_violation", a["on_violation"], "needs monitor='...' or metric=... to score")
+    if a["fallback_ladder"] is not None and violation is not OnViolation.FALLBACK:
+        bad_argument("fallback_ladder", a["fallback_ladder"], "is only used with on_violation='fallback'")
+    out["fallback_ladder"] = parse_fallback_ladder(a["fallback_ladder"], out["config"].dtype)
+    if a["batch_fn"] is not None and not callable(a["batch_fn"]):
+        bad_argument("batch_fn", a["batch_fn"], "must be a callable batch -> (inputs, target)")
+    loader = a["calibration_dataloader"]
+    if loader is not None and not isinstance(loader, Iterable):
+        bad_argument("calibration_dataloader", loader, "must be an iterable of batches (e.g. a DataLoader)")
+    out["calibration_dataloader"], out["batch_fn"], out["verbose"] = loader, a["batch_fn"], bool(a["verbose"])
+    out["export_dir"] = None if a["export_dir"] is None else Path(a["export_dir"])
+    return out

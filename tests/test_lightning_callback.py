@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
 import mono_quant as mq
-from mono_quant.errors import CalibrationError, ConfigError
+from mono_quant.errors import ConfigError
 from mono_quant_lightning import QuantizationCallback, QuantizationGateError, QuantMode
 
 
@@ -109,12 +109,12 @@ def quiet(**kwargs) -> QuantizationCallback:
 # ---------------------------------------------------------------------- default use
 
 
-def test_zero_argument_use(tmp_path, digits, capsys):
+def test_zero_argument_use(tmp_path, digits, caplog):
     train, val = loaders(digits)
     model = DigitsCNN()
     cb = QuantizationCallback()
     trainer(tmp_path, [cb]).fit(model, train, val)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "mode='static' (auto: activation statistics from the last validation epoch)" in out
     assert "quantization report" in out and "fidelity" in out
     assert cb.mode_used is QuantMode.STATIC
@@ -128,12 +128,12 @@ def test_zero_argument_use(tmp_path, digits, capsys):
     torch.testing.assert_close(reloaded(x), cb.result.model(x))
 
 
-def test_auto_mode_without_validation_is_dynamic_and_says_so(tmp_path, digits, capsys):
+def test_auto_mode_without_validation_is_dynamic_and_says_so(tmp_path, digits, caplog):
     train, _ = loaders(digits)
     cb = QuantizationCallback()
     trainer(tmp_path, [cb], max_epochs=1).fit(DigitsCNN(), train)
     assert cb.mode_used is QuantMode.DYNAMIC
-    assert "mode='dynamic' (auto: no validation batches were observed)" in capsys.readouterr().out
+    assert "mode='dynamic' (auto: no validation batches were observed)" in caplog.text
     assert cb.fidelity is None and cb.export_path.is_file()
 
 
@@ -142,7 +142,7 @@ def test_dynamic_and_weight_only_dtypes_do_not_calibrate(tmp_path, digits):
     for cb in (quiet(mode="dynamic"), quiet(dtype="int4"), quiet(dtype="bf16")):
         model = DigitsCNN()
         trainer(tmp_path, [cb], max_epochs=1, enable_checkpointing=False).fit(model, train, val)
-        assert cb._statistics is None
+        assert cb.observation.statistics is None
         assert cb.export_path.is_file()
     assert cb.mode_used is QuantMode.DYNAMIC  # bf16 casts whatever the mode
 
@@ -156,7 +156,7 @@ def test_calibrates_on_fit_validation_only(tmp_path, digits):
     cb = quiet(calibration_batches=100, quantize_on="fit_end")
     t = trainer(tmp_path, [cb], num_sanity_val_steps=2, max_epochs=2)
     t.fit(model, train, val)
-    observers = cb._statistics.observers
+    observers = cb.observation.statistics.observers
     assert sorted(observers) == ["net.0", "net.3", "net.5"]
     # last validation epoch only: not the sanity check (2 more), not training (8 per epoch)
     assert all(int(obs.batches) == 4 for obs in observers.values())
@@ -172,7 +172,7 @@ def test_calibration_batches_limits_observed_batches(tmp_path, digits):
     train, val = loaders(digits)
     cb = quiet(calibration_batches=2, observer="histogram")
     trainer(tmp_path, [cb], max_epochs=1).fit(DigitsCNN(), train, val)
-    assert all(int(obs.batches) == 2 for obs in cb._statistics.observers.values())
+    assert all(int(obs.batches) == 2 for obs in cb.observation.statistics.observers.values())
     assert cb.mode_used is QuantMode.STATIC
 
 
@@ -255,7 +255,7 @@ class OutlierLinear(L.LightningModule):
         return nn.functional.cross_entropy(self(batch[0]), batch[1])
 
     def validation_step(self, batch, batch_idx):
-        pass
+        self(batch[0])  # metric= scores the forward output inside validation_step
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -361,7 +361,7 @@ def test_resume_restores_observer_statistics(tmp_path, digits):
         ({"metric": MulticlassAccuracy}, r"not the class"),
         ({"drop_type": "percent"}, r"QuantizationCallback\(drop_type='percent'\)"),
         ({"on_violation": "ignore"}, r"QuantizationCallback\(on_violation='ignore'\)"),
-        ({"on_violation": "fallback"}, r"QuantizationCallback\(on_violation='fallback'\): .*needs metric="),
+        ({"on_violation": "fallback"}, r"QuantizationCallback\(on_violation='fallback'\): .*needs monitor="),
         ({"fallback_ladder": ("int8", "float")}, r"fallback_ladder=.*only used with on_violation='fallback'"),
         ({"batch_fn": 3}, r"QuantizationCallback\(batch_fn=3\)"),
         ({"exclude": 5}, r"exclude"),
@@ -372,22 +372,34 @@ def test_constructor_validation(kwargs, match):
         QuantizationCallback(**kwargs)
 
 
-@pytest.mark.parametrize("no_validation", ["no_loader", "limit_val_batches"])
-def test_static_without_validation_is_a_clear_error_at_fit_end(tmp_path, digits, no_validation):
+class CountingCNN(DigitsCNN):
+    """Counts training steps, so fail-fast tests can assert that none ran."""
+
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        CountingCNN.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("no_validation", ["no_loader", "limit_val_batches", "no_validation_step"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"mode": "static"}, {"mode": "dynamic", "metric": MulticlassAccuracy(num_classes=10)}, {"monitor": "val_loss"}],
+)
+def test_gates_and_static_mode_without_validation_fail_before_training(tmp_path, digits, no_validation, kwargs):
     train, val = loaders(digits)
-    cb = quiet(mode="static")
+    cb = quiet(**kwargs)
     extra = {"limit_val_batches": 0} if no_validation == "limit_val_batches" else {}
+    model = CountingCNN()
+    if no_validation == "no_validation_step":
+        model.validation_step = None  # Lightning treats a module without validation_step as "no validation"
+    CountingCNN.steps = 0
     t = trainer(tmp_path, [cb], max_epochs=1, **extra)
-    with pytest.raises(CalibrationError, match=r"calibration_dataloader=.*mode='dynamic'"):
-        t.fit(DigitsCNN(), train, val if extra else None)
+    with pytest.raises(ConfigError, match=r"needs validation data, but this fit has none"):
+        t.fit(model, train, None if no_validation == "no_loader" else val)
+    assert CountingCNN.steps == 0
     assert cb.export_path is None
-
-
-def test_metric_without_validation_is_a_clear_error(tmp_path, digits):
-    train, _ = loaders(digits)
-    cb = quiet(mode="dynamic", metric=MulticlassAccuracy(num_classes=10))
-    with pytest.raises(ConfigError, match="needs validation data"):
-        trainer(tmp_path, [cb], max_epochs=1).fit(DigitsCNN(), train)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -71,6 +71,8 @@ SCRIPT = textwrap.dedent(
                     head.weight.copy_(solution[:128].T)
                     head.bias.copy_(solution[128])
                 self.net = nn.Sequential(first, nn.ReLU(), head)
+            if case == "monitor":
+                self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
 
         def forward(self, x):
             return self.net(torch.cat([x, x], 1) if case == "fallback" else x)
@@ -79,7 +81,10 @@ SCRIPT = textwrap.dedent(
             return nn.functional.cross_entropy(self(batch[0]), batch[1])
 
         def validation_step(self, batch, batch_idx):
-            self(batch[0])
+            out = self(batch[0])
+            if case == "monitor":  # the user's own metric, logged the usual way
+                self.val_acc(out, batch[1])
+                self.log("val_acc", self.val_acc)
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay at their seeded values
@@ -88,8 +93,10 @@ SCRIPT = textwrap.dedent(
     # 256 validation samples, batch 32: each rank gets 4 whole batches, no padding duplicates.
     train = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32)
     val = DataLoader(TensorDataset(x[1000:1256], y[1000:1256]), batch_size=32)
-    metric = MulticlassAccuracy(num_classes=10, average="micro") if case != "stats" else None
+    metric = MulticlassAccuracy(num_classes=10, average="micro") if case not in ("stats", "monitor") else None
     options = dict(dtype="int4", on_violation="fallback", max_drop=0.02) if case == "fallback" else {}
+    if case == "monitor":
+        options = dict(monitor="val_acc", max_drop=0.02)
     cb = QuantizationCallback(**{**dict(observer="histogram", calibration_batches=100, metric=metric, max_drop=0.01,
                                         export_dir=out / "export", verbose=False), **options})
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, num_sanity_val_steps=0,
@@ -106,6 +113,10 @@ SCRIPT = textwrap.dedent(
                     quantized_score=b.quantized_score, reached=b.reached, sensitivity=[r.layer for r in b.sensitivity],
                     drop=cb.drop, export=str(cb.export_path))
         (out / f"fallback_rank{trainer.global_rank}.json").write_text(json.dumps(seen))
+    if case == "monitor":
+        d = cb.decision
+        seen = dict(float_score=d.float_score, quantized_score=d.quantized_score, passed=d.passed, drop=d.drop)
+        (out / f"monitor_rank{trainer.global_rank}.json").write_text(json.dumps(seen))
     if trainer.global_rank == 0:
         torch.save(cb.state_dict()["statistics"], out / "ddp_statistics.pt")
     """
@@ -131,7 +142,7 @@ def test_ddp_statistics_equal_single_process_and_one_file(tmp_path):
     proc = run_ddp(tmp_path, "stats")
     assert proc.returncode == 0, proc.stderr[-4000:]
     files = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file())
-    assert files == ["export/model.quant.safetensors"]
+    assert files == ["export/model.quant.report.txt", "export/model.quant.safetensors"]
     ddp = torch.load(tmp_path / "ddp_statistics.pt", weights_only=True)
 
     # One process, the same seeded weights, the union of both ranks' validation data.
@@ -174,7 +185,7 @@ def test_ddp_fallback_takes_the_same_decisions_on_both_ranks(tmp_path):
     assert rank0["reached"] and rank0["moves"] and rank0["float_score"] - rank0["quantized_score"] > 0.02
     assert rank0["evaluations"] == 2 + len(rank0["moves"])  # one kept step per move, no re-rank
     files = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file())
-    assert files == ["export/model.quant.safetensors"]
+    assert files == ["export/model.quant.report.txt", "export/model.quant.safetensors"]
 
     # The scores were all-reduced: the exported model scores the union of both shards (256 items) exactly so.
     digits = load_digits()
@@ -187,3 +198,34 @@ def test_ddp_fallback_takes_the_same_decisions_on_both_ranks(tmp_path):
     with torch.inference_mode():
         accuracy = (q.net(torch.cat([x, x], 1)).argmax(1) == y).float().mean().item()
     assert accuracy == rank0["final_score"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_monitor_gates_on_the_synced_logged_metric(tmp_path):
+    import json
+
+    from sklearn.datasets import load_digits
+
+    proc = run_ddp(tmp_path, "monitor")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"monitor_rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1 and rank0["passed"]
+    # val_acc was computed by the module's own metric, synced over both shards: the whole 256 items.
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32)[1000:1256] / 16.0
+    y = torch.tensor(digits.target)[1000:1256]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    with torch.inference_mode():
+        accuracy = (net(x).argmax(1) == y).float().mean().item()
+    assert rank0["float_score"] == pytest.approx(accuracy, abs=1e-6)
+    q = mq.load(tmp_path / "export" / "model.quant.safetensors", model=_wrap(net))
+    with torch.inference_mode():
+        q_accuracy = (q.net(x).argmax(1) == y).float().mean().item()
+    assert rank0["quantized_score"] == pytest.approx(q_accuracy, abs=1e-6)
+
+
+def _wrap(net: nn.Module) -> nn.Module:
+    wrapper = nn.Module()
+    wrapper.net = net
+    return wrapper

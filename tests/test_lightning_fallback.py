@@ -97,11 +97,11 @@ def fallback(**kwargs) -> QuantizationCallback:
 # ---------------------------------------------------------------------- the budget is reached
 
 
-def test_int4_fallback_reaches_the_budget_and_exports_a_mixed_model_that_reloads(tmp_path, digits, capsys):
+def test_int4_fallback_reaches_the_budget_and_exports_a_mixed_model_that_reloads(tmp_path, digits, caplog):
     logger = CSVLogger(tmp_path, name="logs")
     cb = fallback(dtype="int4", max_drop=0.02, export_dir=tmp_path / "out")
     model = fit(tmp_path, digits, cb, outlier=4.0, logger=logger)
-    out = capsys.readouterr().out
+    out = caplog.text
     budget = cb.budget
 
     assert budget.float_score > 0.9  # it learned the task
@@ -140,7 +140,7 @@ def test_static_int8_fallback_reuses_the_validation_statistics(tmp_path, digits,
     assert cb.mode_used.value == "static" and not runs  # no calibration pass: hooks during validation only
     assert cb.budget.quantized_score < 0.2 and cb.budget.reached
     assert cb.budget.moves == {"net.0": "float"}
-    statistics = cb._statistics.qparams()
+    statistics = cb.observation.statistics.qparams()
     for name in ("net.2", "net.4"):
         assert cb.result.model.get_submodule(name).input_scale.item() == statistics[name].scale.item()
     assert "net.0" in cb.result.skipped
@@ -225,7 +225,7 @@ def test_default_ladders():
         ({"fallback_ladder": 8}, r"QuantizationCallback\(fallback_ladder=8\): .*must be a sequence"),
         ({"fallback_ladder": ("float",)}, r"no quantized rung"),
         ({"dtype": "int4", "fallback_ladder": ("int8", "float")}, r"must start at dtype='int4'"),
-        ({"metric": None}, r"QuantizationCallback\(on_violation='fallback'\): .*needs metric="),
+        ({"metric": None}, r"QuantizationCallback\(on_violation='fallback'\): .*needs monitor="),
         ({"on_violation": "raise", "fallback_ladder": ("int8", "float")}, r"only used with on_violation='fallback'"),
     ],
 )

@@ -1,0 +1,68 @@
+"""Checks that run before the first training step, so a configuration that cannot work fails at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+
+import mono_quant as mq
+from mono_quant_lightning.batches import val_loaders
+from mono_quant_lightning.core_api import select_layers
+from mono_quant_lightning.options import QuantMode
+
+
+def check_layers(module: nn.Module, config: mq.QuantizationConfig) -> None:
+    """int4 where ``group_size`` fits no layer would export a float model: a ``ConfigError`` naming the layers.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 2))
+        >>> try:
+        ...     check_layers(model, mq.QuantizationConfig(dtype="int4", group_size=128))
+        ... except mq.ConfigError as err:
+        ...     print(str(err)[:70])
+        QuantizationCallback(config.group_size=128): no layer takes it, so int
+        >>> check_layers(model, mq.QuantizationConfig(dtype="int4", group_size=32))
+    """
+    if config.dtype is not mq.QuantDtype.INT4:
+        return
+    selection = select_layers(module, config)
+    reasons = {name: why for name, why in selection.skipped.items() if "group_size" in why}
+    if not selection.chosen and reasons:
+        listed = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+        raise mq.ConfigError(
+            f"QuantizationCallback(config.group_size={config.group_size}): no layer takes it, so int4 would leave "
+            f"the whole model float ({listed}); pass config=mono_quant.QuantizationConfig(dtype='int4', "
+            "group_size=...) with a size that divides the layers' input features (e.g. 32)"
+        )
+
+
+def check_data(cb: Any, trainer: Trainer) -> None:
+    """Static mode (without ``calibration_dataloader``), ``monitor`` and ``metric`` need fit validation data."""
+    needs = []
+    if cb.mode is QuantMode.STATIC and cb.calibration_dataloader is None:
+        needs.append("mode='static'")
+    if cb.monitor is not None:
+        needs.append(f"monitor={cb.monitor!r}")
+    if cb.metric is not None:
+        needs.append(f"metric={type(cb.metric).__name__}(...)")
+    if not needs:
+        return
+    try:  # what the first validation would do; a no-op when the sanity check already did it
+        trainer.fit_loop.epoch_loop.val_loop.setup_data()
+    except MisconfigurationException:  # no val dataloader anywhere
+        pass
+    else:
+        if val_loaders(trainer):
+            return
+    raise mq.ConfigError(
+        f"QuantizationCallback({', '.join(needs)}) needs validation data, but this fit has none (no val "
+        f"dataloader, no validation_step, or limit_val_batches=0) for {_name(trainer.lightning_module)}; add a "
+        "validation dataloader" + (", pass calibration_dataloader=..., or use mode='dynamic'" if cb.mode else "")
+    )
+
+
+def _name(module: LightningModule) -> str:
+    return type(module).__name__
