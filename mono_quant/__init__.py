@@ -8,8 +8,8 @@ Example:
     torch.Size([2, 10])
 """
 
-from mono_quant.budget import BudgetResult, quantize_with_budget
-from mono_quant.calibration import Calibrator
+from mono_quant.budget import FLOAT, BudgetResult, parse_ladder, quantize_with_budget
+from mono_quant.calibration import TARGET_KEYS, Calibrator
 from mono_quant.checkpoint import CheckpointResult, quantize_checkpoint
 from mono_quant.config import (
     Granularity,
@@ -19,18 +19,42 @@ from mono_quant.config import (
     QuantDtype,
     QuantizationConfig,
     Scheme,
+    parse_dtype,
+    parse_enum,
 )
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError, SerializationError
-from mono_quant.fidelity import FidelityReport, compare
+from mono_quant.fidelity import FidelityReport, compare, output_tensor
 from mono_quant.fusion import fold_batchnorm
+from mono_quant.modules import (
+    ActivationQParams,
+    QuantizedLayer,
+    QuantizedTensor,
+    quantized_layers,
+    register,
+)
 from mono_quant.observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
 from mono_quant.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize
 from mono_quant.report import LayerReport, QuantizationReport
+from mono_quant.selection import Selection, calibrated_layers, select_layers
 from mono_quant.serialization import dequantize, load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FLOAT",
+    "TARGET_KEYS",
+    "ActivationQParams",
+    "QuantizedLayer",
+    "QuantizedTensor",
+    "Selection",
+    "calibrated_layers",
+    "output_tensor",
+    "parse_dtype",
+    "parse_enum",
+    "parse_ladder",
+    "quantized_layers",
+    "register",
+    "select_layers",
     "BudgetResult",
     "CalibrationError",
     "Calibrator",

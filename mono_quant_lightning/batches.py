@@ -15,7 +15,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 import mono_quant as mq
-from mono_quant_lightning.core_api import TARGET_KEYS
+from mono_quant import TARGET_KEYS
 
 BatchFn = Callable[[Any], tuple[Any, Any]]
 

@@ -22,8 +22,8 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 import mono_quant as mq
+from mono_quant import output_tensor
 from mono_quant_lightning.batches import BatchFn, call_model, default_batch_fn, iterate
-from mono_quant_lightning.core_api import output_tensor
 
 
 @dataclasses.dataclass(frozen=True)

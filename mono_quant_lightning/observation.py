@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
 import mono_quant as mq
-from mono_quant_lightning.core_api import calibrated_layers
+from mono_quant import calibrated_layers
 
 
 class Observation:

@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
 
-from mono_quant import ConfigError, ObserverKind, QuantDtype
-from mono_quant_lightning.core_api import FLOAT, parse_dtype, parse_enum, parse_ladder
+from mono_quant import FLOAT, ConfigError, ObserverKind, QuantDtype, parse_dtype, parse_enum, parse_ladder
 
 
 class QuantMode(str, Enum):

@@ -9,8 +9,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
 import mono_quant as mq
+from mono_quant import select_layers
 from mono_quant_lightning.batches import val_loaders
-from mono_quant_lightning.core_api import select_layers
 from mono_quant_lightning.options import QuantMode
 
 
