@@ -71,10 +71,6 @@ _DTYPE_ALIASES: dict[Any, QuantDtype] = {
     "bfloat16": QuantDtype.BF16,
 }
 
-# subclasses count (a same-padding conv is a Conv2d); transformers' Conv1D counts as a Linear
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.MultiheadAttention,
-)  # fmt: skip
 
 
 def parse_enum(enum_type: type[Enum], value: Any, argument: str) -> Any:
@@ -134,7 +130,7 @@ class QuantizationConfig:
     activation_scheme: Any = Scheme.ASYMMETRIC
     include: Sequence[str] | None = None
     exclude: Sequence[str] = ()
-    layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES
+    layer_types: tuple[type[nn.Module], ...] | None = None  # None: every registered or weight-bearing layer
     min_numel: int = 0
     fold_batchnorm: bool = True
     calibration_batches: int | None = 256  # calibration stops after this many batches; None: no limit
@@ -169,10 +165,11 @@ class QuantizationConfig:
             raise ConfigError(f"calibration_batches={batches!r} must be a positive integer or None (no limit)")
         put("include", _patterns(self.include, "include"))
         put("exclude", _patterns(self.exclude, "exclude") or ())
-        types = tuple(self.layer_types)
-        if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-            raise ConfigError(f"layer_types={self.layer_types!r} must be a non-empty tuple of nn.Module classes")
-        put("layer_types", types)
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+                raise ConfigError(f"layer_types={self.layer_types!r} must be a non-empty tuple of nn.Module classes")
+            put("layer_types", types)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> QuantizationConfig:
@@ -228,7 +225,7 @@ class QuantizationConfig:
             if isinstance(value, Enum):
                 value = value.value
             elif f.name == "layer_types":
-                value = [t.__name__ for t in value]
+                value = None if value is None else [t.__name__ for t in value]
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value

@@ -88,7 +88,7 @@ def _validate_layer(path: Path, name: str, entry: dict[str, Any]) -> None:
         raise bad("mode", f"one of {sorted(_MODES)}")
     if type(entry["bias"]) is not bool:
         raise bad("bias", "true or false")
-    ranks = (2, 4) if kind == "Conv2d" else (2,)
+    ranks = cls.weight_ranks
     shape = checked_shape(entry["shape"], minimum=1)
     if shape is None or len(shape) not in ranks:
         raise bad("shape", f"a list of {' or '.join(map(str, ranks))} positive integers")

@@ -54,8 +54,9 @@ def select_layers(model: nn.Module, config: QuantizationConfig) -> Selection:
             continue
         owns_parameters = any(True for _ in module.parameters(recurse=False))
         attachment = attachment_for(module)
-        linear_like = attachment is not None and attachment.kind == "linear" and nn.Linear in config.layer_types
-        if not isinstance(module, config.layer_types) and not linear_like:
+        types = config.layer_types
+        linear_like = attachment is not None and attachment.kind == "linear" and types and nn.Linear in types
+        if types is not None and not isinstance(module, types) and not linear_like:
             if owns_parameters:
                 supported = attachment is not None or type(module) in swapped_types()
                 skipped[name] = f"{type(module).__name__} is " + ("not in layer_types" if supported else
@@ -63,7 +64,7 @@ def select_layers(model: nn.Module, config: QuantizationConfig) -> Selection:
             continue
         if attachment is None and type(module) not in swapped_types():
             if owns_parameters:
-                skipped[name] = f"{type(module).__name__} does not multiply by a weight this library recognises"
+                skipped[name] = f"{type(module).__name__} is not a supported layer type"
             continue
         weight = getattr(module, attachment.attribute if attachment else "weight", None)
         if config.include is not None and not matches(name, config.include):

@@ -243,15 +243,9 @@ def _parse_metadata(path: Path, text: Any) -> dict[str, Any]:
     return metadata
 
 
-def _meta_float_module(entry: dict[str, Any]) -> nn.Module:
-    """A float module on the meta device shaped per a layer entry (no memory, no init cost)."""
-    shape, bias, kind = entry["shape"], bool(entry["bias"]), entry["kind"]
-    if kind == "Conv2d":
-        kernel = tuple(shape[2:]) if len(shape) == 4 else (1, 1)  # a flattened conv from a state_dict
-        return nn.Conv2d(shape[1], shape[0], kernel, bias=bias, device="meta")
-    if kind == "Embedding":
-        return nn.Embedding(shape[0], shape[1], _weight=torch.empty(shape, device="meta"))  # skips a slow meta init
-    return nn.Linear(shape[1], shape[0], bias=bias, device="meta")
+def _meta_float_module(entry: dict[str, Any]) -> nn.Module | None:
+    """A float module on the meta device shaped per a layer entry (the entry's class decides)."""
+    return QUANTIZED_CLASSES[entry["class"]].meta_float_module(entry)
 
 
 def _shell(path: Path, name: str, float_module: nn.Module, entry: dict[str, Any]) -> nn.Module:
@@ -262,8 +256,8 @@ def _shell(path: Path, name: str, float_module: nn.Module, entry: dict[str, Any]
         raise SerializationError(f"cannot load {path}: layer {name!r} metadata is inconsistent ({err})") from None
 
 
-def _is_meta(module: nn.Module) -> bool:
-    return any(t.is_meta for t in module.parameters())
+def _is_meta(module: nn.Module | None) -> bool:
+    return module is None or any(t.is_meta for t in module.parameters())
 
 
 def _check_against_metadata(path: Path, layers: dict[str, dict[str, Any]], specs: dict[str, Spec]) -> None:

@@ -32,6 +32,7 @@ class QuantizedLayer:
     # exact float modules are replaced by this class; when False, they keep their class and get a
     # QuantizedTensor weight backed by it (convolutions: models read ``conv.weight.dtype``, as ViT does)
     swap_module: ClassVar[bool] = True
+    weight_ranks: ClassVar[tuple[int, ...]] = (2,)  # ranks a file may record for the float weight's shape
     needs_calibration: ClassVar[bool] = False  # whether static mode calibrates this layer's input
 
     @classmethod
@@ -44,6 +45,15 @@ class QuantizedLayer:
         cls, module: nn.Module, config: QuantizationConfig, activation: ActivationQParams | None = None
     ) -> QuantizedLayer:
         raise NotImplementedError
+
+    @classmethod
+    def meta_float_module(cls, entry: dict[str, Any]) -> nn.Module | None:
+        """A float module on the meta device shaped per a file's layer entry (for checks and loads without
+        a model), or ``None`` when ``from_metadata`` needs none. The default is a 2-D ``[out, in]`` Linear."""
+        shape = entry["shape"]
+        if len(shape) != 2:
+            return None
+        return nn.Linear(shape[1], shape[0], bias=bool(entry["bias"]), device="meta")
 
     @classmethod
     def from_metadata(cls, module: nn.Module, metadata: dict[str, Any]) -> QuantizedLayer:
@@ -91,3 +101,27 @@ def float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         if bias is not None:
             layer.bias.copy_(bias)
     return layer
+
+
+def meta_conv2d(entry: dict[str, Any]) -> nn.Conv2d:
+    """``QuantizedLayer.meta_float_module`` for convolution classes (a flattened state_dict conv is 1x1).
+
+    Example:
+        >>> meta_conv2d({"shape": [8, 3, 3, 3], "bias": True}).kernel_size
+        (3, 3)
+    """
+    shape = entry["shape"]
+    kernel = tuple(shape[2:]) if len(shape) == 4 else (1, 1)
+    groups = entry.get("groups", 1)
+    return nn.Conv2d(shape[1] * groups, shape[0], kernel, groups=groups, bias=bool(entry["bias"]), device="meta")
+
+
+def meta_embedding(entry: dict[str, Any]) -> nn.Embedding:
+    """``QuantizedLayer.meta_float_module`` for embedding classes.
+
+    Example:
+        >>> meta_embedding({"shape": [10, 4], "bias": False}).num_embeddings
+        10
+    """
+    shape = entry["shape"]
+    return nn.Embedding(shape[0], shape[1], _weight=torch.empty(shape, device="meta"))  # skips a slow meta init

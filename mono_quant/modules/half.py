@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig
-from mono_quant.modules.base import ActivationQParams, QuantizedLayer
+from mono_quant.modules.base import ActivationQParams, QuantizedLayer, meta_conv2d, meta_embedding
 from mono_quant.modules.registry import register
 
 _TORCH_DTYPES = {QuantDtype.FP16: torch.float16, QuantDtype.BF16: torch.bfloat16}
@@ -75,6 +75,12 @@ class HalfConv2d(_HalfMixin, nn.Conv2d):
         torch.Size([1, 2, 3, 3])
     """
 
+    weight_ranks = (2, 4)
+
+    @classmethod
+    def meta_float_module(cls, entry: dict[str, Any]) -> nn.Module:
+        return meta_conv2d(entry)
+
     swap_module = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +95,10 @@ class HalfEmbedding(_HalfMixin, nn.Embedding):
         >>> HalfEmbedding.from_float(nn.Embedding(5, 3), QuantizationConfig(dtype="fp16"))(torch.tensor([1])).dtype
         torch.float32
     """
+
+    @classmethod
+    def meta_float_module(cls, entry: dict[str, Any]) -> nn.Module:
+        return meta_embedding(entry)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return self._cast_call(indices, torch.float32)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mono_quant.config import QuantDtype, QuantizationConfig, Scheme
-from mono_quant.modules.base import ActivationQParams, QuantizedLayer
+from mono_quant.modules.base import ActivationQParams, QuantizedLayer, meta_embedding
 from mono_quant.modules.int4_weight import Int4Weight
 from mono_quant.modules.registry import register
 from mono_quant.qparams import unpack_int4_words
@@ -31,6 +31,10 @@ class Int4Embedding(Int4Weight, nn.Module, QuantizedLayer):
         >>> emb(torch.tensor([[1, 2, 3]])).shape, emb.weight_packed.shape, emb.weight_scale.shape
         (torch.Size([1, 3, 64]), torch.Size([100, 8]), torch.Size([100, 2]))
     """
+
+    @classmethod
+    def meta_float_module(cls, entry: dict[str, Any]) -> nn.Module:
+        return meta_embedding(entry)
 
     dtypes = (QuantDtype.INT4,)
     bits = 4

@@ -22,7 +22,7 @@ from torch import nn
 
 from mono_quant import kernels
 from mono_quant.config import Mode, QuantizationConfig, Scheme
-from mono_quant.modules.base import ActivationQParams, copy_bias
+from mono_quant.modules.base import ActivationQParams, copy_bias, meta_conv2d
 from mono_quant.modules.int8_linear import Int8Linear
 from mono_quant.modules.registry import register
 from mono_quant.qparams import quantize_weight
@@ -37,6 +37,12 @@ class Int8Conv2d(Int8Linear):
         >>> conv(torch.randn(2, 3, 16, 16)).shape, conv.weight.shape
         (torch.Size([2, 8, 16, 16]), torch.Size([8, 27]))
     """
+
+    weight_ranks = (2, 4)
+
+    @classmethod
+    def meta_float_module(cls, entry: dict[str, Any]) -> nn.Module:
+        return meta_conv2d(entry)
 
     swap_module = False
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mono_quant.config import Granularity, Mode, QuantDtype, QuantizationConfig, Scheme
-from mono_quant.modules.base import ActivationQParams, QuantizedLayer
+from mono_quant.modules.base import ActivationQParams, QuantizedLayer, meta_embedding
 from mono_quant.modules.registry import register
 from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weight
 
@@ -26,6 +26,10 @@ class Int8Embedding(nn.Module, QuantizedLayer):
         >>> emb(torch.tensor([[1, 2, 3]])).shape, emb.weight.dtype
         (torch.Size([1, 3, 16]), torch.int8)
     """
+
+    @classmethod
+    def meta_float_module(cls, entry: dict[str, Any]) -> nn.Module:
+        return meta_embedding(entry)
 
     dtypes = (QuantDtype.INT8,)
     bits = 8
