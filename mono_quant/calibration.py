@@ -20,8 +20,8 @@ from torch.overrides import TorchFunctionMode
 from mono_quant.config import QuantizationConfig, Scheme
 from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError
-from mono_quant.modules.base import ActivationQParams
 from mono_quant.observers import Observer, Reduce, make_observer
+from mono_quant.qparams import ActivationQParams
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 

@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -18,10 +18,12 @@ from torch import nn
 from mono_quant.config import QuantizationConfig
 from mono_quant.errors import SerializationError
 from mono_quant.file_io import atomic_write
-from mono_quant.fusion import FoldedBatchNorm
 from mono_quant.modules import QuantizedLayer, class_for_kind
 from mono_quant.modules.attach import attached_tensors
-from mono_quant.report import QuantizationReport
+from mono_quant.modules.folded_batchnorm import FoldedBatchNorm
+
+if TYPE_CHECKING:  # the file format reads reports; it does not depend on the engine that makes them
+    from mono_quant.report import QuantizationReport
 
 FORMAT_VERSION = 1
 METADATA_KEY = "mono_quant"

@@ -26,6 +26,7 @@ from torch import nn
 from mono_quant.calibration import ForwardFn, default_forward
 from mono_quant.copying import eval_mode
 from mono_quant.fidelity import output_tensor
+from mono_quant.modules.folded_batchnorm import FoldedBatchNorm, fold_pair
 from mono_quant.qparams import sqnr_db
 
 _CHECK_SQNR_DB = 60.0  # a float64 fold is exact to float32 rounding (> 100 dB); anything lower is a wrong pair
@@ -125,44 +126,6 @@ def fold_batchnorm_notes(
     return {bn: f"folded into {conv}" if done else _TRAIN_MODE.format(conv=conv) for bn, (conv, done) in notes.items()}
 
 
-def fold_pairs(model: nn.Module, pairs: dict[str, str]) -> None:
-    """Fold each BatchNorm named in ``pairs`` (batchnorm name -> conv name) into its conv, in place, as a
-    file records them (no detection); raises ``ValueError`` naming a pair that is not a conv and a BatchNorm.
-
-    Example:
-        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
-        >>> fold_pairs(model, {"1": "0"})
-        >>> type(model[1]).__name__
-        'FoldedBatchNorm'
-    """
-    modules = dict(model.named_modules())
-    for bn_name, conv_name in pairs.items():
-        conv, bn = modules.get(conv_name), modules.get(bn_name)
-        if isinstance(bn, FoldedBatchNorm) and bn.into == conv_name:
-            continue  # the model was folded already
-        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
-            raise ValueError(f"{bn_name!r} -> {conv_name!r} is not a BatchNorm2d folded into a Conv2d in this model")
-        _fold_pair(conv, bn)
-        parent_name, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, FoldedBatchNorm(conv_name))
-
-
-class FoldedBatchNorm(nn.Identity):
-    """What a folded BatchNorm becomes: an identity that remembers which conv absorbed it (files record it).
-
-    Example:
-        >>> FoldedBatchNorm("features.0")
-        FoldedBatchNorm(folded into 'features.0')
-    """
-
-    def __init__(self, into: str) -> None:
-        super().__init__()
-        self.into = into
-
-    def extra_repr(self) -> str:
-        return f"folded into {self.into!r}"
-
-
 def _fold(
     model: nn.Module, example: Any = None, forward_fn: ForwardFn | None = None
 ) -> tuple[nn.Module, dict[str, tuple[str, bool]]]:
@@ -172,7 +135,7 @@ def _fold(
         if bn.training:
             notes[bn_name] = (conv_name, False)
             continue
-        _fold_pair(model.get_submodule(conv_name), bn)
+        fold_pair(model.get_submodule(conv_name), bn)
         parent_name, _, child = bn_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, FoldedBatchNorm(conv_name))
         notes[bn_name] = (conv_name, True)
@@ -228,24 +191,6 @@ def _recorded_pairs(model: nn.Module, example: Any, forward_fn: ForwardFn | None
             handle.remove()
     pairs = [(produced[source], bn) for bn, source in consumed.items() if source in produced]
     return [(conv, bn) for conv, bn in pairs if calls[conv] == 1 and calls[bn] == 1]
-
-
-@torch.no_grad()
-def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """``bn(conv(x)) == conv'(x)`` with ``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``."""
-    weight = conv.weight
-    factor = torch.rsqrt(bn.running_var.double() + bn.eps)
-    if bn.weight is not None:
-        factor = factor * bn.weight.double()
-    bias = torch.zeros(conv.out_channels, dtype=torch.float64, device=weight.device)
-    if conv.bias is not None:
-        bias = conv.bias.double()
-    bias = (bias - bn.running_mean.double()) * factor
-    if bn.bias is not None:
-        bias = bias + bn.bias.double()
-    new_weight = (weight.double() * factor.reshape(-1, 1, 1, 1)).to(weight.dtype)
-    conv.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
-    conv.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=weight.requires_grad)
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -17,8 +17,7 @@ import torch
 
 from mono_quant.config import HistogramMethod, ObserverKind, QuantizationConfig, Scheme
 from mono_quant.errors import CalibrationError
-from mono_quant.modules.base import ActivationQParams
-from mono_quant.qparams import scale_zero_point
+from mono_quant.qparams import ActivationQParams, scale_zero_point
 
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 

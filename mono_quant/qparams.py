@@ -20,6 +20,13 @@ from mono_quant.errors import ConfigError, QuantizationError
 _EPS = torch.finfo(torch.float32).eps
 
 
+class ActivationQParams(NamedTuple):
+    """Calibrated per-tensor int8 parameters of a layer's input: ``x ~= (q - zero_point) * scale``."""
+
+    scale: torch.Tensor  # float32 scalar
+    zero_point: torch.Tensor  # int8 scalar (0 when symmetric)
+
+
 class QuantizedWeight(NamedTuple):
     """Integer data plus the parameters that map it back to float."""
 

@@ -31,9 +31,9 @@ from mono_quant.errors import SerializationError
 from mono_quant.file_checks import check_values, validate_metadata
 from mono_quant.file_io import read_safetensors
 from mono_quant.file_write import FORMAT_VERSION, METADATA_KEY, save, save_state_dict
-from mono_quant.fusion import fold_pairs
 from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
 from mono_quant.modules.attach import Attachment, attached_tensors, expected_keys, install, proxy_module
+from mono_quant.modules.folded_batchnorm import fold_pairs
 
 __all__ = ["FORMAT_VERSION", "dequantize", "load", "read_header", "save", "save_state_dict", "sniff"]
 

@@ -8,19 +8,13 @@ the file-format tensor names (``weight``, ``weight_scale``, ``weight_packed``, `
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mono_quant.config import QuantDtype, QuantizationConfig
-
-
-class ActivationQParams(NamedTuple):
-    """Calibrated per-tensor int8 parameters of a layer's input: ``x ~= (q - zero_point) * scale``."""
-
-    scale: torch.Tensor  # float32 scalar
-    zero_point: torch.Tensor  # int8 scalar (0 when symmetric)
+from mono_quant.qparams import ActivationQParams
 
 
 class QuantizedLayer:
