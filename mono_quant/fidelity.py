@@ -32,10 +32,17 @@ class FidelityReport:
 
 
 def output_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a model's output: the tensor itself, a dict's (or ``ModelOutput``'s) first value,
+    a tuple's first item.
+
+    Example:
+        >>> output_tensor({"logits": torch.ones(2), "loss": torch.zeros(())}).shape
+        torch.Size([2])
+    """
+    if isinstance(output, dict):  # also transformers' ModelOutput: the first field (last_hidden_state, logits)
+        output = next(iter(output.values()), None)
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, dict):
-        output = next(iter(output.values()))
     if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise CalibrationError(f"cannot compare model outputs of type {type(output).__name__}; pass forward_fn")

@@ -25,7 +25,6 @@ from torch import nn
 
 from mono_quant.calibration import ForwardFn, default_forward
 from mono_quant.copying import eval_mode
-from mono_quant.fidelity import output_tensor
 from mono_quant.modules.folded_batchnorm import FoldedBatchNorm, fold_pair
 from mono_quant.qparams import sqnr_db
 
@@ -109,7 +108,7 @@ def fold_batchnorm_notes(
     reference = None
     if example is not None:
         with torch.no_grad(), eval_mode(model):
-            reference = output_tensor(feed(model, example)).float()
+            reference = _flat_outputs(feed(model, example))
     saved = {
         name: (module.weight, module.bias) if isinstance(module, nn.Conv2d) else module
         for name, module in model.named_modules()
@@ -118,8 +117,8 @@ def fold_batchnorm_notes(
     _, notes = _fold(model, example, forward_fn)
     if reference is not None and any(done for _, done in notes.values()):
         with torch.no_grad(), eval_mode(model):
-            folded = output_tensor(feed(model, example)).float()
-        if sqnr_db(reference, folded) < _CHECK_SQNR_DB:
+            folded = _flat_outputs(feed(model, example))
+        if reference.numel() == 0 or folded.shape != reference.shape or sqnr_db(reference, folded) < _CHECK_SQNR_DB:
             _unfold(model, notes, saved)
             reason = "not folded into {conv}: the folded model's output differed on calibration data"
             return {bn: reason.format(conv=conv) for bn, (conv, _) in notes.items()}
@@ -140,6 +139,15 @@ def _fold(
         setattr(model.get_submodule(parent_name), child, FoldedBatchNorm(conv_name))
         notes[bn_name] = (conv_name, True)
     return model, notes
+
+
+def _flat_outputs(output: Any) -> torch.Tensor:
+    """Every floating-point tensor in a model's output (tensors, tuples, dicts, ``ModelOutput``), flattened."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().float().reshape(-1) if output.is_floating_point() else torch.zeros(0)
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
+    parts = [_flat_outputs(value) for value in values]
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def _unfold(model: nn.Module, notes: dict[str, tuple[str, bool]], saved: dict[str, tuple]) -> None:
