@@ -306,3 +306,36 @@ def test_load_quantized_rebuilds_from_hyperparameters(tmp_path, digits):
         torch.testing.assert_close(q(x), mq.load(tmp_path / "ckpt" / "last.quant.safetensors", Classifier(48))(x))
     with pytest.raises(mq.SerializationError, match="no quantized file beside"):
         load_quantized(checkpoint.last_model_path, Classifier, quantized_path=tmp_path / "none.safetensors")
+
+
+class FrozenNorm(Classifier):
+    """A BatchNorm the user froze (eval while the rest trains): the standard fine-tuning pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+
+    def on_train_epoch_start(self) -> None:
+        self.net[2].eval()
+
+
+def test_frozen_batchnorm_keeps_its_mode_through_the_callback(tmp_path, digits):
+    modes: dict[str, dict[str, bool]] = {}
+
+    class Probe(L.Callback):
+        def __init__(self, when: str) -> None:
+            self.when = when
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            modes[self.when] = {name: m.training for name, m in pl_module.named_modules()}
+
+    cb = QuantizationCallback(mode="static", verbose=False)
+    trainer = L.Trainer(
+        callbacks=[Probe("before"), cb, Probe("after")], max_epochs=1, limit_train_batches=3, accelerator="cpu",
+        devices=1, enable_progress_bar=False, enable_model_summary=False, logger=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    model = FrozenNorm()
+    trainer.fit(model, *data(digits))
+    assert modes["before"]["net.2"] is False and modes["before"]["net.1"] is True
+    assert modes["after"] == modes["before"]
+    assert cb.export_path.is_file()
