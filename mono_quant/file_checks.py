@@ -60,6 +60,9 @@ def validate_metadata(path: Path, metadata: dict[str, Any]) -> None:
         raise SerializationError(
             f"cannot load {path}: folded_batchnorm={folded!r}; expected a table of BatchNorm name -> conv name"
         )
+    buffers = metadata.get("non_persistent")
+    if buffers is not None and not (isinstance(buffers, list) and all(isinstance(v, str) for v in buffers)):
+        raise SerializationError(f"cannot load {path}: non_persistent={buffers!r}; expected a list of buffer names")
     tied = metadata.get("tied")
     if tied is not None and not (isinstance(tied, dict) and all(isinstance(v, str) for v in tied.values())):
         raise SerializationError(f"cannot load {path}: tied={tied!r}; expected a table of tensor name -> tensor name")

@@ -54,7 +54,8 @@ def save(
     if isinstance(model_or_state_dict, nn.Module):
         layers = _model_layers(model_or_state_dict)
         folded = {name: m.into for name, m in model_or_state_dict.named_modules() if isinstance(m, FoldedBatchNorm)}
-        _write(path, model_or_state_dict.state_dict(), layers, config, report, folded)
+        buffers = non_persistent_buffers(model_or_state_dict)  # so a meta-device skeleton loads complete
+        _write(path, {**model_or_state_dict.state_dict(), **buffers}, layers, config, report, folded, list(buffers))
     elif isinstance(model_or_state_dict, Mapping):
         save_state_dict(model_or_state_dict, path, config=config, report=report)
     else:
@@ -196,6 +197,27 @@ def file_metadata(
     }
 
 
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's non-persistent buffers (left out of ``state_dict``) by full name, except the derived
+    caches of quantized layers (recomputed on load).
+
+    Example:
+        >>> m = nn.Module()
+        >>> m.register_buffer("inv_freq", torch.ones(2), persistent=False)
+        >>> list(non_persistent_buffers(m))
+        ['inv_freq']
+    """
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLayer):
+            continue
+        for buffer_name in module._non_persistent_buffers_set:
+            value = module._buffers.get(buffer_name)
+            if isinstance(value, torch.Tensor) and not value.is_meta:
+                found[f"{name}.{buffer_name}" if name else buffer_name] = value
+    return found
+
+
 def untie(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``tensors`` with every tensor that is the same memory as an earlier one left out, and the map
     from each left-out name to the name it is stored under.
@@ -275,12 +297,15 @@ def _write(
     config: QuantizationConfig | None,
     report: QuantizationReport | None,
     folded: dict[str, str] | None = None,
+    non_persistent: list[str] | None = None,
 ) -> None:
     path = Path(path)
     if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
         raise SerializationError(f"cannot save to {path}: unknown extension; expected .safetensors, .pt or .pth")
     tensors, tied = untie(tensors)
-    text = json.dumps(file_metadata(layers, config, report, folded or {}, tied), allow_nan=False)
+    metadata = file_metadata(layers, config, report, folded or {}, tied)
+    metadata["non_persistent"] = non_persistent or []  # buffers a state_dict leaves out (rotary inv_freq...)
+    text = json.dumps(metadata, allow_nan=False)
     plain = _plain_tensors(tensors)
     if path.suffix == ".safetensors":
         atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt", METADATA_KEY: text}))

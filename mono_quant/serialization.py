@@ -96,11 +96,17 @@ def load(
     if not isinstance(model, nn.Module):
         raise SerializationError(f"cannot load {path} into {type(model).__name__}; expected a torch.nn.Module")
     q_model = _build_shells(path, _fold_like_file(path, model, metadata), metadata["layers"])
+    buffers = _non_persistent_specs(path, q_model, metadata, specs)
     expected = {k: (v.dtype, tuple(v.shape)) for k, v in q_model.state_dict().items()}
-    _check_specs(path, specs, expected, "the given model")
+    unread = {name: specs[name] for name in metadata.get("non_persistent") or [] if name in specs}
+    _check_specs(path, {k: v for k, v in specs.items() if k not in unread or k in buffers}, {**expected, **buffers},
+                 "the given model")  # fmt: skip
     tensors = read(list(specs))
     check_values(path, metadata["layers"], tensors)
-    q_model.load_state_dict(tensors, strict=True, assign=True)
+    q_model.load_state_dict({k: v for k, v in tensors.items() if k not in buffers}, strict=True, assign=True)
+    for name in buffers:  # what a state_dict leaves out: a meta-device skeleton would have no values
+        owner, _, attribute = name.rpartition(".")
+        q_model.get_submodule(owner)._buffers[attribute] = tensors[name]
     if dequantize:
         q_model = _dequantize_in_place(q_model)
     return q_model.to(map_location).eval()
@@ -258,6 +264,23 @@ def _shell(path: Path, name: str, float_module: nn.Module, entry: dict[str, Any]
 
 def _is_meta(module: nn.Module | None) -> bool:
     return module is None or any(t.is_meta for t in module.parameters())
+
+
+def _non_persistent_specs(
+    path: Path, model: nn.Module, metadata: dict[str, Any], specs: dict[str, Spec]
+) -> dict[str, Spec]:
+    """The file's non-persistent buffers that ``model`` also has, with their specs. Others are left unread:
+    they are derived values (rotary frequencies, masks), not weights, so a skeleton without them loads."""
+    found = {}
+    for name in metadata.get("non_persistent") or []:
+        owner, _, attribute = name.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            module = None
+        if name in specs and module is not None and attribute in module._non_persistent_buffers_set:
+            found[name] = specs[name]
+    return found
 
 
 def _check_against_metadata(path: Path, layers: dict[str, dict[str, Any]], specs: dict[str, Spec]) -> None:

@@ -205,3 +205,20 @@ def test_tied_lm_head_stays_one_tensor_in_memory_and_file(tmp_path) -> None:
     with torch.inference_mode():
         assert torch.equal(loaded(ids).logits, q(ids).logits)
         assert sqnr_db(model(ids).logits, q(ids).logits) > 25
+
+
+def test_meta_device_skeleton_with_non_persistent_buffers_loads(tmp_path) -> None:
+    import transformers_zoo
+    from transformers import AutoModel, LlamaConfig
+
+    model, make_inputs = transformers_zoo.build("llama")
+    q = mq.quantize(model).model
+    path = tmp_path / "llama.safetensors"
+    mq.save(q, path)
+    with torch.device("meta"):  # no memory, no init; rotary inv_freq is a non-persistent buffer
+        skeleton = AutoModel.from_config(LlamaConfig(**transformers_zoo.DECODER), attn_implementation="eager")
+    loaded = mq.load(path, skeleton)
+    inputs = make_inputs()
+    with torch.inference_mode():
+        assert torch.equal(loaded(**inputs).last_hidden_state, q(**inputs).last_hidden_state)
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
