@@ -73,7 +73,7 @@ _DTYPE_ALIASES: dict[Any, QuantDtype] = {
 
 # subclasses count (a same-padding conv is a Conv2d); transformers' Conv1D counts as a Linear
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.MultiheadAttention,
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell,
 )  # fmt: skip
 
 
