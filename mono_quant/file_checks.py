@@ -88,6 +88,11 @@ def _validate_layer(path: Path, name: str, entry: dict[str, Any]) -> None:
         raise bad("mode", f"one of {sorted(_MODES)}")
     if type(entry["bias"]) is not bool:
         raise bad("bias", "true or false")
+    if hasattr(cls, "float_module_from_metadata"):  # the layer's own arguments (recurrent layers)
+        try:
+            cls.float_module_from_metadata(entry)
+        except (TypeError, ValueError, KeyError) as err:
+            raise SerializationError(f"cannot load {path}: layer {name!r}: {err}") from None
     ranks = (2, 4) if kind == "Conv2d" else (2,)
     shape = checked_shape(entry["shape"], minimum=1)
     if shape is None or len(shape) not in ranks:
@@ -137,7 +142,7 @@ def check_values(path: Path, layers: dict[str, dict[str, Any]], tensors: dict[st
 
 
 def _check_tensor(path: Path, key: str, local: str, tensor: torch.Tensor, entry: dict[str, Any]) -> None:
-    if local in _POSITIVE:
+    if local in _POSITIVE or local.endswith("_scale"):
         _check_positive(path, key, tensor)
     elif tensor.is_floating_point():
         _check_finite(path, key, tensor)

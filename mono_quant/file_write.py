@@ -92,6 +92,8 @@ def save_state_dict(
 
 
 def _float_shape(module: nn.Module) -> list[int]:
+    if hasattr(module, "float_shape"):  # layers with several matrices say which shape files record
+        return module.float_shape()
     if hasattr(module, "kernel_size") and hasattr(module, "out_channels"):
         return [module.out_channels, module.in_channels, *module.kernel_size]
     if hasattr(module, "in_features"):
@@ -107,7 +109,7 @@ def _model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
             "class": type(module).__name__,
             **module.metadata(),
             "shape": _float_shape(module),
-            "bias": getattr(module, "bias", None) is not None,
+            "bias": getattr(module, "bias", None) not in (None, False),  # recurrent layers: a flag
         }
         for name, module in model.named_modules()
         if isinstance(module, QuantizedLayer)

@@ -246,6 +246,9 @@ def _parse_metadata(path: Path, text: Any) -> dict[str, Any]:
 def _meta_float_module(entry: dict[str, Any]) -> nn.Module:
     """A float module on the meta device shaped per a layer entry (no memory, no init cost)."""
     shape, bias, kind = entry["shape"], bool(entry["bias"]), entry["kind"]
+    cls = QUANTIZED_CLASSES[entry["class"]]
+    if hasattr(cls, "float_module_from_metadata"):  # layers that the shape alone does not describe
+        return cls.float_module_from_metadata(entry)
     if kind == "Conv2d":
         kernel = tuple(shape[2:]) if len(shape) == 4 else (1, 1)  # a flattened conv from a state_dict
         return nn.Conv2d(shape[1], shape[0], kernel, bias=bias, device="meta")
@@ -344,7 +347,7 @@ def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]
                 f"cannot load {path}: layer {name!r} is {type(module).__name__} in the given model "
                 f"but {cls.float_type.__name__} in the file"
             )
-        weight_shape = list(module.weight.shape)
+        weight_shape = _first_weight_shape(module)
         if weight_shape != entry["shape"] and len(weight_shape) == len(entry["shape"]):
             raise SerializationError(
                 f"cannot load {path}: layer {name!r} has weight shape {weight_shape} in the given model "
@@ -367,6 +370,14 @@ def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]
         parent, _, child = name.rpartition(".")
         setattr(q_model.get_submodule(parent), child, shell)
     return q_model
+
+
+def _first_weight_shape(module: nn.Module) -> list[int]:
+    """The shape of ``weight``, or of the first of several matrices (``nn.LSTM``'s ``weight_ih_l0``)."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        weight = next((p for n, p in module.named_parameters(recurse=False) if n.startswith("weight_")), None)
+    return [] if weight is None else list(weight.shape)
 
 
 def _class_for(module: nn.Module, entry: dict[str, Any]) -> type[QuantizedLayer]:
@@ -433,6 +444,9 @@ def _dequantize_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict
         names = expected_keys(shell, attach["attribute"] if attach else None)
         own = {key: out.pop(prefix + names[key]) for key in shell.state_dict()}
         shell.load_state_dict(own, strict=True, assign=True)
+        if hasattr(shell, "float_module_from_metadata"):  # several matrices: the float layer's own names
+            out.update({prefix + key: value for key, value in shell.dequantize().state_dict().items()})
+            continue
         weight = shell.dequantized_weight().float()
         if attach:
             weight = weight.squeeze(-2) if attach["kind"] == "conv1d" else weight

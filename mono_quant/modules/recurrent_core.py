@@ -26,6 +26,7 @@ from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weig
 
 INT8, FLOAT = "int8", "float32"
 PRECISIONS = (INT8, FLOAT)
+_FLAGS = ("bias", "batch_first", "bidirectional")
 
 
 def default_precisions(weight_names: list[str]) -> dict[str, str]:
@@ -106,7 +107,16 @@ class QuantizedRecurrent(nn.Module, QuantizedLayer):
     @classmethod
     def float_module_from_metadata(cls, entry: dict[str, Any]) -> nn.Module:
         """The float layer a file entry describes, on the meta device (for checks before loading)."""
-        return cls.float_type(**entry["recurrent"], device="meta")
+        hyper = entry.get("recurrent")
+        if not isinstance(hyper, dict) or sorted(hyper) != sorted(cls.hyper_names):
+            raise ValueError(f"recurrent={hyper!r}; expected a table of {', '.join(cls.hyper_names)}")
+        for key, value in hyper.items():
+            expected = float if key == "dropout" else bool if key in _FLAGS else int
+            if not isinstance(value, expected) or (expected is int and (isinstance(value, bool) or value < 0)):
+                raise ValueError(
+                    f"recurrent.{key}={value!r}; expected a {'non-negative ' * (expected is int)}{expected.__name__}"
+                )
+        return cls.float_type(**hyper, device="meta")
 
     def _prepare(self) -> None:
         """Every weight-side term, once: scale / 127, the uint8 offset, the weight-only packed weight."""
@@ -182,13 +192,3 @@ class QuantizedRecurrent(nn.Module, QuantizedLayer):
 
 def _hyper(cls: type[QuantizedRecurrent], module: nn.Module) -> dict[str, Any]:
     return {name: getattr(module, name) for name in cls.hyper_names}
-
-
-def float_weight(module: nn.Module) -> torch.Tensor:
-    """The matrices a recurrent float layer multiplies by, flattened into one vector (for reports).
-
-    Example:
-        >>> float_weight(nn.GRUCell(3, 2)).shape
-        torch.Size([30])
-    """
-    return torch.cat([p.detach().reshape(-1) for n, p in module.named_parameters(recurse=False) if n[:7] == "weight_"])
