@@ -109,7 +109,7 @@ def _model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
             "class": type(module).__name__,
             **module.metadata(),
             "shape": _float_shape(module),
-            "bias": getattr(module, "bias", None) not in (None, False),  # recurrent layers: a flag
+            "bias": not isinstance(getattr(module, "bias", None), (type(None), bool)) or module.bias is True,
         }
         for name, module in model.named_modules()
         if isinstance(module, QuantizedLayer)

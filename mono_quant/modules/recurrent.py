@@ -73,7 +73,7 @@ class _QuantizedStack(QuantizedRecurrent):
 
 @register(nn.LSTM)
 class QuantizedLSTM(_QuantizedStack):
-    """Drop-in ``nn.LSTM`` with int8 matrices (the first input matrices kept float32 by default).
+    """Drop-in ``nn.LSTM`` with int8 matrices (``recurrent_core.choose_precisions``).
 
     Example:
         >>> from mono_quant.config import QuantizationConfig
@@ -114,7 +114,7 @@ class QuantizedLSTM(_QuantizedStack):
 
 @register(nn.GRU)
 class QuantizedGRU(_QuantizedStack):
-    """Drop-in ``nn.GRU`` with int8 matrices (the first input matrices kept float32 by default).
+    """Drop-in ``nn.GRU`` with int8 matrices (``recurrent_core.choose_precisions``).
 
     Example:
         >>> from mono_quant.config import QuantizationConfig

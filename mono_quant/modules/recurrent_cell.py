@@ -29,7 +29,7 @@ class _QuantizedCell(QuantizedRecurrent):
 
 @register(nn.LSTMCell)
 class QuantizedLSTMCell(_QuantizedCell):
-    """Drop-in ``nn.LSTMCell`` with an int8 recurrent matrix (the input matrix kept float32 by default).
+    """Drop-in ``nn.LSTMCell`` with int8 matrices (``recurrent_core.choose_precisions``).
 
     Example:
         >>> from mono_quant.config import QuantizationConfig
@@ -58,7 +58,7 @@ class QuantizedLSTMCell(_QuantizedCell):
 
 @register(nn.GRUCell)
 class QuantizedGRUCell(_QuantizedCell):
-    """Drop-in ``nn.GRUCell`` with an int8 recurrent matrix (the input matrix kept float32 by default).
+    """Drop-in ``nn.GRUCell`` with int8 matrices (``recurrent_core.choose_precisions``).
 
     Example:
         >>> from mono_quant.config import QuantizationConfig
