@@ -103,13 +103,18 @@ def _float_shape(module: nn.Module) -> list[int]:
     return list(module.dequantized_weight().shape)
 
 
+def _has_bias(module: nn.Module) -> bool:
+    bias = getattr(module, "bias", None)
+    return bias is True or isinstance(bias, torch.Tensor)  # recurrent layers hold a flag
+
+
 def _model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     layers = {
         name: {
             "class": type(module).__name__,
             **module.metadata(),
             "shape": _float_shape(module),
-            "bias": not isinstance(getattr(module, "bias", None), (type(None), bool)) or module.bias is True,
+            "bias": _has_bias(module),
         }
         for name, module in model.named_modules()
         if isinstance(module, QuantizedLayer)
