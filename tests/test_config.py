@@ -73,4 +73,8 @@ def test_include_accepts_single_pattern_and_to_dict_is_json_friendly():
         "Conv2d",
         "Embedding",
         "MultiheadAttention",
+        "LSTM",
+        "GRU",
+        "LSTMCell",
+        "GRUCell",
     ]
