@@ -35,6 +35,7 @@ class _ModeHandle:
     def remove(self) -> None:
         self.mode.__exit__(None, None, None)
 
+
 DEFAULT_BATCH_LIMIT = QuantizationConfig().calibration_batches
 TARGET_KEYS = frozenset({"target", "targets", "label", "labels", "y"})
 

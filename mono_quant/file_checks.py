@@ -95,6 +95,10 @@ def _validate_layer(path: Path, name: str, entry: dict[str, Any]) -> None:
     shape = checked_shape(entry["shape"], minimum=1)
     if shape is None or len(shape) not in ranks:
         raise bad("shape", f"a list of {' or '.join(map(str, ranks))} positive integers")
+    try:  # the class reads its own arguments from the entry (recurrent layers: their constructor arguments)
+        cls.meta_float_module(entry)
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise SerializationError(f"cannot load {path}: layer {name!r}: {err}") from None
     if entry["bits"] == 16:
         if entry.get("dtype") not in _HALF:
             raise bad("dtype", f"one of {sorted(_HALF)}")
@@ -140,7 +144,7 @@ def check_values(path: Path, layers: dict[str, dict[str, Any]], tensors: dict[st
 
 
 def _check_tensor(path: Path, key: str, local: str, tensor: torch.Tensor, entry: dict[str, Any]) -> None:
-    if local in _POSITIVE:
+    if local in _POSITIVE or local.endswith("_scale"):
         _check_positive(path, key, tensor)
     elif tensor.is_floating_point():
         _check_finite(path, key, tensor)

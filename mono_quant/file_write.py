@@ -95,6 +95,8 @@ def save_state_dict(
 
 
 def _float_shape(module: nn.Module) -> list[int]:
+    if hasattr(module, "float_shape"):  # layers with several matrices say which shape files record
+        return module.float_shape()
     if hasattr(module, "kernel_size") and hasattr(module, "out_channels"):
         return [module.out_channels, module.in_channels, *module.kernel_size]
     if hasattr(module, "in_features"):
@@ -104,13 +106,18 @@ def _float_shape(module: nn.Module) -> list[int]:
     return list(module.dequantized_weight().shape)
 
 
+def _has_bias(module: nn.Module) -> bool:
+    bias = getattr(module, "bias", None)
+    return bias is True or isinstance(bias, torch.Tensor)  # recurrent layers hold a flag
+
+
 def _model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     layers = {
         name: {
             "class": type(module).__name__,
             **module.metadata(),
             "shape": _float_shape(module),
-            "bias": getattr(module, "bias", None) is not None,
+            "bias": _has_bias(module),
         }
         for name, module in model.named_modules()
         if isinstance(module, QuantizedLayer)

@@ -87,9 +87,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Modul
     return folded, [(conv, bn) for bn, (conv, done) in notes.items() if done]
 
 
-def fold_batchnorm_notes(
-    model: nn.Module, example: Any = None, forward_fn: ForwardFn | None = None
-) -> dict[str, str]:
+def fold_batchnorm_notes(model: nn.Module, example: Any = None, forward_fn: ForwardFn | None = None) -> dict[str, str]:
     """Fold ``model`` in place; ``{batchnorm name: reason}`` for each conv->bn pair (for a report's skips).
 
     With ``example`` (one batch), pairs come from a recorded forward and the folded output is checked

@@ -156,11 +156,25 @@ def onednn_conv2d(
         >>> out.shape, out[0, 0, 0, 0].item()
         (torch.Size([1, 4, 3, 3]), 18.0)
     """
-    packed, zero_points = weight.get_conv(int8_weight, kernel_size, weight_scale, x_scale, x_zero_point, geometry,
-                                          groups)
+    packed, zero_points = weight.get_conv(
+        int8_weight, kernel_size, weight_scale, x_scale, x_zero_point, geometry, groups
+    )
     return torch.ops.onednn.qconv2d_pointwise(
-        q, float(x_scale), int(x_zero_point), packed, weight_scale, zero_points, bias, *geometry, groups,
-        1.0, 0, torch.float32, "none", [], "",
+        q,
+        float(x_scale),
+        int(x_zero_point),
+        packed,
+        weight_scale,
+        zero_points,
+        bias,
+        *geometry,
+        groups,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
     )
 
 

@@ -20,6 +20,7 @@ from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
 from mono_quant.fusion import fold_batchnorm_notes
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
 from mono_quant.modules.attach import install, proxy_module
+from mono_quant.modules.base import float_weight
 from mono_quant.modules.registry import layer_config
 from mono_quant.qparams import all_finite, weight_sqnr_db
 from mono_quant.report import LayerReport, QuantizationReport
@@ -105,12 +106,12 @@ def quantize(
         attachment = selection.attached.get(name)
         float_module = proxy_module(module, attachment) if attachment else module
         quantized = cls.from_float(float_module, layer_config(config, cls), activations.get(name))
-        weight_id = id(getattr(module, attachment.attribute if attachment else "weight"))
+        weight_id = id(getattr(module, attachment.attribute if attachment else "weight", module))
         if weight_id in by_weight:
             share_tied_tensors(by_weight[weight_id], quantized)
         by_weight.setdefault(weight_id, quantized)
         rows.append(layer_report(name, float_module, quantized))
-        quantized_numel += float_module.weight.numel()
+        quantized_numel += float_weight(float_module).numel()
         if attachment:
             install(module, attachment, quantized)
         else:
@@ -220,7 +221,7 @@ def _module_bytes(module: nn.Module) -> int:
 
 
 def layer_report(name: str, float_module: nn.Module, quantized: QuantizedLayer) -> LayerReport:
-    reference = float_module.weight.detach()  # the noise is computed in place: one float copy at a time
+    reference = float_weight(float_module)  # the noise is computed in place: one float copy at a time
     sqnr = weight_sqnr_db(name, reference, quantized.dequantized_weight().reshape(reference.shape))
     meta = quantized.metadata()
     return LayerReport(

@@ -12,6 +12,7 @@ from torch import nn
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.modules import QuantizedLayer, QuantizedTensor, quantized_class_for, swapped_types
 from mono_quant.modules.attach import Attachment, attachment_for, proxy_module
+from mono_quant.modules.base import float_weight
 
 
 class Selection(NamedTuple):
@@ -59,14 +60,15 @@ def select_layers(model: nn.Module, config: QuantizationConfig) -> Selection:
         if types is not None and not isinstance(module, types) and not linear_like:
             if owns_parameters:
                 supported = attachment is not None or type(module) in swapped_types()
-                skipped[name] = f"{type(module).__name__} is " + ("not in layer_types" if supported else
-                                                                    "not a supported layer type")
+                skipped[name] = f"{type(module).__name__} is " + (
+                    "not in layer_types" if supported else "not a supported layer type"
+                )
             continue
         if attachment is None and type(module) not in swapped_types():
             if owns_parameters:
                 skipped[name] = f"{type(module).__name__} is not a supported layer type"
             continue
-        weight = getattr(module, attachment.attribute if attachment else "weight", None)
+        weight = getattr(module, attachment.attribute, None) if attachment else float_weight(module)
         if config.include is not None and not matches(name, config.include):
             skipped[name] = f"not matched by include={list(config.include)}"
         elif pattern := matches(name, config.exclude):
@@ -121,7 +123,7 @@ def matmul_weight_numel(module: nn.Module) -> int:
     attachment = attachment_for(module)
     if attachment is None and type(module) not in swapped_types():
         return 0
-    weight = getattr(module, attachment.attribute if attachment else "weight", None)
+    weight = getattr(module, attachment.attribute, None) if attachment else float_weight(module)
     return weight.numel() if isinstance(weight, torch.Tensor) else 0
 
 

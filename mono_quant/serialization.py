@@ -361,7 +361,7 @@ def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]
                 f"cannot load {path}: layer {name!r} is {type(module).__name__} in the given model "
                 f"but {cls.float_type.__name__} in the file"
             )
-        weight_shape = list(module.weight.shape)
+        weight_shape = _first_weight_shape(module)
         if weight_shape != entry["shape"] and len(weight_shape) == len(entry["shape"]):
             raise SerializationError(
                 f"cannot load {path}: layer {name!r} has weight shape {weight_shape} in the given model "
@@ -384,6 +384,14 @@ def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]
         parent, _, child = name.rpartition(".")
         setattr(q_model.get_submodule(parent), child, shell)
     return q_model
+
+
+def _first_weight_shape(module: nn.Module) -> list[int]:
+    """The shape of ``weight``, or of the first of several matrices (``nn.LSTM``'s ``weight_ih_l0``)."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        weight = next((p for n, p in module.named_parameters(recurse=False) if n.startswith("weight_")), None)
+    return [] if weight is None else list(weight.shape)
 
 
 def _class_for(module: nn.Module, entry: dict[str, Any]) -> type[QuantizedLayer]:
@@ -450,6 +458,9 @@ def _dequantize_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict
         names = expected_keys(shell, attach["attribute"] if attach else None)
         own = {key: out.pop(prefix + names[key]) for key in shell.state_dict()}
         shell.load_state_dict(own, strict=True, assign=True)
+        if "matrices" in entry:  # several matrices (recurrent layers): the float layer's own names
+            out.update({prefix + key: value for key, value in shell.dequantize().state_dict().items()})
+            continue
         weight = shell.dequantized_weight().float()
         if attach:
             weight = weight.squeeze(-2) if attach["kind"] == "conv1d" else weight

@@ -14,6 +14,8 @@ from mono_quant.modules.int4_linear import Int4Linear
 from mono_quant.modules.int8_conv import Int8Conv2d
 from mono_quant.modules.int8_embedding import Int8Embedding
 from mono_quant.modules.int8_linear import Int8Linear
+from mono_quant.modules.recurrent import QuantizedGRU, QuantizedLSTM
+from mono_quant.modules.recurrent_cell import QuantizedGRUCell, QuantizedLSTMCell
 from mono_quant.modules.registry import (
     QUANTIZED_CLASSES,
     REGISTRY,
@@ -36,6 +38,10 @@ __all__ = [
     "Int8Conv2d",
     "Int8Embedding",
     "Int8Linear",
+    "QuantizedGRU",
+    "QuantizedGRUCell",
+    "QuantizedLSTM",
+    "QuantizedLSTMCell",
     "QuantizedLayer",
     "QuantizedTensor",
     "class_for_kind",

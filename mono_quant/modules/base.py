@@ -77,6 +77,21 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def float_weight(module: nn.Module) -> torch.Tensor | None:
+    """What a float layer multiplies by: its ``weight``, or for layers holding several matrices (``nn.LSTM``:
+    ``weight_ih_l0``, ``weight_hh_l0`` ...) all of them flattened into one vector; ``None`` when it has none.
+
+    Example:
+        >>> float_weight(nn.Linear(3, 2)).shape, float_weight(nn.GRUCell(3, 2)).shape, float_weight(nn.ReLU())
+        (torch.Size([2, 3]), torch.Size([30]), None)
+    """
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.detach()
+    matrices = [p.detach().reshape(-1) for n, p in module.named_parameters(recurse=False) if n.startswith("weight_")]
+    return torch.cat(matrices) if matrices else None
+
+
 def copy_bias(module: nn.Module) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
     return None if bias is None else bias.detach().float().clone()

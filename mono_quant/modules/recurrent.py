@@ -1,0 +1,158 @@
+"""``QuantizedLSTM`` and ``QuantizedGRU``: stacked, bidirectional, ``batch_first`` and (LSTM) ``proj_size``.
+
+Per layer and direction the input projection of every time step runs as one GEMM over ``[T * batch,
+input]``; the recurrent step runs the ``[batch, hidden]`` GEMM per step (``recurrent_core``). Packed
+sequences are refused with a ``TypeError`` that says how to pass them instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from mono_quant.modules.recurrent_core import QuantizedRecurrent
+from mono_quant.modules.registry import register
+
+_RNN_HYPER = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+
+
+class _QuantizedStack(QuantizedRecurrent):
+    """The layer/direction loop shared by LSTM and GRU; subclasses run one direction (``_direction``)."""
+
+    def _run(self, input: Any, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Returns the output sequence and the final states, each ``[layers * directions, batch, size]``."""
+        if isinstance(input, PackedSequence):
+            raise TypeError(
+                f"{type(self).__name__} does not take a PackedSequence; pass the padded tensor "
+                "(torch.nn.utils.rnn.pad_packed_sequence) or keep this layer float with exclude="
+            )
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if self.batch_first and batched:
+            x = x.transpose(0, 1)
+        x = x.float()
+        directions = 2 if self.bidirectional else 1
+        finals: list[list[torch.Tensor]] = [[] for _ in states]
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                start = [state[index] if batched else state[index].unsqueeze(0) for state in states]
+                out, last = self._direction(x, suffix, start, reverse=bool(direction))
+                outputs.append(out)
+                for final, value in zip(finals, last, strict=True):
+                    final.append(value)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+        if self.batch_first and batched:
+            x = x.transpose(0, 1)
+        stacked = [torch.stack(final) for final in finals]
+        if not batched:
+            x, stacked = x.squeeze(1), [state.squeeze(1) for state in stacked]
+        return x.to(input.dtype), [state.to(input.dtype) for state in stacked]
+
+    def _zeros(self, input: torch.Tensor, size: int) -> torch.Tensor:
+        batched = input.dim() == 3
+        batch = (input.shape[0] if self.batch_first else input.shape[1]) if batched else 1
+        directions = 2 if self.bidirectional else 1
+        shape = (self.num_layers * directions, batch, size) if batched else (self.num_layers * directions, size)
+        return torch.zeros(shape, dtype=torch.float32, device=input.device)
+
+    def _input_gates(self, x: torch.Tensor, suffix: str, extra_bias: bool) -> torch.Tensor:
+        """The input projection of all ``T`` steps at once: ``[T, batch, gates * hidden]``."""
+        steps, batch, size = x.shape
+        name = "weight_ih" + suffix
+        gates = self.project(x.reshape(steps * batch, size), name, self.bias_of(name))
+        if extra_bias and self.bias:  # the recurrent bias, added once instead of once per step
+            gates += getattr(self, "bias_hh" + suffix)
+        return gates.view(steps, batch, -1)
+
+
+@register(nn.LSTM)
+class QuantizedLSTM(_QuantizedStack):
+    """Drop-in ``nn.LSTM`` with int8 matrices (``recurrent_core.choose_precisions``).
+
+    Example:
+        >>> from mono_quant.config import QuantizationConfig
+        >>> lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True, bidirectional=True, proj_size=4)
+        >>> q = QuantizedLSTM.from_float(lstm, QuantizationConfig())
+        >>> out, (h, c) = q(torch.randn(3, 5, 8))
+        >>> out.shape, h.shape, c.shape
+        (torch.Size([3, 5, 8]), torch.Size([4, 3, 4]), torch.Size([4, 3, 16]))
+    """
+
+    hyper_names = (*_RNN_HYPER, "proj_size")
+
+    def forward(
+        self, input: Any, hx: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if hx is None and not isinstance(input, PackedSequence):
+            hx = (self._zeros(input, self.proj_size or self.hidden_size), self._zeros(input, self.hidden_size))
+        output, (h, c) = self._run(input, [hx[0].float(), hx[1].float()] if hx is not None else [])
+        return output, (h, c)
+
+    def _direction(
+        self, x: torch.Tensor, suffix: str, start: list[torch.Tensor], reverse: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        gates_in = self._input_gates(x, suffix, extra_bias=True)
+        h, c = start
+        hidden, recurrent, projection = self.hidden_size, "weight_hh" + suffix, "weight_hr" + suffix
+        out = x.new_empty(x.shape[0], x.shape[1], h.shape[-1])
+        for t in range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]):
+            gates = self.project(h, recurrent, gates_in[t])
+            act = torch.sigmoid(gates)
+            c = act[:, hidden : 2 * hidden] * c + act[:, :hidden] * torch.tanh(gates[:, 2 * hidden : 3 * hidden])
+            h = act[:, 3 * hidden :] * torch.tanh(c)
+            if self.proj_size:
+                h = self.project(h, projection, None)
+            out[t] = h
+        return out, [h, c]
+
+
+@register(nn.GRU)
+class QuantizedGRU(_QuantizedStack):
+    """Drop-in ``nn.GRU`` with int8 matrices (``recurrent_core.choose_precisions``).
+
+    Example:
+        >>> from mono_quant.config import QuantizationConfig
+        >>> q = QuantizedGRU.from_float(nn.GRU(8, 16, num_layers=2), QuantizationConfig())
+        >>> out, h = q(torch.randn(5, 3, 8))
+        >>> out.shape, h.shape
+        (torch.Size([5, 3, 16]), torch.Size([2, 3, 16]))
+    """
+
+    hyper_names = _RNN_HYPER
+
+    def forward(self, input: Any, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if hx is None and not isinstance(input, PackedSequence):
+            hx = self._zeros(input, self.hidden_size)
+        output, (h,) = self._run(input, [hx.float()] if hx is not None else [])
+        return output, h
+
+    def _direction(
+        self, x: torch.Tensor, suffix: str, start: list[torch.Tensor], reverse: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        gates_in = self._input_gates(x, suffix, extra_bias=False)
+        (h,) = start
+        hidden, recurrent = self.hidden_size, "weight_hh" + suffix
+        bias = self.bias_of(recurrent)
+        out = x.new_empty(x.shape[0], x.shape[1], hidden)
+        for t in range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]):
+            h = gru_step(gates_in[t], self.project(h, recurrent, bias), h, hidden)
+            out[t] = h
+        return out, [h]
+
+
+def gru_step(gates_in: torch.Tensor, gates_h: torch.Tensor, h: torch.Tensor, hidden: int) -> torch.Tensor:
+    """One GRU update from the input and recurrent projections (biases included), torch's gate order r, z, n.
+
+    Example:
+        >>> gru_step(torch.zeros(1, 6), torch.zeros(1, 6), torch.ones(1, 2), 2)
+        tensor([[0.5000, 0.5000]])
+    """
+    rz = torch.sigmoid(gates_in[:, : 2 * hidden] + gates_h[:, : 2 * hidden])
+    n = torch.tanh(gates_in[:, 2 * hidden :] + rz[:, :hidden] * gates_h[:, 2 * hidden :])
+    return torch.lerp(n, h, rz[:, hidden:])

@@ -1,0 +1,225 @@
+"""The shared core of the quantized recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.LSTMCell``, ``nn.GRUCell``).
+
+A recurrent layer holds several weight matrices (``weight_ih_l0``, ``weight_hh_l0``, ``weight_hr_l0`` ...).
+Each keeps its float name in the state_dict; an int8 matrix adds ``<name>_scale`` (one scale per row), a
+matrix kept at higher precision stays float32 under its name. Biases stay float32. Which matrices stay
+float is a measured choice (``choose_precisions``; README, "Recurrent layers"): a first layer's input matrix
+whose per-row int8 error is too large; ``metadata()["matrices"]`` records the choice per matrix.
+
+Kernels: a projection is ``x @ W.T + b``. In ``dynamic`` mode the input is quantized per row at run time
+and multiplied with ``kernels.int_mm`` (the ``Int8Linear`` path); in ``weight_only`` mode the packed int8
+weight-only kernel runs. The input projections of all time steps run as one GEMM; the recurrent step
+runs the small ``[batch, hidden]`` GEMM per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mono_quant import kernels
+from mono_quant.config import Mode, QuantDtype, QuantizationConfig
+from mono_quant.modules.base import ActivationQParams, QuantizedLayer
+from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weight
+
+INT8, FLOAT = "int8", "float32"
+PRECISIONS = (INT8, FLOAT)
+_FLAGS = ("bias", "batch_first", "bidirectional")
+
+
+FIRST_INPUT_MIN_SQNR_DB = 30.0  # worst column; see README, "Recurrent layers", for the measured figures
+
+
+def choose_precisions(params: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Per matrix, int8 (per row) or float32, chosen by measurement: every matrix is int8 except a first
+    layer input matrix whose worst column keeps under ``FIRST_INPUT_MIN_SQNR_DB`` at per-row int8 (raw
+    input features on very different scales), which stays float32.
+
+    Example:
+        >>> w = torch.randn(8, 4)
+        >>> choose_precisions({"weight_ih": w, "weight_hh": torch.randn(8, 2)})
+        {'weight_ih': 'int8', 'weight_hh': 'int8'}
+        >>> w[:, 0] *= 1000  # one input feature on a far larger scale drowns the others in each row's scale
+        >>> choose_precisions({"weight_ih": w, "weight_hh": torch.randn(8, 2)})["weight_ih"]
+        'float32'
+    """
+    first_input = ("weight_ih", "weight_ih_l0", "weight_ih_l0_reverse")
+    out = {}
+    for name, weight in params.items():
+        if not name.startswith("weight_"):
+            continue
+        keep = name in first_input and worst_column_sqnr_db(weight) < FIRST_INPUT_MIN_SQNR_DB
+        out[name] = FLOAT if keep else INT8
+    return out
+
+
+def worst_column_sqnr_db(weight: torch.Tensor) -> float:
+    """The lowest per-input-feature (column) SQNR of ``weight`` at per-row int8: how well the weights of the
+    worst-served input feature survive (a whole-matrix SQNR hides a feature drowned by a larger one).
+
+    Example:
+        >>> w = torch.ones(4, 3)
+        >>> w[:, 0] = 1000.0
+        >>> worst_column_sqnr_db(w), worst_column_sqnr_db(torch.ones(4, 3)) > 40  # 1 rounds to 0 beside 1000
+        (0.0, True)
+    """
+    w = weight.detach().float()
+    error = (w - dequantize_weight(quantize_weight(w, 8))).square().sum(0)
+    signal = w.square().sum(0)
+    ratios = torch.where(error > 0, signal / error, torch.full_like(signal, float("inf")))
+    return float(10 * torch.log10(ratios.min()))
+
+
+class QuantizedRecurrent(nn.Module, QuantizedLayer):
+    """Base of the quantized recurrent classes: storage, projections, metadata and the way back to float.
+
+    Subclasses set ``hyper_names`` (the float constructor's arguments) and implement ``forward``.
+    """
+
+    dtypes = (QuantDtype.INT8,)
+    bits = 8
+    hyper_names: ClassVar[tuple[str, ...]] = ("input_size", "hidden_size", "bias")
+
+    def __init__(
+        self, hyper: dict[str, Any], mode: Mode, precisions: dict[str, str], shapes: dict[str, tuple[int, ...]]
+    ) -> None:
+        super().__init__()
+        self.hyper = dict(hyper)
+        for key, value in self.hyper.items():
+            setattr(self, key, value)
+        self.mode = Mode.DYNAMIC if mode is Mode.STATIC else mode  # one scale cannot fit a changing hidden state
+        self.precisions = dict(precisions)
+        for name, shape in shapes.items():
+            if name.startswith("bias_"):
+                self.register_buffer(name, torch.zeros(shape))
+                continue
+            int8 = self.precisions[name] == INT8
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.int8 if int8 else torch.float32))
+            self.register_buffer(f"{name}_scale", torch.ones(shape[0]) if int8 else None)
+            for derived in ("_s127", "_offset", "_packed"):
+                self.register_buffer(f"_{name}{derived}", None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._prepare())
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def _float_params(cls, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in module.named_parameters(recurse=False)}
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module, config: QuantizationConfig, activation: ActivationQParams | None = None
+    ) -> QuantizedRecurrent:
+        params = cls._float_params(module)
+        precisions = choose_precisions(params)
+        shapes = {name: tuple(p.shape) for name, p in params.items()}
+        layer = cls(_hyper(cls, module), config.mode, precisions, shapes)
+        for name, tensor in params.items():
+            if name.startswith("bias_") or precisions[name] == FLOAT:
+                setattr(layer, name, tensor.float().clone())
+            else:
+                qw = quantize_weight(tensor, 8)
+                setattr(layer, name, qw.data)
+                setattr(layer, f"{name}_scale", qw.scale)
+        layer._prepare()
+        return layer.to(next(iter(params.values())).device)
+
+    @classmethod
+    def from_metadata(cls, module: nn.Module, metadata: dict[str, Any]) -> QuantizedRecurrent:
+        params = dict(module.named_parameters(recurse=False))
+        precisions = {name: str(value) for name, value in metadata["matrices"].items()}
+        weights = {name for name in params if name.startswith("weight_")}
+        if set(precisions) != weights or not set(precisions.values()) <= set(PRECISIONS):
+            raise ValueError(f"matrices={metadata['matrices']!r}; expected {sorted(weights)} -> one of {PRECISIONS}")
+        shapes = {name: tuple(p.shape) for name, p in params.items()}
+        return cls(_hyper(cls, module), Mode(metadata["mode"]), precisions, shapes)
+
+    @classmethod
+    def meta_float_module(cls, entry: dict[str, Any]) -> nn.Module:
+        """The float layer a file entry describes, on the meta device (for checks before loading)."""
+        hyper = entry.get("recurrent")
+        if not isinstance(hyper, dict) or sorted(hyper) != sorted(cls.hyper_names):
+            raise ValueError(f"recurrent={hyper!r}; expected a table of {', '.join(cls.hyper_names)}")
+        for key, value in hyper.items():
+            expected = float if key == "dropout" else bool if key in _FLAGS else int
+            if not isinstance(value, expected) or (expected is int and (isinstance(value, bool) or value < 0)):
+                raise ValueError(
+                    f"recurrent.{key}={value!r}; expected a {'non-negative ' * (expected is int)}{expected.__name__}"
+                )
+        return cls.float_type(**hyper, device="meta")
+
+    def _prepare(self) -> None:
+        """Every weight-side term, once: scale / 127, the uint8 offset, the weight-only packed weight."""
+        for name, precision in self.precisions.items():
+            if precision != INT8:
+                continue
+            weight, scale = getattr(self, name), getattr(self, f"{name}_scale")
+            setattr(self, f"_{name}_s127", scale.float() / 127.0)
+            setattr(self, f"_{name}_offset", 128 * kernels.row_sums(weight))
+            packed = kernels.prepare_int8_weight_only(weight) if self.mode is Mode.WEIGHT_ONLY else None
+            setattr(self, f"_{name}_packed", packed)
+
+    # ---------------------------------------------------------------- running
+    def bias_of(self, name: str) -> torch.Tensor | None:
+        """The bias buffer added to the matrix ``name``'s product (``None`` without biases)."""
+        return getattr(self, "bias_" + name[len("weight_") :], None) if self.bias else None
+
+    def project(self, x: torch.Tensor, name: str, b: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + b`` for the 2-D float ``x`` and the stored matrix ``name``; ``b`` is added (or ``None``)."""
+        weight = getattr(self, name)
+        if weight.dtype != torch.int8:
+            return torch.addmm(b, x, weight.t()) if b is not None else x @ weight.t()
+        if self.mode is Mode.WEIGHT_ONLY:
+            out = kernels.int8_weight_only_mm(x, getattr(self, f"_{name}_packed"), getattr(self, f"{name}_scale"))
+            return out if b is None else out + b
+        unsigned = x.device.type == "cpu"
+        q, row_max = kernels.quantize_per_row(x, unsigned)
+        acc = kernels.int_mm(q, weight)
+        if unsigned:
+            acc.sub_(getattr(self, f"_{name}_offset"))
+        return kernels.rescale(acc, row_max * getattr(self, f"_{name}_s127"), b)
+
+    # ---------------------------------------------------------------- describing
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "kind": self.float_type.__name__,
+            "mode": self.mode.value,
+            "bits": 8,
+            "scheme": "symmetric",
+            "granularity": "per_channel",
+            "matrices": dict(self.precisions),
+            "recurrent": dict(self.hyper),
+        }
+
+    def float_shape(self) -> list[int]:
+        """The shape files record for the layer: its first input matrix's (``[gates * hidden, input_size]``)."""
+        first = next(iter(self.precisions))
+        return list(getattr(self, first).shape)
+
+    def dequantized_matrix(self, name: str) -> torch.Tensor:
+        weight = getattr(self, name)
+        if weight.dtype != torch.int8:
+            return weight.float()
+        return dequantize_weight(QuantizedWeight(weight, getattr(self, f"{name}_scale"), None))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Every weight matrix, dequantized and flattened into one vector in the float layer's order."""
+        return torch.cat([self.dequantized_matrix(name).reshape(-1) for name in self.precisions])
+
+    def dequantize(self) -> nn.Module:
+        float_module = self.float_type(**self.hyper, device=next(iter(self.buffers())).device)
+        with torch.no_grad():
+            for name, param in float_module.named_parameters(recurse=False):
+                value = getattr(self, name) if name.startswith("bias_") else self.dequantized_matrix(name)
+                param.copy_(value)
+        return float_module.eval()
+
+    def extra_repr(self) -> str:
+        hyper = ", ".join(f"{k}={v}" for k, v in self.hyper.items())
+        kept = [name for name, p in self.precisions.items() if p != INT8]
+        return f"{hyper}, mode={self.mode.value}, float32={kept}"
+
+
+def _hyper(cls: type[QuantizedRecurrent], module: nn.Module) -> dict[str, Any]:
+    return {name: getattr(module, name) for name in cls.hyper_names}
