@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from mono_quant.errors import SerializationError
-from mono_quant.serialization import ST_DTYPES
+from mono_quant.file_read import ST_DTYPES
 
 INDEX_SUFFIX = ".safetensors.index.json"
 _ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
