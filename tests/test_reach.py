@@ -222,3 +222,24 @@ def test_meta_device_skeleton_with_non_persistent_buffers_loads(tmp_path) -> Non
     with torch.inference_mode():
         assert torch.equal(loaded(**inputs).last_hidden_state, q(**inputs).last_hidden_state)
     assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+
+
+@pytest.mark.slow
+def test_torch_compiled_submodule_is_quantized_and_runs() -> None:
+    class WithCompiledBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = torch.compile(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.block(x))
+
+    torch.manual_seed(0)
+    model = WithCompiledBlock().eval()
+    x = torch.randn(4, 16)
+    result = mq.quantize(model)
+    assert [row.name for row in result.report.layers] == ["block._orig_mod.0", "block._orig_mod.2", "head"]
+    assert type(model.block._orig_mod[0]) is nn.Linear  # the input is untouched
+    with torch.inference_mode():
+        assert sqnr_db(model(x), result.model(x)) > 30
