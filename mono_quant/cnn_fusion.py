@@ -57,6 +57,7 @@ class FusedConv(nn.Module):
         super().__init__()
         layer: Int8Conv2d = conv.weight.layer
         self.conv, self.relu, self.out_qparams = [conv], relu, out_qparams  # a list: not a submodule here
+        self.copy_accum = True  # the residual input is written to by oneDNN: copied unless private
         self.in_qparams = input_qparams(layer)
         self._inv_scale = 1.0 / self.in_qparams[0]
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
@@ -71,8 +72,8 @@ class FusedConv(nn.Module):
     def forward(self, x: torch.Tensor, accum: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.uint8:
             x = kernels.quantize_uint8_channels_last(x, self._inv_scale, self.in_qparams[1])
-        if accum is not None and not accum.is_contiguous(memory_format=torch.channels_last):
-            accum = accum.contiguous(memory_format=torch.channels_last)
+        if accum is not None and (self.copy_accum or not accum.is_contiguous(memory_format=torch.channels_last)):
+            accum = accum.clone(memory_format=torch.channels_last)
         return kernels.onednn_conv2d_fused(
             x, self.in_qparams, self.packed, self.weight_scale, self.zero_points, self.bias, self.geometry,
             self.groups, self.relu, accum, None if accum is not None else self.out_qparams,
@@ -196,6 +197,7 @@ def fuse_static_convs(model: nn.Module) -> fx.GraphModule | None:
     if not plans:
         return None
     quantized: dict[tuple[fx.Node, tuple[float, int]], fx.Node] = {}
+    replaced: dict[fx.Node, fx.Node] = {}
     for index, (node, plan) in enumerate(plans.items()):
         conv = modules[node.target]
         out_qparams = None if plan["accum"] is not None else _uint8_out(plan["tail"], plans, modules)
@@ -213,12 +215,21 @@ def fuse_static_convs(model: nn.Module) -> fx.GraphModule | None:
                     with gm.graph.inserting_after(source):
                         quantized[key] = gm.graph.call_module(quantize_name, (source,))
                 source = quantized[key]
-            args = (source,) if plan["accum"] is None else (source, plan["accum"])
+            accum = plan["accum"]
+            while accum in replaced:  # fused since the plan was made
+                accum = replaced[accum]
+            args = (source,) if accum is None else (source, accum)
             fused = gm.graph.call_module(name, args)
         plan["out"] = out_qparams
         tail.replace_all_uses_with(fused)
+        replaced[tail] = fused
         plan["tail"] = fused
     gm.graph.eliminate_dead_code()
+    for node in gm.graph.nodes:  # oneDNN's sum writes into its accumulator: only a private temporary may be used
+        if node.op == "call_module" and len(node.args) == 2 and isinstance(gm.get_submodule(node.target), FusedConv):
+            accum = node.args[1]
+            private = accum.op == "call_module" and isinstance(gm.get_submodule(accum.target), FusedConv)
+            gm.get_submodule(node.target).copy_accum = not (private and len(accum.users) == 1)
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
@@ -259,6 +270,12 @@ class FusedForward:
         self.graph = fuse_static_convs(model)
         self.signature = self._signature()
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"model": self.model}  # copies and pickles rebuild the graph (oneDNN's packed weights don't copy)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.model, self.graph, self.signature = state["model"], None, None
+
     def _signature(self) -> list[Any]:
         if self.graph is None:
             return []
@@ -266,6 +283,8 @@ class FusedForward:
         return [t for c in convs for t in (c.weight, c.bias, c.weight.layer.input_scale, c.weight.layer.weight)]
 
     def _current(self) -> bool:
+        if self.graph is None:
+            return False
         convs = [m.conv[0] for m in self.graph.modules() if isinstance(m, FusedConv)]
         now = [t for c in convs if isinstance(c.weight, QuantizedTensor)
                for t in (c.weight, c.bias, c.weight.layer.input_scale, c.weight.layer.weight)]  # fmt: skip

@@ -156,12 +156,13 @@ def onednn_conv2d(
         >>> out.shape, out[0, 0, 0, 0].item()
         (torch.Size([1, 4, 3, 3]), 18.0)
     """
-    packed, zero_points = weight.get_conv(int8_weight, kernel_size, weight_scale, x_scale, x_zero_point, geometry,
-                                          groups)
+    packed, zero_points = weight.get_conv(
+        int8_weight, kernel_size, weight_scale, x_scale, x_zero_point, geometry, groups
+    )
     return torch.ops.onednn.qconv2d_pointwise(
         q, float(x_scale), int(x_zero_point), packed, weight_scale, zero_points, bias, *geometry, groups,
         1.0, 0, torch.float32, "none", [], "",
-    )
+    )  # fmt: skip
 
 
 def onednn_conv2d_fused(
@@ -201,12 +202,12 @@ def onednn_conv2d_fused(
         return torch.ops.onednn.qconv2d_pointwise.binary(
             q, x_scale, x_zero_point, packed, weight_scale, zero_points, accum, bias, *geometry, groups,
             1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, unary, [], "",
-        )
+        )  # fmt: skip
     out_scale, out_zero_point = out_qparams or (1.0, 0)
     return torch.ops.onednn.qconv2d_pointwise(
         q, x_scale, x_zero_point, packed, weight_scale, zero_points, bias, *geometry, groups,
         out_scale, out_zero_point, None if out_qparams else torch.float32, unary, [], "",
-    )
+    )  # fmt: skip
 
 
 def quantize_uint8_channels_last(x: torch.Tensor, inv_scale: float, zero_point: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mono_quant.calibration import Calibrator, ForwardFn, first_batch
+from mono_quant.cnn_fusion import enable_fused_forward
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
@@ -116,6 +117,8 @@ def quantize(
         else:
             _set_submodule(q_model, name, quantized)
         del float_module, module
+    if config.mode is Mode.STATIC:
+        enable_fused_forward(q_model)  # conv+ReLU/add chains in uint8 on CPU, from a traced graph
     warning = coverage_warning(q_model, quantized_numel, selection.skipped)
     report = QuantizationReport(rows, selection.skipped, bytes_before, _module_bytes(q_model), warning)
     return QuantizationResult(q_model, list(selection.skipped), report, config)
