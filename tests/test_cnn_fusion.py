@@ -115,7 +115,7 @@ def test_untraceable_models_keep_the_eager_path() -> None:
 
 
 def test_the_residual_input_is_never_overwritten(setup: tuple) -> None:
-    _, q, x = setup
+    q = setup[1]
     conv = q.blocks[0].conv2  # its residual is the stem's output, which block 0's conv1 also reads
     fused = next(m for m in q.forward.graph.modules() if isinstance(m, cnn_fusion.FusedConv) and m.conv[0] is conv)
     accum = torch.randn(2, 8, 16, 16)
