@@ -58,24 +58,30 @@ class FusedConv(nn.Module):
         layer: Int8Conv2d = conv.weight.layer
         self.conv, self.relu, self.out_qparams = [conv], relu, out_qparams  # a list: not a submodule here
         self.copy_accum = True  # the residual input is written to by oneDNN: copied unless private
-        self.in_qparams = input_qparams(layer)
+        self.dynamic = layer.mode is Mode.DYNAMIC  # input scale from each call's min/max; float out
+        self.in_qparams = (1.0, 0) if self.dynamic else input_qparams(layer)
         self._inv_scale = 1.0 / self.in_qparams[0]
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
         self.packed, self.zero_points = layer._onednn_conv.get_conv(
-            layer.weight, layer.kernel_size, layer._weight_scale_n, layer.input_scale,
-            layer._input_zero_point_u8, self.geometry, conv.groups,
+            layer.weight, layer.kernel_size, layer._weight_scale_n, torch.tensor(self.in_qparams[0]),
+            torch.tensor(self.in_qparams[1]), self.geometry, conv.groups,
         )  # fmt: skip
         self.weight_scale, self.groups = layer._weight_scale_n, conv.groups
         bias = conv.bias if conv.bias is not None else layer.bias
         self.bias = None if bias is None else bias.detach().float()
 
     def forward(self, x: torch.Tensor, accum: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dtype != torch.uint8:
-            x = kernels.quantize_uint8_channels_last(x, self._inv_scale, self.in_qparams[1])
+        in_qparams = self.in_qparams
+        if self.dynamic:
+            x = x.contiguous(memory_format=torch.channels_last)
+            in_qparams = kernels.dynamic_uint8_qparams(x)
+            x = kernels.quantize_uint8_channels_last(x, 1.0 / in_qparams[0], in_qparams[1])
+        elif x.dtype != torch.uint8:
+            x = kernels.quantize_uint8_channels_last(x, self._inv_scale, in_qparams[1])
         if accum is not None and (self.copy_accum or not accum.is_contiguous(memory_format=torch.channels_last)):
             accum = accum.clone(memory_format=torch.channels_last)
         return kernels.onednn_conv2d_fused(
-            x, self.in_qparams, self.packed, self.weight_scale, self.zero_points, self.bias, self.geometry,
+            x, in_qparams, self.packed, self.weight_scale, self.zero_points, self.bias, self.geometry,
             self.groups, self.relu, accum, None if accum is not None else self.out_qparams,
         )  # fmt: skip
 
@@ -116,7 +122,7 @@ def fusable(module: nn.Module) -> bool:
     layer = weight.layer
     return (
         isinstance(layer, Int8Conv2d)
-        and layer.mode is Mode.STATIC
+        and layer.mode in (Mode.STATIC, Mode.DYNAMIC)
         and layer.weight_zero_point is None
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
@@ -166,6 +172,8 @@ def _uint8_out(tail: fx.Node, plans: dict[fx.Node, dict[str, Any]], modules: dic
     users = list(tail.users)
     if not users or any(u not in plans or u.args[0] is not tail for u in users):
         return None
+    if any(modules[u.target].weight.layer.mode is not Mode.STATIC for u in users):
+        return None
     qparams = {input_qparams(modules[u.target].weight.layer) for u in users}
     return qparams.pop() if len(qparams) == 1 else None
 
@@ -200,6 +208,7 @@ def fuse_static_convs(model: nn.Module) -> fx.GraphModule | None:
     replaced: dict[fx.Node, fx.Node] = {}
     for index, (node, plan) in enumerate(plans.items()):
         conv = modules[node.target]
+        static = conv.weight.layer.mode is Mode.STATIC
         out_qparams = None if plan["accum"] is not None else _uint8_out(plan["tail"], plans, modules)
         name = f"_mq_fused_{index}"
         gm.add_submodule(name, FusedConv(conv, plan["relu"], out_qparams))
@@ -207,7 +216,7 @@ def fuse_static_convs(model: nn.Module) -> fx.GraphModule | None:
         producer = _producer(source, plans)
         tail = plan["tail"]
         with gm.graph.inserting_before(tail):
-            if producer is None or producer.get("out") is None:
+            if static and (producer is None or producer.get("out") is None):
                 key = (source, input_qparams(conv.weight.layer))
                 if key not in quantized:
                     quantize_name = f"_mq_quantize_{len(quantized)}"

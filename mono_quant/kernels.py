@@ -238,6 +238,20 @@ def dynamic_uint8_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return scale, zero_point, 1.0 / scale
 
 
+def dynamic_uint8_qparams(x: torch.Tensor) -> tuple[float, int]:
+    """``dynamic_uint8_params`` as Python numbers ``(scale, zero_point)`` (one sync; oneDNN takes scalars).
+
+    Example:
+        >>> scale, zero_point = dynamic_uint8_qparams(torch.tensor([-1.0, 1.55]))
+        >>> round(scale, 6), zero_point
+        (0.01, 100)
+    """
+    low, high = (v.item() for v in torch.aminmax(x))
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = max((high - low) / 255, 1e-12)
+    return scale, int(min(max(round(-low / scale), 0), 255))
+
+
 def use_onednn(x: torch.Tensor) -> bool:
     """Whether ``onednn_linear`` serves this 2-D input: CPU, more than one row, op available.
 

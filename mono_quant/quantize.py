@@ -117,7 +117,7 @@ def quantize(
         else:
             _set_submodule(q_model, name, quantized)
         del float_module, module
-    if config.mode is Mode.STATIC:
+    if config.mode in (Mode.STATIC, Mode.DYNAMIC):
         enable_fused_forward(q_model)  # conv+ReLU/add chains in uint8 on CPU, from a traced graph
     warning = coverage_warning(q_model, quantized_numel, selection.skipped)
     report = QuantizationReport(rows, selection.skipped, bytes_before, _module_bytes(q_model), warning)
