@@ -117,8 +117,7 @@ def quantize(
         else:
             _set_submodule(q_model, name, quantized)
         del float_module, module
-    if config.mode in (Mode.STATIC, Mode.DYNAMIC):
-        enable_fused_forward(q_model)  # conv+ReLU/add chains in uint8 on CPU, from a traced graph
+    enable_fused_forward(q_model)  # int8 conv+ReLU/add chains on CPU from a traced graph (load does the same)
     warning = coverage_warning(q_model, quantized_numel, selection.skipped)
     report = QuantizationReport(rows, selection.skipped, bytes_before, _module_bytes(q_model), warning)
     return QuantizationResult(q_model, list(selection.skipped), report, config)
