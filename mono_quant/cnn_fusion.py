@@ -260,6 +260,8 @@ def enable_fused_forward(model: nn.Module) -> bool:
     """
     if os.environ.get("MONO_QUANT_FUSE", "1") == "0" or not kernels.use_onednn_conv(torch.empty(0)):
         return False
+    if not any(fusable(m) for m in model.modules()):  # no tracing at all for models without int8 convs
+        return False
     runner = FusedForward(model)
     if runner.graph is None:
         return False
