@@ -197,10 +197,12 @@ def _variants(model: nn.Module, calib_batches: list[torch.Tensor]) -> list[Varia
     out.append(("float, BN folded", "mono-quant", folded, time.perf_counter() - start, f"{len(pairs)} BN folded"))
     start = time.perf_counter()
     static = mq.quantize(model, mode="static", calibration_data=calib_batches).model
-    out.append(("int8 static", "mono-quant", static, time.perf_counter() - start, "oneDNN u8 x s8 conv"))
+    note = "fused graph: oneDNN u8 conv chain, ReLU/add post-ops" if "forward" in vars(static) else "oneDNN u8 conv"
+    out.append(("int8 static", "mono-quant", static, time.perf_counter() - start, note))
     start = time.perf_counter()
     dynamic = mq.quantize(model, mode="dynamic").model
-    out.append(("int8 dynamic", "mono-quant", dynamic, time.perf_counter() - start, "im2col + _int_mm, per-row"))
+    note = "oneDNN u8 conv, per-call scale, ReLU/add post-ops" if "forward" in vars(dynamic) else "oneDNN u8 conv"
+    out.append(("int8 dynamic", "mono-quant", dynamic, time.perf_counter() - start, note))
     try:
         start = time.perf_counter()
         ao = torch_ao_static(model, calib_batches)

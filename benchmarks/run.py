@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mono_quant
 
 from cnn import median_ms  # benchmarks/ is on sys.path when this file runs
 
@@ -406,6 +407,48 @@ def cnn_rows(quick: bool) -> list[dict]:
     return out
 
 
+def cnn_zoo_table_rows(quick: bool) -> list[dict]:
+    """EfficientNet-Lite0 (full runs) and the 32x32 RGB ResNet of ``benchmarks/cnn_zoo.py``, as table rows."""
+    import cnn_zoo
+
+    out = []
+    for r in cnn_zoo.cnn_zoo_rows(quick, lambda fns, rounds: round_robin_ms(fns, rounds)):
+        row = base_row(r["workload"], Variant(r["mode"], r["library"], None, r["quantize_s"], None, r["note"]), None)
+        if r["median_ms"] is not None:
+            row.update(
+                median_ms=r["median_ms"],
+                ratio_to_float=r["ratio_to_float"],
+                metric=r["agreement"],
+                metric_name="top-1 agreement",
+                fidelity=f"top-1 agree {100 * r['agreement']:.1f}%, logit cos {r['cosine']:.4f}",
+            )
+        out.append(row)
+    return out
+
+
+def add_ratio_to_torch_ao(rows: list[dict]) -> None:
+    """``ratio_to_ao``: latency over torch.ao's for the same workload and mode, measured in the same run."""
+    ao = {(r["workload"], r["mode"]): r["median_ms"] for r in rows if r["library"] == "torch.ao" and r["median_ms"]}
+    for r in rows:
+        peer = ao.get((r["workload"], r["mode"]))
+        r["ratio_to_ao"] = None if peer is None or r["median_ms"] is None else r["median_ms"] / peer
+
+
+def cpu_flags() -> str:
+    """The instruction sets that decide which int8/bf16 kernels are fast here (from /proc/cpuinfo).
+
+    Example:
+        >>> cpu_flags().startswith("CPU flags:")
+        True
+    """
+    flags: set[str] = set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        flags = next((set(line.split(":", 1)[1].split()) for line in handle if line.startswith("flags")), set())
+    names = {"AVX2": "avx2", "AVX-512 VNNI": "avx512_vnni", "AVX-VNNI": "avx_vnni", "AVX-512 BF16": "avx512_bf16",
+             "AMX (int8)": "amx_int8", "AMX (bf16)": "amx_bf16"}  # fmt: skip
+    return "CPU flags: " + ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in names.items())
+
+
 # --------------------------------------------------------------------------------- checkpoints, memory
 
 
@@ -486,14 +529,18 @@ def format_table(rows: list[dict]) -> str:
         >>> row = {"workload": "w", "mode": "float", "library": "float", "median_ms": 2.0, "ratio_to_float": 1.0,
         ...        "fidelity": "", "file_ratio": 1.0, "quantize_s": 0.0, "note": ""}
         >>> format_table([row]).splitlines()[2]
-        '| w | float | float | 2.000 | 1.00 |  | 1.000 | 0.00 |  |'
+        '| w | float | float | 2.000 | 1.00 | - |  | 1.000 | 0.00 |  |'
     """
-    header = "| workload | mode | library | median ms | ratio to float | fidelity | file ratio | quantize s | note |"
-    lines = [header, "|---|---|---|---:|---:|---|---:|---:|---|"]
+    header = (
+        "| workload | mode | library | median ms | ratio to float | ratio to torch.ao | fidelity | file ratio "
+        "| quantize s | note |"
+    )
+    lines = [header, "|---|---|---|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['mode']} | {r['library']} | {_num(r['median_ms'], '.3f')} | "
-            f"{_num(r['ratio_to_float'], '.2f')} | {r['fidelity']} | {_num(r['file_ratio'], '.3f')} | "
+            f"{_num(r['ratio_to_float'], '.2f')} | {_num(r.get('ratio_to_ao'), '.2f')} | {r['fidelity']} | "
+            f"{_num(r['file_ratio'], '.3f')} | "
             f"{_num(r['quantize_s'], '.2f')} | {r['note']} |"
         )
     return "\n".join(lines)
@@ -591,12 +638,15 @@ def main() -> None:
         rows += minilm_rows(args.quick, peers)
     if "cnn" in chosen:
         rows += cnn_rows(args.quick)
+        rows += cnn_zoo_table_rows(args.quick)
+    add_ratio_to_torch_ao(rows)
     for r in rows:
         if r["library"] == "float" and r["median_ms"] is not None:
             r["fidelity"] = "reference"
     info = machine()
     status = peer_status()
     lines = [
+        cpu_flags(),
         f"{info['cpu']}, {info['cores']} cores, {THREADS} threads; torch {info['torch']}, Python {info['python']}, "
         f"mono-quant {info['mono_quant']}{' (--quick)' if args.quick else ''}",
         "peers: " + "; ".join(status[p] for p in peers),

@@ -160,22 +160,68 @@ def onednn_conv2d(
         int8_weight, kernel_size, weight_scale, x_scale, x_zero_point, geometry, groups
     )
     return torch.ops.onednn.qconv2d_pointwise(
-        q,
-        float(x_scale),
-        int(x_zero_point),
-        packed,
-        weight_scale,
-        zero_points,
-        bias,
-        *geometry,
-        groups,
-        1.0,
-        0,
-        torch.float32,
-        "none",
-        [],
-        "",
-    )
+        q, float(x_scale), int(x_zero_point), packed, weight_scale, zero_points, bias, *geometry, groups,
+        1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+
+
+def onednn_conv2d_fused(
+    q: torch.Tensor,
+    x_qparams: tuple[float, int],
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    zero_points: torch.Tensor,
+    bias: torch.Tensor | None,
+    geometry: tuple[list[int], list[int], list[int]],
+    groups: int,
+    relu: bool = False,
+    accum: torch.Tensor | None = None,
+    out_qparams: tuple[float, int] | None = None,
+) -> torch.Tensor:
+    """One oneDNN convolution with its epilogue fused: ``relu?(conv(q) + bias (+ accum))``.
+
+    ``q`` is uint8 (channels-last) with ``x_qparams = (scale, zero_point)``; ``packed``/``zero_points``
+    come from ``OneDNNConvWeight.get_conv``. With ``accum`` (float32, the output's shape) the residual
+    add is oneDNN's "sum" post-op and ``relu`` applies after it; the output is then float32. Without
+    ``accum``, ``out_qparams = (scale, zero_point)`` gives a uint8 output requantized inside the kernel
+    (the next quantized convolution's input), else float32.
+
+    Example:
+        >>> w, cache = torch.ones(4, 2 * 3 * 3, dtype=torch.int8), OneDNNConvWeight()
+        >>> geo = ([1, 1], [0, 0], [1, 1])
+        >>> packed, zps = cache.get_conv(w, (3, 3), torch.ones(4), torch.tensor(0.5), torch.tensor(128), geo)
+        >>> q = torch.full((1, 2, 5, 5), 130, dtype=torch.uint8)
+        >>> out = onednn_conv2d_fused(q, (0.5, 128), packed, torch.ones(4), zps, None, geo, 1, relu=True,
+        ...                           out_qparams=(0.5, 0))
+        >>> out.dtype, out[0, 0, 0, 0].item()
+        (torch.uint8, 36)
+    """
+    x_scale, x_zero_point = x_qparams
+    unary = "relu" if relu else "none"
+    if accum is not None:
+        return torch.ops.onednn.qconv2d_pointwise.binary(
+            q, x_scale, x_zero_point, packed, weight_scale, zero_points, accum, bias, *geometry, groups,
+            1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, unary, [], "",
+        )  # fmt: skip
+    out_scale, out_zero_point = out_qparams or (1.0, 0)
+    return torch.ops.onednn.qconv2d_pointwise(
+        q, x_scale, x_zero_point, packed, weight_scale, zero_points, bias, *geometry, groups,
+        out_scale, out_zero_point, None if out_qparams else torch.float32, unary, [], "",
+    )  # fmt: skip
+
+
+def quantize_uint8_channels_last(x: torch.Tensor, inv_scale: float, zero_point: int) -> torch.Tensor:
+    """``clamp(round(x * inv_scale) + zero_point, 0, 255)`` as uint8 in channels-last (oneDNN's fast layout).
+
+    Rounds half up (``+ 0.5`` then truncation: one pass fewer than ``round``), so exact ties may differ by
+    one step from ``quantize_static_input``.
+
+    Example:
+        >>> quantize_uint8_channels_last(torch.tensor([[[[0.0, 1.0, 30.0, -9.0]]]]), 10.0, 3).flatten().tolist()
+        [3, 13, 255, 0]
+    """
+    x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    return torch.mul(x, inv_scale).add_(zero_point + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
 
 
 def dynamic_uint8_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,6 +236,20 @@ def dynamic_uint8_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     scale = ((high - low) / 255).clamp_min(1e-12)
     zero_point = torch.round(-low / scale).clamp(0, 255) + 0.0  # + 0.0: no -0.0
     return scale, zero_point, 1.0 / scale
+
+
+def dynamic_uint8_qparams(x: torch.Tensor) -> tuple[float, int]:
+    """``dynamic_uint8_params`` as Python numbers ``(scale, zero_point)`` (one sync; oneDNN takes scalars).
+
+    Example:
+        >>> scale, zero_point = dynamic_uint8_qparams(torch.tensor([-1.0, 1.55]))
+        >>> round(scale, 6), zero_point
+        (0.01, 100)
+    """
+    low, high = (v.item() for v in torch.aminmax(x))
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = max((high - low) / 255, 1e-12)
+    return scale, int(min(max(round(-low / scale), 0), 255))
 
 
 def use_onednn(x: torch.Tensor) -> bool:

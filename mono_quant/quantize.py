@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mono_quant.calibration import Calibrator, ForwardFn, first_batch
+from mono_quant.cnn_fusion import enable_fused_forward
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
@@ -117,6 +118,7 @@ def quantize(
         else:
             _set_submodule(q_model, name, quantized)
         del float_module, module
+    enable_fused_forward(q_model)  # int8 conv+ReLU/add chains on CPU from a traced graph (load does the same)
     warning = coverage_warning(q_model, quantized_numel, selection.skipped)
     report = QuantizationReport(rows, selection.skipped, bytes_before, _module_bytes(q_model), warning)
     return QuantizationResult(q_model, list(selection.skipped), report, config)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.cnn_fusion import enable_fused_forward
 from mono_quant.copying import bake_parametrized_weights
 from mono_quant.errors import SerializationError
 from mono_quant.file_checks import check_values
@@ -97,7 +98,9 @@ def load(
         q_model.get_submodule(owner)._buffers[attribute] = tensors[name]
     if dequantize:
         q_model = _dequantize_in_place(q_model)
-    return q_model.to(map_location).eval()
+    q_model = q_model.to(map_location).eval()
+    enable_fused_forward(q_model)  # the same fused CPU conv graph as quantize installs (cnn_fusion.py)
+    return q_model
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spec]]:

@@ -45,6 +45,7 @@ class Int8Conv2d(Int8Linear):
         return meta_conv2d(entry)
 
     swap_module = False
+    fuses_bias = True  # forward(x, bias): a weight-tensor owner's bias goes into oneDNN's epilogue
 
     def __init__(self, conv: nn.Conv2d, mode: Mode, scheme: Scheme, scale_shape: tuple[int, ...]) -> None:
         super().__init__(conv.weight[0].numel(), conv.out_channels, conv.bias is not None, mode, scheme, scale_shape)
@@ -91,13 +92,15 @@ class Int8Conv2d(Int8Linear):
         twin._onednn_conv = kernels.OneDNNConvWeight()
         return twin
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution, plus ``bias`` (the owning module's, for weight-tensor layers) fused where oneDNN runs."""
         onednn = self.mode is not Mode.WEIGHT_ONLY and self.weight_zero_point is None
         if onednn and kernels.use_onednn_conv(x):
-            return self._onednn_forward(x)
-        return self._im2col_forward(x)
+            return self._onednn_forward(x, bias)
+        out = self._im2col_forward(x)
+        return out if bias is None else out + bias.reshape(-1, 1, 1)
 
-    def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _onednn_forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 activations (channels-last: oneDNN's fast layout) against the packed int8 weight."""
         x4 = x if x.dim() == 4 else x.unsqueeze(0)
         xf = x4 if x4.dtype == torch.float32 else x4.float()
@@ -115,7 +118,7 @@ class Int8Conv2d(Int8Linear):
             self.weight,
             self.kernel_size,
             self._weight_scale_n,
-            self.bias,
+            self.bias if bias is None else (bias.float() if self.bias is None else self.bias + bias),
             self._geometry,
             self.groups,
         )

@@ -183,7 +183,10 @@ def _conv(weight: QuantizedTensor, args: tuple, kwargs: dict) -> torch.Tensor:
     layer = weight.layer
     if key != (layer.stride, layer.padding, layer.dilation):
         layer = weight._geometries.get(key) or weight._geometries.setdefault(key, layer.with_geometry(*key))
-    out = _with_bias(layer(x), None if bias is None else bias.reshape(-1, 1, 1))
+    if getattr(layer, "fuses_bias", False):  # added inside the kernel's epilogue (Int8Conv2d)
+        out = layer(x, bias=bias)
+    else:
+        out = _with_bias(layer(x), None if bias is None else bias.reshape(-1, 1, 1))
     return out.squeeze(-2) if dims == 1 else out
 
 

@@ -1,0 +1,124 @@
+"""Fused static CNN inference (``mono_quant/cnn_fusion.py``) agrees with the unfused int8 path on real digits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+import mono_quant as mq
+from mono_quant import cnn_fusion
+from mono_quant.qparams import sqnr_db
+
+pytestmark = pytest.mark.skipif(not cnn_fusion.kernels.use_onednn_conv(torch.empty(0)), reason="needs oneDNN")
+
+
+def _digits() -> torch.Tensor:
+    images = torch.tensor(load_digits().images[:96], dtype=torch.float32).unsqueeze(1) / 16.0
+    return F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
+
+
+class Block(nn.Module):
+    """conv-bn-relu, conv-bn, + shortcut (identity or strided 1x1 conv), relu; functional ops on purpose."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1), nn.BatchNorm2d(cout)
+        self.short = nn.Identity() if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return torch.relu(torch.add(self.bn2(self.conv2(out)), self.short(x)))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.blocks = nn.Sequential(Block(8, 8, 1), Block(8, 16, 2), Block(16, 16, 1))
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.depthwise(self.blocks(self.stem(x))).relu()
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model, data = Net().eval(), _digits()
+    with torch.no_grad():  # BatchNorm statistics from real images, so folding has something to fold
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    q = mq.quantize(model, mode="static", calibration_data=list(data[:64].split(16))).model
+    return model, q, data[64:]
+
+
+def test_every_conv_is_fused_with_uint8_between_chained_convs(setup: tuple) -> None:
+    _, q, _ = setup
+    graph = q.forward.graph
+    fused = [m for m in graph.modules() if isinstance(m, cnn_fusion.FusedConv)]
+    assert len(fused) == 9  # stem, 3 x 2 block convs, one projection, depthwise
+    assert sum(m.relu for m in fused) >= 6 and sum(m.out_qparams is not None for m in fused) >= 3
+    code = graph.code
+    assert "torch.add" not in code and "relu" not in code  # every add and ReLU went into oneDNN
+
+
+def test_fused_matches_the_unfused_int8_path(setup: tuple) -> None:
+    model, q, x = setup
+    with torch.inference_mode():
+        fused, eager, reference = q(x), type(q).forward(q, x), model(x)
+    assert sqnr_db(eager, fused) > 35
+    assert sqnr_db(reference, fused) > 20
+    assert (fused.argmax(1) == eager.argmax(1)).float().mean() >= 0.95
+    single = q(x[:1])
+    assert sqnr_db(eager[:1], single) > 35
+
+
+def test_copies_reloads_and_opt_out(setup: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, q, x = setup
+    with torch.inference_mode():
+        expected = q(x)
+        twin = copy.deepcopy(q)
+        assert torch.equal(twin(x), expected)
+        assert twin.forward.graph is not q.forward.graph  # rebuilt on the copy's own modules
+        state = q.state_dict()
+        assert not any("_mq_" in key for key in state)  # the graph is never state
+        twin.load_state_dict(state)  # fresh tensors: the graph is rebuilt against them
+        assert torch.equal(twin(x), expected)
+        monkeypatch.setenv("MONO_QUANT_FUSE", "0")
+        plain = mq.quantize(model, mode="static", calibration_data=[x]).model
+        assert "forward" not in vars(plain)
+
+
+def test_untraceable_models_keep_the_eager_path() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).relu() if x.sum() > 0 else self.conv(x)
+
+    data = _digits()[:16]
+    q = mq.quantize(Branchy().eval(), mode="static", calibration_data=[data]).model
+    assert "forward" not in vars(q)
+    assert q(data).shape == (16, 4, 14, 14)
+
+
+def test_the_residual_input_is_never_overwritten(setup: tuple) -> None:
+    q = setup[1]
+    conv = q.blocks[0].conv2  # its residual is the stem's output, which block 0's conv1 also reads
+    fused = next(m for m in q.forward.graph.modules() if isinstance(m, cnn_fusion.FusedConv) and m.conv[0] is conv)
+    accum = torch.randn(2, 8, 16, 16)
+    kept = accum.clone()
+    fused(torch.rand(2, 8, 16, 16), accum)
+    assert fused.copy_accum and torch.equal(accum, kept)
