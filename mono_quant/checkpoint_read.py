@@ -19,11 +19,14 @@ from mono_quant.file_write import METADATA_KEY
 WEIGHT_KEYS = ("state_dict", "model", "module")
 
 
-def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike, key: str | None = None, *, convert: bool = False
+) -> dict[str, torch.Tensor]:
     """A plain float state_dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``).
 
     A training checkpoint is unwrapped: the dict under ``key``, or else the first of ``state_dict``,
-    ``model``, ``module`` that holds only tensors. A file written by mono-quant is refused.
+    ``model``, ``module`` that holds only tensors. A file written by mono-quant is refused unless
+    ``convert`` (then its weights come back dequantized to float, to be quantized again).
 
     Example:
         >>> import tempfile
@@ -55,10 +58,14 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
         raise SerializationError(
             f"cannot read {path}: not a readable checkpoint (truncated or corrupt?): {detail}"
         ) from err
+    if quantized and convert:
+        from mono_quant.serialization import load
+
+        return load(path, dequantize=True)[0]
     if quantized:
         raise SerializationError(
             f"{path} is already quantized by mono-quant; pass the float checkpoint it was made from "
-            "(mono-quant inspect shows what it holds)"
+            "(mono-quant inspect shows what it holds), or --convert to dequantize and quantize it again"
         )
     return _unwrap(path, obj, key)
 

@@ -98,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the checkpoint entry holding the weights (default: the file itself, else "
         "'state_dict', 'model' or 'module')",
     )
+    q.add_argument(
+        "--convert",
+        action="store_true",
+        help="accept a mono-quant file: dequantize it, then quantize again (its error adds to the new one)",
+    )
     q.add_argument("-o", "--output", help="output file (.safetensors or .pt); default MODEL_FILE.<dtype>.safetensors")
     q.add_argument("--config", metavar="FILE", help="options from a .toml/.yaml/.json file; flags given here win")
     q.add_argument("--dtype", choices=("int8", "int4", "fp16", "bf16"), help="default int8")
@@ -153,7 +158,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(result)
         return 0
-    state = read_state_dict(source, args.key)
+    state = read_state_dict(source, args.key, convert=args.convert)
     _check_include(state, args.include)
     progress = None if args.quiet else _progress_printer(sys.stderr)
     tensors, report, shapes = quantize_state_dict(state, config, progress)

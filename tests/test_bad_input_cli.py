@@ -160,3 +160,21 @@ def test_pickled_model_in_a_real_process_has_no_escape_codes(folder: Path) -> No
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
     assert "\x1b" not in proc.stderr and "pickled Python objects" in proc.stderr
+
+
+def test_convert_requantizes_a_mono_quant_file(tmp_path) -> None:
+    import torch
+
+    import mono_quant as mq
+    from mono_quant.cli import main
+
+    torch.manual_seed(0)
+    float_path, int8_path, int4_path = tmp_path / "f.safetensors", tmp_path / "q8.safetensors", tmp_path / "q4.pt"
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.randn(64, 128), "fc.bias": torch.randn(64)}, str(float_path))
+    assert main(["quantize", str(float_path), "-o", str(int8_path), "-q"]) == 0
+    assert main(["quantize", str(int8_path), "-o", str(int4_path), "--dtype", "int4", "-q"]) == 1  # refused
+    assert main(["quantize", str(int8_path), "-o", str(int4_path), "--dtype", "int4", "--convert", "-q"]) == 0
+    state, metadata = mq.load(int4_path)
+    assert metadata["layers"]["fc"]["bits"] == 4 and state["fc.weight_packed"].dtype == torch.int32
