@@ -236,10 +236,12 @@ def compressed_tensors_config(
             if mode == "dynamic":
                 acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
             elif mode == "static":
-                acts = {"num_bits": 8, "type": "int", "symmetric": act_symmetric, "strategy": "tensor",
+                symmetric = entry.get("activation_symmetric", act_symmetric)
+                acts = {"num_bits": 8, "type": "int", "symmetric": symmetric, "strategy": "tensor",
                         "dynamic": False}  # fmt: skip
             fmt = "pack-quantized" if per_group else ("int-quantized" if acts else "naive-quantized")
-        key = json.dumps([weights, acts], sort_keys=True)
+            fmt = entry.get("storage_format", fmt)  # save_pretrained: int4 kept unpacked in int8 where needed
+        key = json.dumps([weights, acts, fmt], sort_keys=True)
         group = groups.setdefault(key, {"targets": [], "weights": weights, "input_activations": acts,
                                         "output_activations": None, "format": fmt})  # fmt: skip
         group["targets"].append(name)
