@@ -72,7 +72,8 @@ def export_onnx(
         raise ConfigError(f"export_onnx: opset must be an integer >= {OPSET}, got {opset!r}")
     args, kwargs, names = _inputs(example_inputs, input_names)
     axes = dynamic_axes if dynamic_axes is not None else _default_axes(names, [*args, *kwargs.values()])
-    fallback = [name for name, layer in quantized_layers(q_model).items() if not isinstance(layer, _INTEGER)]
+    layers = quantized_layers(q_model)
+    fallback = [name for name, layer in layers.items() if not isinstance(layer, _INTEGER)]
     if fallback:
         warnings.warn(
             f"export_onnx: {len(fallback)} layer(s) have no ONNX integer form (int4, fp16/bf16) and are exported "
@@ -83,7 +84,7 @@ def export_onnx(
     was_training = q_model.training
     q_model.eval()
     try:
-        with _export_forwards(), warnings.catch_warnings():
+        with _export_forwards(list(layers.values())), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             wrapper = _Positional(q_model, list(kwargs))
             output_names = wrapper.output_names([*args, *kwargs.values()])
@@ -174,19 +175,34 @@ def _flat(out: Any, prefix: str = "output") -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _export_forwards() -> Iterator[None]:
-    """Swap the int8 classes' ``forward`` for the export form while tracing (restored afterwards)."""
-    saved = {cls: cls.__dict__.get("forward") for cls in _INTEGER}
+def _export_forwards(layers: list[nn.Module]) -> Iterator[None]:
+    """Swap the quantized classes' ``forward`` for the export form while tracing (restored afterwards): the
+    integer graph for int8 classes, the dequantized float layer for the others."""
+    classes = {type(layer) for layer in layers}
+    saved = {cls: cls.__dict__.get("forward") for cls in classes}
     try:
-        for cls in _INTEGER:
-            cls.forward = _export_forward
+        floats = [layer for layer in layers if not isinstance(layer, _INTEGER)]
+        _FLOAT_TWINS.update({id(layer): layer.dequantize().requires_grad_(False) for layer in floats})
+        for cls in classes:
+            cls.forward = _export_forward if issubclass(cls, _INTEGER) else _float_forward
         yield
     finally:
+        _FLOAT_TWINS.clear()
         for cls, forward in saved.items():
             if forward is None:
                 del cls.forward
             else:
                 cls.forward = forward
+
+
+_FLOAT_TWINS: dict[int, nn.Module] = {}  # id(layer) -> its dequantized float layer, during one export
+
+
+def _float_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    twin = _FLOAT_TWINS.get(id(self))
+    if twin is None:  # a layer built while tracing (a conv at another geometry): dequantize it now
+        twin = _FLOAT_TWINS[id(self)] = self.dequantize().requires_grad_(False)
+    return twin(x)
 
 
 _INTEGER = (Int8Linear, Int8Conv2d, Int8Embedding)
