@@ -178,3 +178,22 @@ def test_minilm_int8_loads_in_transformers(tmp_path: Path) -> None:
     (result,) = load_elsewhere(folder)
     assert result["missing_keys"] == result["unexpected_keys"] == result["mismatched_keys"] == []
     assert result["cos"] > 0.99
+
+
+def test_cli_export_writes_both_formats(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    from mono_quant.cli import main
+
+    model = tiny_bert()
+    model.config.save_pretrained(tmp_path / "base")
+    q, _ = mq.dynamic_quantize(model)
+    mq.save(q, tmp_path / "q.safetensors")
+    assert main(["export", str(tmp_path / "q.safetensors"), "--base", str(tmp_path / "base"), "--format", "hf"]) == 0
+    written = load_file(tmp_path / "q-hf" / "model.safetensors")
+    assert all(torch.equal(written[k], v.contiguous()) for k, v in hf_tensors(q)[0].items())
+    onnx_args = ["export", str(tmp_path / "q.safetensors"), "--base", str(tmp_path / "base"), "--format", "onnx"]
+    assert main(onnx_args) == 0
+    assert (tmp_path / "q.onnx").stat().st_size > 0 and "wrote" in capsys.readouterr().out
+    assert main([*onnx_args[:3], str(tmp_path / "missing"), "--format", "onnx"]) == 2
+    assert "--base=" in capsys.readouterr().err
