@@ -32,7 +32,8 @@ from torch import nn
 
 from mono_quant.errors import ConfigError, SerializationError
 from mono_quant.file_io import atomic_write
-from mono_quant.file_write import _model_layers, _plain_tensors, compressed_tensors_config
+from mono_quant.file_write import METADATA_KEY, _model_layers, _plain_tensors, compressed_tensors_config, file_metadata
+from mono_quant.fusion import FoldedBatchNorm
 from mono_quant.modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, quantized_layers
 from mono_quant.modules.attach import attached_tensors, expected_keys
 from mono_quant.qparams import unpack_int4_words
@@ -87,7 +88,9 @@ def save_pretrained(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SerializationError(f"save_pretrained: cannot create out_dir {out}: {err}") from err
-    _write_shards(out, _plain_tensors(tensors), limit)
+    folded = {name: m.into for name, m in q_model.named_modules() if isinstance(m, FoldedBatchNorm)}
+    own = json.dumps(file_metadata(layers, None, None, folded), allow_nan=False)  # what mq.load reads
+    _write_shards(out, _plain_tensors(tensors), limit, {"format": "pt", METADATA_KEY: own})
     text = json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
     atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
     return out
@@ -172,7 +175,7 @@ def _convert_layer(tensors: dict[str, torch.Tensor], own: dict[str, str], entry:
             tensors[own["input_zero_point"]] = zero_point
 
 
-def _write_shards(out: Path, tensors: dict[str, torch.Tensor], limit: int) -> None:
+def _write_shards(out: Path, tensors: dict[str, torch.Tensor], limit: int, metadata: dict[str, str]) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, value in tensors.items():
@@ -187,7 +190,8 @@ def _write_shards(out: Path, tensors: dict[str, torch.Tensor], limit: int) -> No
         ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     )
     for name, shard in zip(names, shards, strict=True):
-        atomic_write(out / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        header = metadata if name == names[0] else {"format": "pt"}
+        atomic_write(out / name, lambda tmp, shard=shard, header=header: save_file(shard, tmp, metadata=header))
     written = set(names)
     if count > 1:
         index = {

@@ -197,3 +197,22 @@ def test_cli_export_writes_both_formats(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "q.onnx").stat().st_size > 0 and "wrote" in capsys.readouterr().out
     assert main([*onnx_args[:3], str(tmp_path / "missing"), "--format", "onnx"]) == 2
     assert "--base=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["int8_dynamic", "int8_static", "int4_asymmetric"])
+def test_mq_load_reads_the_folder_exactly(variant: str, tmp_path: Path) -> None:
+    model = tiny_bert()
+    q = {
+        "int8_dynamic": lambda: mq.quantize(model, dtype="int8").model,
+        "int8_static": lambda: static_int8(model),
+        "int4_asymmetric": lambda: mq.quantize(model, dtype="int4", group_size=32, scheme="asymmetric").model,
+    }[variant]()
+    save_pretrained(q, tmp_path, max_shard_size="60KB")
+    loaded = mq.load(tmp_path, tiny_bert())
+    inputs = token_batches(1)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).last_hidden_state, q(**inputs).last_hidden_state)
+    own = {k: v for k, v in q.state_dict().items()}
+    assert all(torch.equal(own[k], v) for k, v in loaded.state_dict().items())
+    state, metadata = mq.load(tmp_path)
+    assert state.keys() == own.keys() and metadata["format"] == "mono-quant"
