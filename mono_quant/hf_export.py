@@ -8,11 +8,16 @@ layouts, sharded with an index above ``max_shard_size``:
 - int8 (``int-quantized`` with dynamic per-token or static per-tensor activations, ``naive-quantized`` for
   weight-only): ``weight`` int8, ``weight_scale`` ``[out, 1]`` (``[1]`` per tensor), ``weight_zero_point``
   like the scale when asymmetric; static ``input_scale`` ``[1]`` (+ ``input_zero_point`` ``[1]`` when not 0).
-- int4 (``pack-quantized``): ``weight_packed`` int32 ``[out, in/8]``, ``weight_scale`` ``[out, in/group]``,
-  ``weight_shape``; an asymmetric ``weight_zero_point`` is packed eight per int32 along the rows.
+- int4 symmetric Linear (``pack-quantized``): ``weight_packed`` int32 ``[out, in/8]``, ``weight_scale``
+  ``[out, in/group]``, ``weight_shape``.
+- int4 asymmetric or Embedding (``naive-quantized``, 4 bits): ``weight`` int8 holding the int4 values,
+  ``weight_scale`` and ``weight_zero_point`` ``[out, in/group]``. transformers 5.24 + compressed-tensors 0.20.1
+  cannot load a packed group zero point (the model it builds expects the unpacked shape: a size mismatch)
+  nor a packed Embedding (its weight initialisation fails), so these keep the exact values one per byte.
 
 mono-quant's own files keep per-channel scales ``[out]`` (what the kernels use, and what every file written
-so far holds); only this export reshapes. Layers compressed-tensors cannot represent (convolutions,
+so far holds: no format change, no version bump); only this export reshapes, and ``mq.load`` undoes it
+(``hf_read.py``). Layers compressed-tensors cannot represent (convolutions,
 transposed ``Conv1D`` and ``MultiheadAttention`` weights, fp16/bf16 layers) are written as float weights,
 listed in ``ignore``, with a warning naming them.
 """
@@ -135,7 +140,7 @@ def hf_tensors(q_model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, d
         own = {key: prefix + full for key, full in expected_keys(layer, attachment and attachment.attribute).items()}
         plain = attachment is None or (attachment.attribute == "weight" and not attachment.transposed
                                        and attachment.kind in ("linear", "embedding"))  # fmt: skip
-        if isinstance(layer, _EXPORTABLE) and plain:
+        if type(layer) in _EXPORTABLE and plain:  # exact classes: Int8Conv2d is an Int8Linear subclass
             layers[name] = entries[name]
             _convert_layer(tensors, own, layers[name])
             continue

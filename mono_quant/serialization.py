@@ -125,7 +125,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spec
 
 def _open(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[str]], dict[str, torch.Tensor]]]:
     """Parse a file's metadata and tensor specs; the returned reader loads tensors by name."""
-    if path.is_dir():  # a save_pretrained folder
+    if path.is_dir() and any(path.glob("*.safetensors*")):  # a save_pretrained folder
         from mono_quant.hf_read import open_hf_dir
 
         return _with_ties(path, *open_hf_dir(path, _parse_metadata))
