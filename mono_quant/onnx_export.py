@@ -14,7 +14,8 @@ weight ever enters the file and ORT needs no QDQ fusion to find the int8 path. P
   or the calibrated uint8 quantization, ``ConvInteger`` (weight stored uint8 = int8 + 128 with
   ``w_zero_point=128``: ORT's ConvInteger takes uint8 weights only), ``Mul`` per channel, ``Add`` bias.
 - int8 Embedding: ``Gather`` of the int8 table and of the row scales, ``Mul``.
-- int8 weight-only Linear: ``DequantizeLinear`` (per channel) on the int8 ``[in, out]`` initializer, ``MatMul``.
+- int8 weight-only Linear (and asymmetric-weight Linear): ``DequantizeLinear`` (per channel) on the int8
+  ``[in, out]`` initializer, ``MatMul``; weight-only or asymmetric-weight convolutions: float ``Conv``.
 Int4 layers and fp16/bf16 layers have no ONNX integer form here: they are exported dequantized (float
 initializers), with a warning naming them.
 """
@@ -212,6 +213,8 @@ def _export_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(self, Int8Embedding):
         return _Embedding.apply(x, self.weight, self.weight_scale)
     if isinstance(self, Int8Conv2d):
+        if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
+            return _float_forward(self, x)  # float activations / per-channel weight zero points: float conv
         weight = self.weight.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         unsigned = (weight.to(torch.int16) + 128).to(torch.uint8)  # ORT's ConvInteger: uint8 weights
         geometry = (self.stride, self.padding, self.dilation, self.groups)

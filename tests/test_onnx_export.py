@@ -128,3 +128,13 @@ def test_minilm_matches_in_onnx_runtime(tmp_path: Path) -> None:
         mask = batch["attention_mask"].unsqueeze(-1)
         pooled = [(t * mask).sum(1) / mask.sum(1) for t in (got, want)]
         assert torch.nn.functional.cosine_similarity(*pooled).min() > 0.99
+
+
+def test_asymmetric_weights_export_through_float_weights(digits, tmp_path: Path) -> None:
+    images = digits[0].reshape(-1, 1, 8, 8)
+    q = mq.quantize(digits_cnn(), dtype="int8", scheme="asymmetric", mode="static", calibration_data=[images[:64]])
+    path = export_onnx(q.model, images[:4], tmp_path / "asym.onnx")
+    with torch.no_grad():
+        want = q.model(images[:100])
+    got = torch.from_numpy(run(path, images[:100]))
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.97
