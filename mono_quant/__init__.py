@@ -25,6 +25,7 @@ from mono_quant.config import (
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError, SerializationError
 from mono_quant.fidelity import FidelityReport, compare, output_tensor
 from mono_quant.fusion import fold_batchnorm
+from mono_quant.hf_export import save_pretrained
 from mono_quant.modules import (
     ActivationQParams,
     QuantizedLayer,
@@ -33,6 +34,7 @@ from mono_quant.modules import (
     register,
 )
 from mono_quant.observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
+from mono_quant.onnx_export import export_onnx
 from mono_quant.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize
 from mono_quant.report import LayerReport, QuantizationReport
 from mono_quant.selection import Selection, calibrated_layers, select_layers
@@ -80,11 +82,13 @@ __all__ = [
     "compare",
     "dequantize",
     "dynamic_quantize",
+    "export_onnx",
     "fold_batchnorm",
     "load",
     "quantize",
     "quantize_checkpoint",
     "quantize_with_budget",
     "save",
+    "save_pretrained",
     "static_quantize",
 ]

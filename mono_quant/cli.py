@@ -1,4 +1,5 @@
-"""``mono-quant quantize | inspect | compare``: quantize a state_dict file, look inside a checkpoint, compare.
+"""``mono-quant quantize | inspect | compare | export``: quantize a state_dict file, look inside a checkpoint,
+compare, export (``cli_export.py``).
 
 Exit codes: 0 success, 2 bad usage (argparse errors, invalid options, an output that is the input), 1 a
 failed operation (unreadable or mismatched file, nothing to quantize, ...). Errors are one line on stderr
@@ -127,7 +128,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--key", help="the entry of FLOAT_FILE holding the weights (as for quantize)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(run=_cmd_compare)
+
+    from mono_quant.cli_export import add_export_parser
+
+    add_export_parser(commands, common, _cmd_export)
     return parser
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mono_quant.cli_export import run_export
+
+    print(f"wrote {run_export(args)}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------- quantize

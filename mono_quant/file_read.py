@@ -33,6 +33,10 @@ Spec = tuple[torch.dtype, tuple[int, ...]]
 
 def open_file(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[str]], dict[str, torch.Tensor]]]:
     """Parse a file's metadata and tensor specs; the returned reader loads tensors by name."""
+    if path.is_dir() and any(path.glob("*.safetensors*")):  # a save_pretrained folder
+        from mono_quant.hf_read import open_hf_dir
+
+        return _with_ties(path, *open_hf_dir(path, _parse_metadata))
     if not path.is_file():
         raise SerializationError(f"cannot load {path}: no such file")
     try:

@@ -52,7 +52,7 @@ def save(
         'Int8Linear'
     """
     if isinstance(model_or_state_dict, nn.Module):
-        layers = _model_layers(model_or_state_dict)
+        layers = model_layers(model_or_state_dict)
         folded = {name: m.into for name, m in model_or_state_dict.named_modules() if isinstance(m, FoldedBatchNorm)}
         buffers = non_persistent_buffers(model_or_state_dict)  # so a meta-device skeleton loads complete
         _write(path, {**model_or_state_dict.state_dict(), **buffers}, layers, config, report, folded, list(buffers))
@@ -111,7 +111,7 @@ def _has_bias(module: nn.Module) -> bool:
     return bias is True or isinstance(bias, torch.Tensor)  # recurrent layers hold a flag
 
 
-def _model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+def model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     layers = {
         name: {
             "class": type(module).__name__,
@@ -267,10 +267,12 @@ def compressed_tensors_config(
             if mode == "dynamic":
                 acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
             elif mode == "static":
-                acts = {"num_bits": 8, "type": "int", "symmetric": act_symmetric, "strategy": "tensor",
+                symmetric = entry.get("activation_symmetric", act_symmetric)
+                acts = {"num_bits": 8, "type": "int", "symmetric": symmetric, "strategy": "tensor",
                         "dynamic": False}  # fmt: skip
             fmt = "pack-quantized" if per_group else ("int-quantized" if acts else "naive-quantized")
-        key = json.dumps([weights, acts], sort_keys=True)
+            fmt = entry.get("storage_format", fmt)  # save_pretrained: int4 kept unpacked in int8 where needed
+        key = json.dumps([weights, acts, fmt], sort_keys=True)
         group = groups.setdefault(key, {"targets": [], "weights": weights, "input_activations": acts,
                                         "output_activations": None, "format": fmt})  # fmt: skip
         group["targets"].append(name)
@@ -284,7 +286,7 @@ def compressed_tensors_config(
     }
 
 
-def _plain_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def plain_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous, one storage per tensor (safetensors refuses shared storage)."""
     out, seen = {}, set()
     for key, value in tensors.items():
@@ -313,7 +315,7 @@ def _write(
     metadata = file_metadata(layers, config, report, folded or {}, tied)
     metadata["non_persistent"] = non_persistent or []  # buffers a state_dict leaves out (rotary inv_freq...)
     text = json.dumps(metadata, allow_nan=False)
-    plain = _plain_tensors(tensors)
+    plain = plain_tensors(tensors)
     if path.suffix == ".safetensors":
         atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt", METADATA_KEY: text}))
     else:

@@ -22,6 +22,7 @@ import mono_quant as mq
 from mono_quant_lightning import checkpoint_io, export
 from mono_quant_lightning.batches import BatchFn
 from mono_quant_lightning.evaluation import step_forward
+from mono_quant_lightning.export_formats import remove_extras, write_extras
 from mono_quant_lightning.gate import DropType, GateDecision, QuantizationGateError
 from mono_quant_lightning.measure import Measurer
 from mono_quant_lightning.observation import LogWatcher, Observation, check_monitor
@@ -57,6 +58,9 @@ class QuantizationCallback(Callback):
             a failing one warns and training goes on).
         export_dir: where the fit-end file goes; default: the first ``ModelCheckpoint``'s ``dirpath``, else
             ``trainer.default_root_dir``.
+        export_formats: ``"safetensors"`` (required) plus ``"onnx"`` (``model.quant.onnx``, traced on the forward
+            input of the first validation batch) and/or ``"hf"`` (``model.quant.hf/``, for a transformers model inside
+            the module): artifacts that load without mono-quant, written beside the fit-end file.
         observer, include, exclude: shortcuts for the same ``QuantizationConfig`` fields.
         calibration_batches: batches of each validation epoch (per process) that feed the observers; also the
             batches of the fidelity comparison and the fallback's ranking.
@@ -96,6 +100,7 @@ class QuantizationCallback(Callback):
         fallback_ladder: Iterable[Any] | None = None,
         quantize_on: Iterable[QuantizeOn | str] | str = ("fit_end",),
         export_dir: str | os.PathLike[str] | None = None,
+        export_formats: Iterable[str] | str = ("safetensors",),
         observer: str | None = None,
         include: Iterable[str] | str | None = None,
         exclude: Iterable[str] | str | None = None,
@@ -221,6 +226,8 @@ class QuantizationCallback(Callback):
         failed = self.measurer.run(trainer, pl_module)
         if failed:
             message = self.measurer.failure_message()
+            if trainer.is_global_zero:
+                remove_extras(path)
             if trainer.is_global_zero and export.remove(path):
                 message += f"; removed the stale {path.name} of an earlier run"
             if self.on_violation in (OnViolation.RAISE, OnViolation.FALLBACK):
@@ -233,6 +240,7 @@ class QuantizationCallback(Callback):
             gate = None if self.decision is None else export.gate_record(self.decision, self.measurer.gate_name())
             export.write(self.result, path, gate)
             self.measurer.info(f"exported {path} ({path.stat().st_size:,} bytes) and {export.report_path(path).name}")
+            write_extras(self.result.model, path, self.export_formats, trainer, self.measurer)
         self.export_path = path
 
     # ------------------------------------------------------------------ pieces

@@ -210,6 +210,7 @@ def parse_arguments(**arguments: Any) -> dict[str, Any]:
         "fallback_ladder": None,
         "quantize_on": ("fit_end",),
         "export_dir": None,
+        "export_formats": ("safetensors",),
         "observer": None,
         "include": None,
         "exclude": None,
@@ -251,4 +252,7 @@ def parse_arguments(**arguments: Any) -> dict[str, Any]:
         bad_argument("calibration_dataloader", loader, "must be an iterable of batches (e.g. a DataLoader)")
     out["calibration_dataloader"], out["batch_fn"], out["verbose"] = loader, a["batch_fn"], bool(a["verbose"])
     out["export_dir"] = None if a["export_dir"] is None else Path(a["export_dir"])
+    from mono_quant_lightning.export_formats import parse_export_formats
+
+    out["export_formats"] = parse_export_formats(a["export_formats"])
     return out
