@@ -306,6 +306,7 @@ class FusedForward:
         eager = (
             self.model.training
             or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()  # ONNX export traces the eager layers
             or not isinstance(first, torch.Tensor)
             or first.device.type != "cpu"
         )

@@ -199,26 +199,29 @@ def _export_forwards(layers: list[nn.Module]) -> Iterator[None]:
 _FLOAT_TWINS: dict[int, nn.Module] = {}  # id(layer) -> its dequantized float layer, during one export
 
 
-def _float_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _float_forward(self: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     twin = _FLOAT_TWINS.get(id(self))
     if twin is None:  # a layer built while tracing (a conv at another geometry): dequantize it now
         twin = _FLOAT_TWINS[id(self)] = self.dequantize().requires_grad_(False)
-    return twin(x)
+    out = twin(x)
+    return out if bias is None else out + bias.reshape(-1, *([1] * (out.dim() - 2)))
 
 
 _INTEGER = (Int8Linear, Int8Conv2d, Int8Embedding)
 
 
-def _export_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _export_forward(self: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``bias`` is an attached conv owner's bias (``Int8Conv2d.fuses_bias``); the layer's own is then None."""
     if isinstance(self, Int8Embedding):
         return _Embedding.apply(x, self.weight, self.weight_scale)
     if isinstance(self, Int8Conv2d):
         if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
-            return _float_forward(self, x)  # float activations / per-channel weight zero points: float conv
+            return _float_forward(self, x, bias)  # float activations / per-channel weight zero points: float conv
         weight = self.weight.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         unsigned = (weight.to(torch.int16) + 128).to(torch.uint8)  # ORT's ConvInteger: uint8 weights
         geometry = (self.stride, self.padding, self.dilation, self.groups)
-        return _Conv.apply(x, unsigned, self._weight_scale_n, self.bias, *_static(self), geometry)
+        layer_bias = self.bias if bias is None else bias
+        return _Conv.apply(x, unsigned, self._weight_scale_n, layer_bias, *_static(self), geometry)
     if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
         return _WeightOnlyLinear.apply(x, self.weight.t().contiguous(), self.weight_scale, self.weight_zero_point,
                                        self.bias, self.dequantized_weight())  # fmt: skip

@@ -60,7 +60,10 @@ def test_digits_cnn_matches_in_onnx_runtime(mode: str, digits, tmp_path: Path) -
     with torch.no_grad():
         want = q(test)
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
-    assert torch.allclose(got, want, atol=1e-3 * want.abs().max().item())
+    # dynamic: the fused CPU graph rounds half up where ORT's DynamicQuantizeLinear rounds half to even, so a
+    # few activations land one quantization step apart
+    tolerance = 1e-3 if mode == "static" else 1e-2
+    assert torch.allclose(got, want, atol=tolerance * want.abs().max().item())
 
 
 def test_token_model_has_dynamic_batch_and_sequence(tmp_path: Path) -> None:
