@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mono_quant as mq
-from mono_quant.cli import inspect_file, main
+from mono_quant.cli import main
+from mono_quant.cli_inspect import inspect_file
 
 INDEX = "model.safetensors.index.json"
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(mq.__file__).parents[1])}  # the children import this mono_quant
