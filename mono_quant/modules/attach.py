@@ -199,6 +199,11 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """
     from mono_quant.modules.base import QuantizedLayer
 
-    found = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
-    found.update({name: tensor.layer for name, (_, tensor) in attached_tensors(model).items()})
-    return dict(sorted(found.items(), key=lambda item: list(dict(model.named_modules())).index(item[0])))
+    attached = attached_tensors(model)
+    found = {}
+    for name, module in model.named_modules():  # model order
+        if isinstance(module, QuantizedLayer):
+            found[name] = module
+        elif name in attached:
+            found[name] = attached[name][1].layer
+    return found
