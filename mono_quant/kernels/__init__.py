@@ -1,8 +1,10 @@
-"""The only place that calls private torch ops (``_int_mm``, oneDNN's quantized ops, packed int8/int4 matmuls).
+"""The only place that calls private torch ops (``_int_mm``, oneDNN's quantized ops, packed int8/int4 matmuls,
+wrapper tensor subclasses).
 
 Every function has a plain-torch fallback for shapes or devices the private op does not cover, so the
 rest of the library never needs to know which kernel ran. ``int8`` holds activation quantization and
-integer matmuls, ``onednn`` oneDNN's quantized linear/convolution, ``int4`` the group-wise int4 kernels.
+integer matmuls, ``onednn`` oneDNN's quantized linear/convolution, ``int4`` the group-wise int4 kernels,
+``tensors`` what tensor subclasses need.
 """
 
 from mono_quant.kernels.int4 import int4_mm, int4_scales_and_zeros, pack_int4

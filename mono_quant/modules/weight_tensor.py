@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mono_quant.kernels.tensors import ATEN_DETACH, wrapper_tensor
+
 _LINEAR_FUNCS = {F.linear}
 _RIGHT_MATMUL_FUNCS = {torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm}
 _TRANSPOSE_FUNCS = {torch.t, torch.Tensor.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__}
@@ -54,7 +56,7 @@ class QuantizedTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, layer: nn.Module, kind: str, shape: torch.Size, dtype: torch.dtype, transposed: bool = False):
         device = next(iter(layer.buffers()), torch.empty(0)).device
-        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=False)
+        return wrapper_tensor(cls, shape, dtype, device)
 
     def __init__(
         self, layer: nn.Module, kind: str, shape: torch.Size, dtype: torch.dtype, transposed: bool = False
@@ -96,7 +98,7 @@ class QuantizedTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func is torch.ops.aten.detach.default:
+        if func is ATEN_DETACH:
             return args[0]
         plain_args, plain_kwargs = _plain(args), _plain(kwargs or {})
         return func(*plain_args, **plain_kwargs)
