@@ -393,18 +393,23 @@ def cnn_rows(quick: bool) -> list[dict]:
         nbytes = sizes.get(mode) if library in ("float", "mono-quant") else None
         v = Variant(mode, library, None, r["quantize_s"], nbytes, r["note"])
         row = base_row(f"CNN digits ResNet{'-small' if quick else ''} b{r['batch']}", v, float_bytes)
-        if r["median_ms"] is not None:
-            row.update(
-                median_ms=r["median_ms"],
-                ratio_to_float=r["ratio_to_float"],
-                metric=r["agreement"],
-                metric_name="top-1 agreement",
-                agreement=r["agreement"],
-                accuracy_drop=r["accuracy_drop"],
-                fidelity=f"top-1 agree {100 * r['agreement']:.1f}%, acc drop {r['accuracy_drop']:+.2f} pt",
-            )
-        out.append(row)
+        extra = {"agreement": r["agreement"], "accuracy_drop": r["accuracy_drop"]}
+        out.append(_with_timing(row, r, f"acc drop {r['accuracy_drop']:+.2f} pt", extra))
     return out
+
+
+def _with_timing(row: dict, r: dict, detail: str, extra: dict | None = None) -> dict:
+    """``row`` with a CNN measurement's latency, ratio and top-1 agreement (nothing when it did not run)."""
+    if r["median_ms"] is not None:
+        row.update(
+            median_ms=r["median_ms"],
+            ratio_to_float=r["ratio_to_float"],
+            metric=r["agreement"],
+            metric_name="top-1 agreement",
+            fidelity=f"top-1 agree {100 * r['agreement']:.1f}%, {detail}",
+            **(extra or {}),
+        )
+    return row
 
 
 def cnn_zoo_table_rows(quick: bool) -> list[dict]:
@@ -414,15 +419,7 @@ def cnn_zoo_table_rows(quick: bool) -> list[dict]:
     out = []
     for r in cnn_zoo.cnn_zoo_rows(quick, lambda fns, rounds: round_robin_ms(fns, rounds)):
         row = base_row(r["workload"], Variant(r["mode"], r["library"], None, r["quantize_s"], None, r["note"]), None)
-        if r["median_ms"] is not None:
-            row.update(
-                median_ms=r["median_ms"],
-                ratio_to_float=r["ratio_to_float"],
-                metric=r["agreement"],
-                metric_name="top-1 agreement",
-                fidelity=f"top-1 agree {100 * r['agreement']:.1f}%, logit cos {r['cosine']:.4f}",
-            )
-        out.append(row)
+        out.append(_with_timing(row, r, f"logit cos {r['cosine']:.4f}"))
     return out
 
 

@@ -32,3 +32,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """``(benchmarks/minilm.py module, model, tokenizer)`` for the real all-MiniLM-L6-v2; skips without it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import minilm as kit
+
+    if kit.available() is not None:
+        pytest.skip(kit.available())
+    model, tokenizer = kit.load_minilm()
+    return kit, model, tokenizer

@@ -162,13 +162,8 @@ def test_bad_arguments_are_named() -> None:
 
 
 @pytest.mark.slow
-def test_minilm_int8_loads_in_transformers(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import minilm
-
-    if minilm.available() is not None:
-        pytest.skip(minilm.available())
-    model, tokenizer = minilm.load_minilm()
+def test_minilm_int8_loads_in_transformers(tmp_path: Path, minilm) -> None:
+    minilm, model, tokenizer = minilm
     q = minilm.quantize_int8(model)
     folder = tmp_path / "minilm"
     save_pretrained(q, folder)

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_kit import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
@@ -75,18 +76,7 @@ def data(digits, n_train: int = 640):
 
 
 def fit(tmp_path, digits, cb, model=None, **kwargs):
-    options = dict(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    trainer = L.Trainer(callbacks=[cb] if cb is not None else [], **options)
+    trainer = quiet_trainer(tmp_path, [cb] if cb is not None else [], **{"max_epochs": 3, **kwargs})
     model = model or Classifier()
     Classifier.steps = 0
     trainer.fit(model, *data(digits))
@@ -115,10 +105,7 @@ def outlier_classifier(digits) -> Classifier:
 
 
 def one_step_trainer(tmp_path, cb) -> L.Trainer:
-    return L.Trainer(
-        callbacks=[cb], max_epochs=1, limit_train_batches=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-    )  # fmt: skip
+    return quiet_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
 
 
 def test_dict_batches_with_the_zero_argument_callback(tmp_path, digits, caplog):
@@ -253,10 +240,7 @@ class NaNAfter(Classifier):
 def test_failing_sidecar_warns_and_training_goes_on(tmp_path, digits):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, save_last=True)
     cb = QuantizationCallback(quantize_on="checkpoint", verbose=False)
-    trainer = L.Trainer(
-        callbacks=[checkpoint, cb], max_epochs=2, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-    )  # fmt: skip
+    trainer = quiet_trainer(tmp_path, [checkpoint, cb])
     with pytest.warns(UserWarning, match=r"no quantized sidecar for .*NaN or Inf.*training goes on"):
         trainer.fit(NaNAfter(), *data(digits))
     assert trainer.global_step == 20  # training was not stopped
@@ -271,10 +255,7 @@ def test_failing_sidecar_warns_and_training_goes_on(tmp_path, digits):
 
 def test_checkpoint_io_is_restored_when_fit_raises(tmp_path, digits):
     cb = QuantizationCallback(quantize_on=("fit_end", "checkpoint"), monitor="nope")
-    trainer = L.Trainer(
-        callbacks=[cb], max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, num_sanity_val_steps=1,
-    )  # fmt: skip
+    trainer = quiet_trainer(tmp_path, [cb], max_epochs=1, num_sanity_val_steps=1)
     with pytest.raises(ConfigError):
         trainer.fit(Classifier(), *data(digits))
     assert not isinstance(trainer.strategy.checkpoint_io, SidecarCheckpointIO)
@@ -293,10 +274,7 @@ def test_load_quantized_rebuilds_from_hyperparameters(tmp_path, digits):
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     cb = QuantizationCallback(quantize_on=("fit_end", "checkpoint"), verbose=False)
-    trainer = L.Trainer(
-        callbacks=[checkpoint, cb], max_epochs=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-    )  # fmt: skip
+    trainer = quiet_trainer(tmp_path, [checkpoint, cb], max_epochs=1)
     trainer.fit(Classifier(hidden=48), *data(digits))
     q = load_quantized(checkpoint.last_model_path, Classifier)
     assert not q.training and q.net[1].out_features == 48  # hidden=48 came from the checkpoint's hyperparameters
@@ -330,10 +308,7 @@ def test_frozen_batchnorm_keeps_its_mode_through_the_callback(tmp_path, digits):
             modes[self.when] = {name: m.training for name, m in pl_module.named_modules()}
 
     cb = QuantizationCallback(mode="static", verbose=False)
-    trainer = L.Trainer(
-        callbacks=[Probe("before"), cb, Probe("after")], max_epochs=1, limit_train_batches=3, accelerator="cpu",
-        devices=1, enable_progress_bar=False, enable_model_summary=False, logger=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = quiet_trainer(tmp_path, [Probe("before"), cb, Probe("after")], max_epochs=1, limit_train_batches=3)
     model = FrozenNorm()
     trainer.fit(model, *data(digits))
     assert modes["before"]["net.2"] is False and modes["before"]["net.1"] is True

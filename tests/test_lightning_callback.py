@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning_kit import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -81,18 +82,7 @@ def loaders(digits, kind: str = "tuple", n_train: int = 512, n_val: int = 256, b
 
 
 def trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
-    options = dict(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **options)
+    return quiet_trainer(tmp_path, callbacks, **kwargs)
 
 
 def module_fingerprint(module: nn.Module) -> dict:

@@ -3,7 +3,6 @@ matching the mono-quant model, on real digits (scikit-learn) and, slow, on the r
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,13 +112,8 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_minilm_matches_in_onnx_runtime(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import minilm
-
-    if minilm.available() is not None:
-        pytest.skip(minilm.available())
-    model, tokenizer = minilm.load_minilm()
+def test_minilm_matches_in_onnx_runtime(tmp_path: Path, minilm) -> None:
+    minilm, model, tokenizer = minilm
     batches, _ = minilm.tokenize(tokenizer, minilm.sentences(32))
     q = minilm.quantize_int8(model)
     path = export_onnx(q, batches[0], tmp_path / "minilm.onnx")

@@ -63,6 +63,7 @@ class QuantizedTensor(torch.Tensor):
     ) -> None:
         self.layer, self.kind, self.transposed = layer, kind, transposed
         self._geometries: dict[tuple, nn.Module] = {}
+        self._flip: QuantizedTensor | None = None  # the transposed view, made once (``x @ weight.T`` per forward)
 
     def __repr__(self) -> str:
         return f"QuantizedTensor({type(self.layer).__name__}, kind={self.kind}, shape={list(self.shape)})"
@@ -76,8 +77,11 @@ class QuantizedTensor(torch.Tensor):
         return weight.reshape(self.shape).to(self.dtype)
 
     def _flipped(self) -> QuantizedTensor:
-        shape = torch.Size(reversed(self.shape))
-        return QuantizedTensor(self.layer, self.kind, shape, self.dtype, not self.transposed)
+        if self._flip is None:
+            shape = torch.Size(reversed(self.shape))
+            self._flip = QuantizedTensor(self.layer, self.kind, shape, self.dtype, not self.transposed)
+            self._flip._flip = self
+        return self._flip
 
     def __deepcopy__(self, memo: dict) -> QuantizedTensor:
         return QuantizedTensor(copy.deepcopy(self.layer, memo), self.kind, self.shape, self.dtype, self.transposed)
