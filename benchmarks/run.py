@@ -394,7 +394,8 @@ def cnn_rows(quick: bool) -> list[dict]:
         v = Variant(mode, library, None, r["quantize_s"], nbytes, r["note"])
         row = base_row(f"CNN digits ResNet{'-small' if quick else ''} b{r['batch']}", v, float_bytes)
         extra = {"agreement": r["agreement"], "accuracy_drop": r["accuracy_drop"]}
-        out.append(_with_timing(row, r, f"acc drop {r['accuracy_drop']:+.2f} pt", extra))
+        detail = "" if r["accuracy_drop"] is None else f"acc drop {r['accuracy_drop']:+.2f} pt"
+        out.append(_with_timing(row, r, detail, extra))
     return out
 
 
