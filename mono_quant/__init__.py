@@ -22,6 +22,7 @@ from mono_quant.config import (
     parse_dtype,
     parse_enum,
 )
+from mono_quant.dequantize import dequantize
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError, SerializationError
 from mono_quant.fidelity import FidelityReport, compare, output_tensor
 from mono_quant.fusion import fold_batchnorm
@@ -38,7 +39,7 @@ from mono_quant.onnx_export import export_onnx
 from mono_quant.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize
 from mono_quant.report import LayerReport, QuantizationReport
 from mono_quant.selection import Selection, calibrated_layers, select_layers
-from mono_quant.serialization import dequantize, load, save
+from mono_quant.serialization import load, save
 
 __version__ = "0.1.0"
 

@@ -25,12 +25,13 @@ from torch import nn
 
 from mono_quant.cnn_fusion import enable_fused_forward
 from mono_quant.copying import bake_parametrized_weights
+from mono_quant.dequantize import dequantize, dequantize_in_place, dequantize_tensors, meta_float_module
 from mono_quant.errors import SerializationError
 from mono_quant.file_checks import check_values
 from mono_quant.file_read import Spec, open_file, sniff
 from mono_quant.file_write import FORMAT_VERSION, save, save_state_dict
 from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
-from mono_quant.modules.attach import Attachment, attached_tensors, expected_keys, install, proxy_module
+from mono_quant.modules.attach import Attachment, expected_keys, install, proxy_module
 from mono_quant.modules.folded_batchnorm import fold_pairs
 
 __all__ = ["FORMAT_VERSION", "dequantize", "load", "read_header", "save", "save_state_dict", "sniff"]
@@ -80,7 +81,7 @@ def load(
         tensors = read(list(specs))
         check_values(path, metadata["layers"], tensors)
         if dequantize:
-            tensors = _dequantize_tensors(tensors, metadata["layers"])
+            tensors = dequantize_tensors(tensors, metadata["layers"])
         return {k: v.to(map_location) for k, v in tensors.items()}, metadata
     if not isinstance(model, nn.Module):
         raise SerializationError(f"cannot load {path} into {type(model).__name__}; expected a torch.nn.Module")
@@ -97,7 +98,7 @@ def load(
         owner, _, attribute = name.rpartition(".")
         q_model.get_submodule(owner)._buffers[attribute] = tensors[name]
     if dequantize:
-        q_model = _dequantize_in_place(q_model)
+        q_model = dequantize_in_place(q_model)
     q_model = q_model.to(map_location).eval()
     enable_fused_forward(q_model)  # the same fused CPU conv graph as quantize installs (cnn_fusion.py)
     return q_model
@@ -118,11 +119,6 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spec
     metadata, specs, _ = open_file(path)
     _check_against_metadata(path, metadata["layers"], specs)
     return metadata, specs
-
-
-def _meta_float_module(entry: dict[str, Any]) -> nn.Module | None:
-    """A float module on the meta device shaped per a layer entry (the entry's class decides)."""
-    return QUANTIZED_CLASSES[entry["class"]].meta_float_module(entry)
 
 
 def _shell(path: Path, name: str, float_module: nn.Module, entry: dict[str, Any]) -> nn.Module:
@@ -157,7 +153,7 @@ def _non_persistent_specs(
 def _check_against_metadata(path: Path, layers: dict[str, dict[str, Any]], specs: dict[str, Spec]) -> None:
     """Each quantized layer's tensors must have exactly the dtypes and shapes its metadata implies."""
     for name, entry in layers.items():
-        shell = _shell(path, name, _meta_float_module(entry), entry)
+        shell = _shell(path, name, meta_float_module(entry), entry)
         prefix = f"{name}." if name else ""
         names = expected_keys(shell, entry["attach"]["attribute"] if "attach" in entry else None)
         expected = {prefix + names[k]: (v.dtype, tuple(v.shape)) for k, v in shell.state_dict().items()}
@@ -282,63 +278,3 @@ def _class_for(module: nn.Module, entry: dict[str, Any]) -> type[QuantizedLayer]
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
     meta = torch.empty_like(tensor, device="meta")
     return nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-
-
-# ------------------------------------------------------------------------------------ dequantize
-
-
-def dequantize(q_model: nn.Module) -> nn.Module:
-    """A copy of ``q_model`` with every quantized layer replaced by a plain float32 ``nn.Linear``/
-    ``nn.Conv2d``/``nn.Embedding`` holding the dequantized weight; ``q_model`` is not modified.
-
-    Example:
-        >>> import mono_quant as mq
-        >>> q, _ = mq.dynamic_quantize(nn.Sequential(nn.Linear(16, 4)))
-        >>> f = dequantize(q)
-        >>> type(f[0]).__name__, torch.equal(f[0].weight, q[0].dequantized_weight())
-        ('Linear', True)
-    """
-    if isinstance(q_model, QuantizedLayer):
-        return q_model.dequantize()
-    return _dequantize_in_place(copy.deepcopy(q_model))
-
-
-def _dequantize_in_place(model: nn.Module) -> nn.Module:
-    if isinstance(model, QuantizedLayer):
-        return model.dequantize()
-    for name, (attachment, tensor) in attached_tensors(model).items():
-        module = model.get_submodule(name)
-        del module._buffers[attachment.attribute]
-        module.register_parameter(attachment.attribute, nn.Parameter(tensor.dequantize(), requires_grad=False))
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantizedLayer):
-            plain = module.dequantize().train(module.training)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, plain)
-    return model
-
-
-def _dequantize_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Replace each quantized layer's tensors by float32 ``weight`` (original shape) and ``bias``."""
-    out = dict(tensors)
-    for name, entry in layers.items():
-        prefix = f"{name}." if name else ""
-        attach = entry.get("attach")
-        with torch.device("meta"):
-            shell = QUANTIZED_CLASSES[entry["class"]].from_metadata(_meta_float_module(entry), entry)
-        names = expected_keys(shell, attach["attribute"] if attach else None)
-        own = {key: out.pop(prefix + names[key]) for key in shell.state_dict()}
-        shell.load_state_dict(own, strict=True, assign=True)
-        if "matrices" in entry:  # several matrices (recurrent layers): the float layer's own names
-            out.update({prefix + key: value for key, value in shell.dequantize().state_dict().items()})
-            continue
-        weight = shell.dequantized_weight().float()
-        if attach:
-            weight = weight.squeeze(-2) if attach["kind"] == "conv1d" else weight
-            weight = weight.t() if attach["transposed"] else weight
-            out[prefix + attach["attribute"]] = weight.reshape(attach["shape"])
-            continue
-        out[f"{prefix}weight"] = weight.reshape(entry["shape"])
-        if "bias" in own:
-            out[f"{prefix}bias"] = own["bias"].float()
-    return out
