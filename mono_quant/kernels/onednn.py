@@ -140,8 +140,8 @@ def onednn_conv2d_fused(
     (``("relu", [])``, ``("hardtanh", [0.0, 6.0])`` for ReLU6). ``accum`` (the output's shape, channels-last)
     is added by oneDNN's "sum" post-op before ``unary`` (oneDNN takes only ReLU after a sum) and is written
     into. A float32 ``accum`` gives a float32 output; a uint8 one (``accum_qparams = (scale, zero_point)``)
-    keeps the residual add in uint8 and needs ``out_qparams``. ``out_qparams = (scale, zero_point)`` gives a uint8 output requantized inside the
-    kernel (the next quantized convolution's input), else float32.
+    keeps the residual add in uint8 and needs ``out_qparams``. ``out_qparams = (scale, zero_point)`` gives a
+    uint8 output requantized inside the kernel (the next quantized convolution's input), else float32.
 
     Example:
         >>> w, cache = torch.ones(4, 2 * 3 * 3, dtype=torch.int8), OneDNNConvWeight()
