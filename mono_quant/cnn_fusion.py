@@ -96,10 +96,10 @@ def fuse_static_convs(model: nn.Module) -> fx.GraphModule | None:
         producer_out = by_tail[source]["out"] if source in by_tail else None
         if conv.weight.layer.mode is Mode.STATIC and producer_out is None:
             source = uint8_of(source, input_qparams(conv.weight.layer))
-        if accum is not None and plan["accum_q"] is not None and accum not in by_tail:
-            accum = uint8_of(accum, plan["accum_q"])
         while accum in replaced:  # fused since the plan was made
             accum = replaced[accum]
+        if plan["accum_q"] is not None and by_tail.get(accum, {}).get("out") is None:
+            accum = uint8_of(accum, plan["accum_q"])  # float, but quantized for a convolution anyway
         with gm.graph.inserting_before(tail):
             fused = gm.graph.call_module(name, (source,) if accum is None else (source, accum))
         tail.replace_all_uses_with(fused)  # the readers' args now name ``fused``

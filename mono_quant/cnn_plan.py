@@ -139,7 +139,7 @@ def _assign_uint8(plans: dict[fx.Node, dict[str, Any]], modules: dict[str, nn.Mo
         accum = plan["accum"]
         if accum is None or plan["out"] is None:
             continue
-        if accum in by_tail:
+        if accum in by_tail and by_tail[accum]["out"] is not None:
             plan["accum_q"] = by_tail[accum]["out"]
         elif len(qparams := readers_qparams(accum)) == 1:
             plan["accum_q"] = qparams.pop()  # quantized for a convolution anyway: the same uint8 tensor
