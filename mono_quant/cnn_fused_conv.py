@@ -32,6 +32,7 @@ _UNARY_FLOAT = {
     "hardswish": lambda y, s: F.hardswish(y),
     "swish": lambda y, s: F.silu(y),
 }
+_MAX_SHAPES = 8  # input shapes a convolution keeps a packed weight for (oneDNN's layout per shape)
 _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__, torch.Tensor.ndim.__get__}
 
 
@@ -81,19 +82,22 @@ class FusedConv(nn.Module):
         self.weight_scale, self.groups = layer._weight_scale_n, conv.groups
         bias = conv.bias if conv.bias is not None else layer.bias
         self.bias = None if bias is None else bias.detach().float()
-        self._packs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._packs: dict[tuple[str, tuple[int, ...] | None], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._by_shape: dict[torch.Size, tuple[torch.Tensor, torch.Tensor]] = {}  # the hot path's lookup
         self.routed_ok = True  # until a subclass's forward turns out to do more than pad + conv2d
-        if not self.routed:
-            self.packed, self.zero_points = self._pack(self.geometry)
 
-    def _pack(self, geometry: tuple[list[int], list[int], list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        key = repr(geometry)
+    def _pack(
+        self, geometry: tuple[list[int], list[int], list[int]], shape: tuple[int, ...] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight packed for this geometry and input shape (at most ``_MAX_SHAPES`` shapes, then a generic one)."""
+        key = (repr(geometry), shape)
         if key not in self._packs:
+            if shape is not None and len(self._packs) >= _MAX_SHAPES:
+                return self._pack(geometry, None)
             layer = self.conv[0].weight.layer
-            cache = layer._onednn_conv if geometry == layer._geometry else kernels.OneDNNConvWeight()
-            self._packs[key] = cache.get_conv(
+            self._packs[key] = kernels.OneDNNConvWeight().get_conv(
                 layer.weight, layer.kernel_size, self.weight_scale, torch.tensor(self.in_qparams[0]),
-                torch.tensor(self.in_qparams[1]), geometry, self.groups,
+                torch.tensor(self.in_qparams[1]), geometry, self.groups, None if shape is None else list(shape),
             )  # fmt: skip
         return self._packs[key]
 
@@ -111,7 +115,12 @@ class FusedConv(nn.Module):
         ):
             accum = accum.clone(memory_format=torch.channels_last)
         if not self.routed:
-            return self.run(x, in_qparams, self.packed, self.zero_points, self.geometry, accum)
+            packs = self._by_shape.get(x.shape)
+            if packs is None:
+                packs = self._pack(self.geometry, tuple(x.shape))
+                if len(self._by_shape) < 4 * _MAX_SHAPES:
+                    self._by_shape[x.shape] = packs
+            return self.run(x, in_qparams, packs[0], packs[1], self.geometry, accum)
         if self.routed_ok:
             route, out = _Route(self, x, in_qparams, accum), None
             with route:
@@ -183,8 +192,8 @@ class _Route(TorchFunctionMode):
             padding = call.get("padding", 0)
             if call["weight"] is self.fused.conv[0].weight and not isinstance(padding, str):
                 geometry = ([*_pair(call.get("stride", 1))], [*_pair(padding)], [*_pair(call.get("dilation", 1))])
-                packed, zero_points = self.fused._pack(geometry)
                 x = args[0].contiguous(memory_format=torch.channels_last)
+                packed, zero_points = self.fused._pack(geometry, tuple(x.shape))
                 self.result = self.fused.run(x, self.in_qparams, packed, zero_points, geometry, self.accum)
                 return self.result
         args, kwargs = self._dequantized(args), {k: self._dequantized((v,))[0] for k, v in kwargs.items()}

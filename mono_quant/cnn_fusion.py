@@ -153,21 +153,26 @@ class FusedForward:
         return {"model": self.model}  # copies and pickles rebuild the graph (oneDNN's packed weights don't copy)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.model, self.graph, self.signature = state["model"], None, None
+        self.model, self.graph, self.signature, self.convs = state["model"], None, None, []
 
     def _signature(self) -> list[Any]:
-        if self.graph is None:
-            return []
-        convs = [m.conv[0] for m in self.graph.modules() if isinstance(m, FusedConv)]
-        return [t for c in convs for t in (c.weight, c.bias, c.weight.layer.input_scale, c.weight.layer.weight)]
+        self.convs = [] if self.graph is None else [m.conv[0] for m in self.graph.modules() if isinstance(m, FusedConv)]
+        return [self._tensors(c) for c in self.convs]
+
+    @staticmethod
+    def _tensors(conv: nn.Module) -> tuple[Any, ...]:
+        weight = conv.weight
+        if not isinstance(weight, QuantizedTensor):
+            return (weight,)
+        return weight, conv.bias, weight.layer.input_scale, weight.layer.weight
 
     def _current(self) -> bool:
         if self.graph is None:
             return False
-        convs = [m.conv[0] for m in self.graph.modules() if isinstance(m, FusedConv)]
-        now = [t for c in convs if isinstance(c.weight, QuantizedTensor)
-               for t in (c.weight, c.bias, c.weight.layer.input_scale, c.weight.layer.weight)]  # fmt: skip
-        return len(now) == len(self.signature) and all(a is b for a, b in zip(now, self.signature, strict=True))
+        return all(
+            all(a is b for a, b in zip(self._tensors(c), then, strict=False)) and len(then) == 4
+            for c, then in zip(self.convs, self.signature, strict=True)
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         first = args[0] if args else next(iter(kwargs.values()), None)
