@@ -124,3 +124,17 @@ def test_save_load_round_trip_is_bit_identical_and_fused(mbnet: tuple, tmp_path)
     assert "forward" in vars(loaded)
     with torch.inference_mode():
         assert torch.equal(loaded(x), q(x))
+
+
+def test_dynamic_batch_one_convolves_in_float_on_the_int8_weights(mbnet: tuple) -> None:
+    model, _, x = mbnet
+    q = mq.quantize(model, mode="dynamic", exclude=("head",)).model
+    assert len(_fused(q)) == 7  # subclass convs too
+    plain = mq.dequantize(q)  # float convs holding the dequantized int8 weights
+    with torch.inference_mode():
+        single = torch.cat([q(row[None]) for row in x[:4]])
+        weight_only_error = (single - plain(x[:4])).abs().max()
+        batched, eager = q(x), type(q).forward(q, x)
+        assert weight_only_error < 1e-5
+        assert sqnr_db(eager, batched) > 30  # batch > 1: the fused int8 path (int8 activations)
+        assert (batched[:4] - plain(x[:4])).abs().max() > 10 * weight_only_error
