@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from mono_quant import kernels
 from mono_quant.config import Mode
-from mono_quant.modules.int8_conv import Int8Conv2d
+from mono_quant.modules.int8_conv import DYNAMIC_FLOAT_MAX_BATCH, Int8Conv2d
 
 Unary = tuple[str, list[float]]
 _UNARY_FLOAT = {
@@ -32,10 +32,6 @@ _UNARY_FLOAT = {
     "hardswish": lambda y, s: F.hardswish(y),
     "swish": lambda y, s: F.silu(y),
 }
-# Dynamic mode at batch 1 convolves in float32 on the dequantized int8 weight: the per-call input scale,
-# quantization pass and oneDNN's int8 call overhead cost more than the int8 convolution saves there
-# (measured, 2 threads: digits ResNet 1.25x float, EfficientNet-Lite0 1.10x; batch 32/8: 0.81x/0.69x).
-DYNAMIC_FLOAT_MAX_BATCH = 1
 _MAX_SHAPES = 8  # input shapes a convolution keeps a packed weight for (oneDNN's layout per shape)
 _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__, torch.Tensor.ndim.__get__}
 
@@ -89,7 +85,6 @@ class FusedConv(nn.Module):
         self._packs: dict[tuple[str, tuple[int, ...] | None], tuple[torch.Tensor, torch.Tensor]] = {}
         self._by_shape: dict[torch.Size, tuple[torch.Tensor, torch.Tensor]] = {}  # the hot path's lookup
         self.routed_ok = True  # until a subclass's forward turns out to do more than pad + conv2d
-        self._dequantized: torch.Tensor | None = None  # dynamic mode's float weight for batch 1
 
     def _pack(
         self, geometry: tuple[list[int], list[int], list[int]], shape: tuple[int, ...] | None
@@ -157,44 +152,20 @@ class FusedConv(nn.Module):
     ) -> torch.Tensor:
         """The same result the unfused way: the module's own forward on floats, then the epilogue in float.
 
-        With ``float_weight`` the convolution itself runs in float32 on the dequantized int8 weight (cached).
+        ``float_weight``: a dynamic layer at batch 1, which convolves in float32 on its dequantized int8 weight
+        (``Int8Conv2d.forward`` does the same for a subclass's own forward).
         """
         x = dequantize_uint8(x, in_qparams) if x.dtype == torch.uint8 else x
-        if not float_weight:
-            out = self.conv[0](x)
-        elif not self.routed:
-            out = F.conv2d(x, self._float_weight(), self.bias, *self.geometry, self.groups)
+        if float_weight and not self.routed:  # what the weight tensor's layer does for it, without the dispatch
+            out = F.conv2d(x, self.conv[0].weight.layer.float_weight(), self.bias, *self.geometry, self.groups)
         else:
-            with _FloatWeight(self.conv[0].weight, self._float_weight()):
-                out = self.conv[0].forward(x)
+            out = self.conv[0](x)
         if accum is not None:
             out = out + (dequantize_uint8(accum, self.accum_qparams) if self.accum_qparams else accum)
         out = _UNARY_FLOAT[self.unary[0]](out, self.unary[1])
         if self.out_qparams is None:
             return out
         return kernels.quantize_uint8_channels_last(out, 1.0 / self.out_qparams[0], self.out_qparams[1])
-
-    def _float_weight(self) -> torch.Tensor:
-        if self._dequantized is None:
-            self._dequantized = self.conv[0].weight.layer.dequantized_weight().float()
-        return self._dequantized
-
-
-class _FloatWeight(TorchFunctionMode):
-    """``F.conv2d`` on a quantized weight tensor runs on its float copy, with the layer's own bias added."""
-
-    def __init__(self, weight: torch.Tensor, dequantized: torch.Tensor) -> None:
-        super().__init__()
-        self.weight, self.dequantized, self.bias = weight, dequantized, weight.layer.bias
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.conv2d and len(args) > 1 and args[1] is self.weight:
-            bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
-            if self.bias is not None:
-                bias = self.bias if bias is None else bias + self.bias
-            args = (args[0], self.dequantized, bias, *args[3:])
-        return func(*args, **kwargs)
 
 
 class _Unroutable(Exception):
