@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from mono_quant import kernels
 from mono_quant.config import Mode
@@ -208,7 +209,7 @@ class _Route(TorchFunctionMode):
                 packed, zero_points = self.fused._pack(geometry, tuple(x.shape))
                 self.result = self.fused.run(x, self.in_qparams, packed, zero_points, geometry, self.accum)
                 return self.result
-        args, kwargs = self._dequantized(args), {k: self._dequantized((v,))[0] for k, v in kwargs.items()}
+        args, kwargs = tree_map(self._dequantized, (args, kwargs))  # nested too (a list given to torch.cat)
         return func(*args, **kwargs)
 
     @staticmethod
@@ -217,8 +218,8 @@ class _Route(TorchFunctionMode):
         value = args[3] if len(args) > 3 else kwargs.get("value")
         return mode == "constant" and not value
 
-    def _dequantized(self, values: tuple) -> tuple:
-        return tuple(dequantize_uint8(v, self.in_qparams) if self._held(v) else v for v in values)
+    def _dequantized(self, value: Any) -> Any:
+        return dequantize_uint8(value, self.in_qparams) if self._held(value) else value
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         super().__exit__(exc_type, exc, tb)

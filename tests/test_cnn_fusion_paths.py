@@ -138,3 +138,19 @@ def test_dynamic_batch_one_convolves_in_float_on_the_int8_weights(mbnet: tuple) 
         assert weight_only_error < 1e-5
         assert sqnr_db(eager, batched) > 30  # batch > 1: the fused int8 path (int8 activations)
         assert (batched[:4] - plain(x[:4])).abs().max() > 10 * weight_only_error
+
+
+def test_a_subclass_that_reads_its_input_sees_floats() -> None:
+    class Catted(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # a list argument holding the input
+            return super().forward(torch.cat([x, x.new_zeros(0, *x.shape[1:])]))
+
+    torch.manual_seed(0)
+    data = _digits()
+    model = nn.Sequential(Catted(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    q = mq.quantize(model, mode="static", calibration_data=[data[:32]]).model
+    fused = _fused(q)["0"]
+    with torch.inference_mode():
+        out, eager = q(data[64:]), type(q).forward(q, data[64:])
+    assert not fused.routed_ok  # the conv did not read the uint8 input itself: the float path ran
+    assert sqnr_db(eager, out) > 35
