@@ -18,6 +18,8 @@ CNN's time). Where ``torch.fx`` can trace the model, ``fuse_static_convs`` rewri
 holds the nodes. ``nn.Conv2d`` subclasses (TF "same" padding computed in their ``forward``) are
 leaves of the tracer, so they do not stop the rest of the model from tracing; each runs its own
 ``forward`` with its ``conv2d`` routed to the fused kernel. Models that do not trace keep today's path.
+Dynamic int8 convolutions join the graph too (activation/add fused, per-call input scale, float out;
+at batch 1 they convolve in float32 on the dequantized int8 weight, where int8 loses).
 
 ``enable_fused_forward`` installs the fused graph as the quantized copy's ``forward`` (CPU, eval mode;
 other devices, training mode and ``torch.compile`` run the class's own ``forward``). The graph is
