@@ -201,7 +201,8 @@ def _variants(model: nn.Module, calib_batches: list[torch.Tensor]) -> list[Varia
     out.append(("int8 static", "mono-quant", static, time.perf_counter() - start, note))
     start = time.perf_counter()
     dynamic = mq.quantize(model, mode="dynamic").model
-    note = "oneDNN u8 conv, per-call scale, ReLU/add post-ops" if "forward" in vars(dynamic) else "oneDNN u8 conv"
+    fused = "forward" in vars(dynamic)
+    note = f"{'fused graph' if fused else 'oneDNN u8 conv'}, per-call scale; batch 1: float32 conv on the int8 weights"
     out.append(("int8 dynamic", "mono-quant", dynamic, time.perf_counter() - start, note))
     try:
         start = time.perf_counter()

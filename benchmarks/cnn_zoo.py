@@ -92,12 +92,15 @@ def cnn_zoo_rows(quick: bool, measure: Measure) -> list[dict]:
         calib = list(photo_crops(size, 32, seed=1).split(8))
         test = photo_crops(size, 32, seed=2)
         variants: list[tuple[str, str, nn.Module | None, float, str]] = [("float", "float", model, 0.0, "")]
-        for mode, note in (("static", "fused graph: oneDNN u8 conv, ReLU/add post-ops"), ("dynamic", "oneDNN")):
+        for mode, note in (
+            ("static", "fused graph: uint8 oneDNN conv chain, activation/add post-ops"),
+            ("dynamic", "fused graph, per-call scale; batch 1: float32 conv on the int8 weights"),
+        ):
             start = time.perf_counter()
             q = mq.quantize(model, mode=mode, calibration_data=calib).model
             seconds = time.perf_counter() - start
             if "forward" not in vars(q):
-                note = "eager (no fusable exact nn.Conv2d): oneDNN conv per layer"
+                note = "eager (model does not trace): oneDNN conv per layer"
             variants.append((f"int8 {mode}", "mono-quant", q, seconds, note))
         try:
             start = time.perf_counter()

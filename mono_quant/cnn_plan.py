@@ -1,0 +1,147 @@
+"""Which convolutions of a traced graph fuse with what (``cnn_fusion.py`` rewrites the graph from this plan).
+
+A plan per quantized convolution node: the activation after it (ReLU, ReLU6/Hardtanh, Hardswish,
+SiLU as oneDNN post-ops), or the residual add whose other operand becomes the accumulator (then
+only ReLU may follow: oneDNN takes no other activation after a sum); where the output goes uint8
+(every reader is a static convolution at one input scale, or a residual add that can itself run
+uint8); and whether a residual add's accumulator can be uint8 (its value is a uint8 output already,
+or is quantized for a convolution anyway, and the add's result goes uint8). Scales come only from
+calibrated convolution inputs: a value no convolution reads (a projection shortcut's output) has
+none, so its add stays float32.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from mono_quant.cnn_fused_conv import Unary, input_qparams
+from mono_quant.config import Mode
+from mono_quant.modules.int8_conv import Int8Conv2d
+from mono_quant.modules.weight_tensor import QuantizedTensor
+
+_ADD_FUNCS = {operator.add, torch.add, operator.iadd}
+_FUNCTION_UNARY = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardtanh: "hardtanh"}
+_FUNCTION_UNARY.update({F.hardswish: "hardswish", F.silu: "swish"})
+_MODULE_UNARY = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardtanh: "hardtanh", nn.Hardswish: "hardswish"}
+_MODULE_UNARY[nn.SiLU] = "swish"
+
+
+def fusable(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Conv2d`` (or subclass) with a symmetric int8 oneDNN-ready weight tensor.
+
+    Example:
+        >>> fusable(nn.Conv2d(1, 2, 3))
+        False
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.Conv2d) or not isinstance(weight, QuantizedTensor):
+        return False
+    layer = weight.layer
+    return (
+        isinstance(layer, Int8Conv2d)
+        and layer.mode in (Mode.STATIC, Mode.DYNAMIC)
+        and layer.weight_zero_point is None
+        and module.padding_mode == "zeros"
+        and (type(module) is not nn.Conv2d or not isinstance(module.padding, str))
+        and module.groups == layer.groups
+        and layer.weight.device.type == "cpu"
+    )
+
+
+def activation(node: fx.Node, modules: dict[str, nn.Module]) -> Unary | None:
+    """The oneDNN post-op ``(name, scalars)`` that ``node`` computes on its single input, or ``None``."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        name = _MODULE_UNARY.get(type(module))
+        if name == "hardtanh":
+            return "hardtanh", [float(module.min_val), float(module.max_val)]
+        bounds = [0.0, 6.0] if name == "relu6" else []
+        return None if name is None else ("hardtanh" if name == "relu6" else name, bounds)
+    if node.op == "call_method":
+        return ("relu", []) if node.target == "relu" and len(node.args) == 1 and not node.kwargs else None
+    if node.op != "call_function" or node.target not in _FUNCTION_UNARY or node.kwargs.get("inplace", False):
+        return None
+    name = _FUNCTION_UNARY[node.target]
+    if name == "hardtanh":
+        extra = list(node.args[1:]) + [node.kwargs.get(k) for k in ("min_val", "max_val") if k in node.kwargs]
+        if len(extra) != 2 or not all(isinstance(v, int | float) for v in extra):
+            return None
+        return "hardtanh", [float(v) for v in extra]
+    if len(node.args) != 1 or set(node.kwargs) - {"inplace"}:
+        return None
+    return ("hardtanh", [0.0, 6.0]) if name == "relu6" else (name, [])
+
+
+def _residual(node: fx.Node, conv: fx.Node) -> fx.Node | None:
+    """The other operand when ``node`` is ``conv_out + other`` (both tensors), else ``None``."""
+    if node.op != "call_function" or node.target not in _ADD_FUNCS or node.kwargs or len(node.args) != 2:
+        return None
+    other = node.args[1] if node.args[0] is conv else node.args[0]
+    return other if isinstance(other, fx.Node) and other is not conv else None
+
+
+def plan_convs(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[fx.Node, dict[str, Any]]:
+    """conv node -> ``{"tail", "unary", "accum", "out", "accum_q"}``: the last fused node, the post-op, the residual
+    operand (or ``None``), the uint8 output ``(scale, zero_point)`` (or ``None``: float) and the uint8 accumulator's."""
+    plans, claimed = {}, set()
+    for node in graph.nodes:
+        if node.op != "call_module" or not fusable(modules[node.target]) or len(node.args) != 1 or node.kwargs:
+            continue
+        plan: dict[str, Any] = {"tail": node, "unary": ("none", []), "accum": None, "out": None, "accum_q": None}
+        users = list(node.users)
+        if len(users) == 1 and (unary := activation(users[0], modules)) is not None:
+            plan.update(tail=users[0], unary=unary)
+        elif len(users) == 1 and users[0] not in claimed and (other := _residual(users[0], node)) is not None:
+            claimed.add(users[0])  # the other operand, if also a conv, stays a plain fused conv
+            plan.update(tail=users[0], accum=other)
+            after = list(users[0].users)
+            if len(after) == 1 and activation(after[0], modules) == ("relu", []):
+                plan.update(tail=after[0], unary=("relu", []))
+        plans[node] = plan
+    _assign_uint8(plans, modules)
+    return plans
+
+
+def _static(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return modules[node.target].weight.layer.mode is Mode.STATIC
+
+
+def _assign_uint8(plans: dict[fx.Node, dict[str, Any]], modules: dict[str, nn.Module]) -> None:
+    """Fill each plan's ``out`` and ``accum_q`` (decisions flow from the last convolution backwards)."""
+    by_tail = {p["tail"]: p for p in plans.values()}
+    by_add = {p["tail"] if p["unary"][0] == "none" else p["tail"].args[0]: p for p in plans.values() if p["accum"]}
+    memo: dict[fx.Node, Any] = {}
+
+    def readers_qparams(value: fx.Node) -> set[tuple[float, int]]:
+        return {input_qparams(modules[u.target].weight.layer) for u in value.users
+                if u in plans and u.args[0] is value and _static(u, modules)}  # fmt: skip
+
+    def out_q(tail: fx.Node) -> tuple[float, int] | None:
+        if tail not in memo:
+            memo[tail] = None  # no cycles in a graph; guards against revisits
+            qparams = readers_qparams(tail)
+            fine = len(qparams) == 1 and all(
+                (u in plans and u.args[0] is tail and _static(u, modules))
+                or (u in by_add and by_add[u]["accum"] is tail and out_q(by_add[u]["tail"]) is not None)
+                for u in tail.users
+            )
+            memo[tail] = qparams.pop() if fine else None
+        return memo[tail]
+
+    for plan in plans.values():
+        plan["out"] = out_q(plan["tail"])
+    for plan in plans.values():
+        accum = plan["accum"]
+        if accum is None or plan["out"] is None:
+            continue
+        if accum in by_tail and by_tail[accum]["out"] is not None:
+            plan["accum_q"] = by_tail[accum]["out"]
+        elif len(qparams := readers_qparams(accum)) == 1:
+            plan["accum_q"] = qparams.pop()  # quantized for a convolution anyway: the same uint8 tensor
+        if plan["accum_q"] is None:
+            plan["out"] = None  # a float32 accumulator gives a float32 output
