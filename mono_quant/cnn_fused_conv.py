@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_map
 
 from mono_quant import kernels
 from mono_quant.config import Mode
-from mono_quant.modules.int8_conv import DYNAMIC_FLOAT_MAX_BATCH, Int8Conv2d
+from mono_quant.modules.int8_conv import Int8Conv2d
 
 Unary = tuple[str, list[float]]
 _UNARY_FLOAT = {
@@ -104,8 +104,6 @@ class FusedConv(nn.Module):
 
     def forward(self, x: torch.Tensor, accum: torch.Tensor | None = None) -> torch.Tensor:
         in_qparams = self.in_qparams
-        if self.dynamic and x.shape[0] <= DYNAMIC_FLOAT_MAX_BATCH and x.dtype.is_floating_point:
-            return self.float_path(x, in_qparams, accum, float_weight=True)
         if self.dynamic:
             x = x.contiguous(memory_format=torch.channels_last)
             in_qparams = kernels.dynamic_uint8_qparams(x)
@@ -148,19 +146,10 @@ class FusedConv(nn.Module):
             accum, self.out_qparams, self.accum_qparams,
         )  # fmt: skip
 
-    def float_path(
-        self, x: torch.Tensor, in_qparams: tuple[float, int], accum: torch.Tensor | None, float_weight: bool = False
-    ) -> torch.Tensor:
-        """The same result the unfused way: the module's own forward on floats, then the epilogue in float.
-
-        ``float_weight``: a dynamic layer at batch 1, which convolves in float32 on its dequantized int8 weight
-        (``Int8Conv2d.forward`` does the same for a subclass's own forward).
-        """
+    def float_path(self, x: torch.Tensor, in_qparams: tuple[float, int], accum: torch.Tensor | None) -> torch.Tensor:
+        """The same result the unfused way: the module's own forward on floats, then the epilogue in float."""
         x = dequantize_uint8(x, in_qparams) if x.dtype == torch.uint8 else x
-        if float_weight and not self.routed:  # what the weight tensor's layer does for it, without the dispatch
-            out = F.conv2d(x, self.conv[0].weight.layer.float_weight(), self.bias, *self.geometry, self.groups)
-        else:
-            out = self.conv[0](x)
+        out = self.conv[0](x)
         if accum is not None:
             out = out + (dequantize_uint8(accum, self.accum_qparams) if self.accum_qparams else accum)
         out = _UNARY_FLOAT[self.unary[0]](out, self.unary[1])

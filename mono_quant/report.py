@@ -22,7 +22,7 @@ class LayerReport:
 
 @dataclasses.dataclass
 class QuantizationReport:
-    """All layers plus the skipped modules (name -> reason) and the model's total bytes.
+    """All layers plus the skipped modules (name -> reason), the model's total bytes, a warning and notes.
 
     ``print(report)`` shows a table; ``to_dict()`` is JSON-friendly.
 
@@ -37,6 +37,7 @@ class QuantizationReport:
     model_bytes_before: int | None = None
     model_bytes_after: int | None = None
     warning: str = ""  # e.g. "only 40% of the matmul weights were quantized (...)"; printed first
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the user should know about speed; printed last
 
     @property
     def bytes_before(self) -> int:
@@ -65,6 +66,7 @@ class QuantizationReport:
             "model_bytes_before": self.model_bytes_before,
             "model_bytes_after": self.model_bytes_after,
             "warning": self.warning,
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
@@ -86,4 +88,5 @@ class QuantizationReport:
             out.append(f"whole model: {self.model_bytes_before:,} -> {self.model_bytes_after:,} bytes")
         for name, reason in self.skipped.items():
             out.append(f"skipped {name or '<root>'}: {reason}")
+        out += [f"note: {note}" for note in self.notes]
         return "\n".join(out)

@@ -3,9 +3,7 @@
 On CPU (symmetric weights) static and dynamic modes run oneDNN's u8 x s8 convolution with rescale
 and bias fused, on a packed weight built lazily from the stored one (a cache, never saved): static
 with the calibrated input scale, dynamic with one asymmetric uint8 scale per call (the input's
-min/max), which oneDNN takes at run time, except at batch 1, where dynamic mode convolves in float32 on
-the dequantized int8 weight (cached; int8 loses there, see ``DYNAMIC_FLOAT_MAX_BATCH``). Grouped and
-depthwise convolutions take the same path.
+min/max), which oneDNN takes at run time. Grouped and depthwise convolutions take the same path.
 Everything else (weight-only mode, asymmetric weights, other devices, inside ``torch.compile``) uses
 im2col: the input patches (``F.unfold``) form an ``[N*L, C*kh*kw]`` matrix that goes through the
 ``Int8Linear`` path (one group at a time). The weight is stored flattened, ``[out, in/groups*kh*kw]``
@@ -28,27 +26,6 @@ from mono_quant.modules.base import ActivationQParams, copy_bias, meta_conv2d
 from mono_quant.modules.int8_linear import Int8Linear
 from mono_quant.modules.registry import register
 from mono_quant.qparams import quantize_weight
-
-# Dynamic mode at batch 1 convolves in float32 on the dequantized int8 weight: the per-call input scale,
-# the quantization pass and oneDNN's int8 call overhead cost more than the int8 convolution saves there
-# (measured, 2 threads, fused graph: digits ResNet 1.25x float, EfficientNet-Lite0 1.10x; batch 32/8: 0.81x/0.69x).
-DYNAMIC_FLOAT_MAX_BATCH = 1
-
-
-class _FloatCache:
-    """The dequantized weight of a dynamic conv's batch-1 path: a cache, empty in copies and pickles."""
-
-    def __init__(self) -> None:
-        self.weight: torch.Tensor | None = None
-
-    def __deepcopy__(self, memo: dict) -> _FloatCache:
-        return type(self)()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
 
 
 @register(nn.Conv2d)
@@ -78,12 +55,10 @@ class Int8Conv2d(Int8Linear):
         self.groups = conv.groups
         self._geometry = (list(self.stride), list(self.padding), list(self.dilation))
         self._onednn_conv = kernels.OneDNNConvWeight()
-        self._float_cache = _FloatCache()
 
     def _prepare(self) -> None:
         super()._prepare()
         self._onednn_conv = kernels.OneDNNConvWeight()  # repacked on next use: weight or input scale changed
-        self._float_cache = _FloatCache()
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
@@ -121,19 +96,9 @@ class Int8Conv2d(Int8Linear):
         """The convolution, plus ``bias`` (the owning module's, for weight-tensor layers) fused where oneDNN runs."""
         onednn = self.mode is not Mode.WEIGHT_ONLY and self.weight_zero_point is None
         if onednn and kernels.use_onednn_conv(x):
-            if self.mode is Mode.DYNAMIC and (x.dim() == 3 or x.shape[0] <= DYNAMIC_FLOAT_MAX_BATCH):
-                total = self.bias if bias is None else (bias.float() if self.bias is None else self.bias + bias)
-                out = F.conv2d(x.float(), self.float_weight(), total, *self._geometry, self.groups)
-                return out.to(x.dtype)
             return self._onednn_forward(x, bias)
         out = self._im2col_forward(x)
         return out if bias is None else out + bias.reshape(-1, 1, 1)
-
-    def float_weight(self) -> torch.Tensor:
-        """The dequantized float32 weight ``[out, in/groups, kh, kw]``, kept for batch-1 dynamic calls (a cache)."""
-        if self._float_cache.weight is None:
-            self._float_cache.weight = self.dequantized_weight().float()
-        return self._float_cache.weight
 
     def _onednn_forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 activations (channels-last: oneDNN's fast layout) against the packed int8 weight."""
