@@ -21,9 +21,12 @@ from torch import nn
 
 from mono_quant import kernels
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig, Scheme
+from mono_quant.kernels import choice
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias, float_linear
 from mono_quant.modules.registry import register
 from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weight
+
+_KERNELS = ("int_mm", "onednn")  # candidates for symmetric weights on CPU; the rest always take _int_mm
 
 
 @register(nn.Linear)
@@ -146,27 +149,42 @@ class Int8Linear(nn.Module, QuantizedLayer):
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        if self.mode is Mode.WEIGHT_ONLY:
-            out = self._weight_only_forward(x2)
-        elif self.mode is Mode.DYNAMIC:
-            unsigned = self._unsigned_offset is not None and x2.device.type == "cpu"
-            q, row_max = kernels.quantize_per_row(x2, unsigned)
-            acc = kernels.int_mm(q, self.weight)
-            if unsigned:
-                acc.sub_(self._unsigned_offset)
-            elif self.weight_zero_point is not None:
-                acc = acc - q.sum(-1, keepdim=True, dtype=torch.int32) * self.weight_zero_point.int()
-            out = kernels.rescale(acc, row_max * self._weight_scale_127, self.bias)
-        elif self.weight_zero_point is None and kernels.use_onednn(x2):
-            out = self._onednn_static_forward(x2)
-        else:
-            q = kernels.quantize_static_input(x2, self._input_inv_scale, self.input_zero_point)
-            out = kernels.rescale(kernels.int_mm(q, self.weight), self._out_scale, self._out_bias)
-            if self._weight_zp_scaled is not None:
-                out = out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
+        out = self._weight_only_forward(x2) if self.mode is Mode.WEIGHT_ONLY else self._run(self._kernel(x2), x2)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def _kernel(self, x: torch.Tensor) -> str:
+        """``"onednn"`` or ``"int_mm"`` for this call (measured once per shape and batch bucket, see ``choice``)."""
+        if self.weight_zero_point is not None or not kernels.use_onednn(x):
+            return "int_mm"
+        default = "onednn" if kernels.onednn_default(x.shape[0]) else "int_mm"
+        kind = "int8_linear_dynamic" if self.mode is Mode.DYNAMIC else "int8_linear_static"
+        return choice.pick(kind, self.weight.shape, x, _KERNELS, default, lambda name: self._run(name, x))
+
+    def _run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is Mode.DYNAMIC:
+            return self._dynamic_forward(kernel, x)
+        if kernel == "onednn":
+            return self._onednn_static_forward(x)
+        q = kernels.quantize_static_input(x, self._input_inv_scale, self.input_zero_point)
+        out = kernels.rescale(kernels.int_mm(q, self.weight), self._out_scale, self._out_bias)
+        if self._weight_zp_scaled is not None:
+            out = out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
+        return out
+
+    def _dynamic_forward(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        """Per-row (token) scales at run time; uint8 activations on CPU (VNNI's u8 x s8)."""
+        unsigned = self._unsigned_offset is not None and x.device.type == "cpu"
+        q, row_max = kernels.quantize_per_row(x, unsigned)
+        if kernel == "onednn":
+            scale = self._weight_scale_127
+            return kernels.onednn_linear_dynamic(q, row_max, self._onednn, self.weight, scale, self.bias)
+        acc = kernels.int_mm(q, self.weight)
+        if self.weight_zero_point is not None:
+            acc = acc - q.sum(-1, keepdim=True, dtype=torch.int32) * self.weight_zero_point.int()
+        offset = self._unsigned_offset if unsigned else None
+        return kernels.dynamic_rescale(acc, offset, row_max, self._weight_scale_127, self.bias)
 
     def _weight_only_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = kernels.int8_weight_only_mm(x, self._prepared_weight, self._weight_scale_n)
