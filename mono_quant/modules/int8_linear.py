@@ -60,7 +60,8 @@ class Int8Linear(nn.Module, QuantizedLayer):
         derived = (
             "_weight_scale_n",
             "_weight_scale_127",
-            "_unsigned_offset",
+            "_unsigned_correction",
+            "_half_offset",
             "_input_inv_scale",
             "_input_zero_point_u8",
             "_out_scale",
@@ -121,7 +122,9 @@ class Int8Linear(nn.Module, QuantizedLayer):
         self._weight_scale_127 = out_scale / 127.0
         # uint8 activations (q + 128) add 128 * colsum(weight) to every output: removed with this constant
         symmetric = self.weight_zero_point is None
-        self._unsigned_offset = 128 * kernels.row_sums(self.weight) if symmetric else None
+        offset = 128 * kernels.row_sums(self.weight) if symmetric else None
+        self._unsigned_correction = None if offset is None else -offset * self._weight_scale_127
+        self._half_offset = torch.full((self.in_features,), 128.5, device=self.weight.device)
         zp = None if self.weight_zero_point is None else self.weight_zero_point.float().expand(self.out_features)
         self._weight_zp_scaled = None if zp is None else zp * out_scale
         self._prepared_weight = None
@@ -175,16 +178,16 @@ class Int8Linear(nn.Module, QuantizedLayer):
 
     def _dynamic_forward(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         """Per-row (token) scales at run time; uint8 activations on CPU (VNNI's u8 x s8)."""
-        unsigned = self._unsigned_offset is not None and x.device.type == "cpu"
-        q, row_max = kernels.quantize_per_row(x, unsigned)
+        unsigned = self._unsigned_correction is not None and x.device.type == "cpu"
+        q, row_max = kernels.quantize_per_row(x, unsigned, self._half_offset)
         if kernel == "onednn":
             scale = self._weight_scale_127
             return kernels.onednn_linear_dynamic(q, row_max, self._onednn, self.weight, scale, self.bias)
         acc = kernels.int_mm(q, self.weight)
         if self.weight_zero_point is not None:
             acc = acc - q.sum(-1, keepdim=True, dtype=torch.int32) * self.weight_zero_point.int()
-        offset = self._unsigned_offset if unsigned else None
-        return kernels.dynamic_rescale(acc, offset, row_max, self._weight_scale_127, self.bias)
+        correction = self._unsigned_correction if unsigned else None
+        return kernels.dynamic_rescale(acc, correction, row_max, self._weight_scale_127, self.bias)
 
     def _weight_only_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = kernels.int8_weight_only_mm(x, self._prepared_weight, self._weight_scale_n)
