@@ -20,6 +20,7 @@ from mono_quant.kernels.int8 import (
     quantize_per_row,
     quantize_static_input,
     rescale,
+    rounding_offset,
     row_sums,
 )
 from mono_quant.kernels.onednn import (
@@ -57,6 +58,7 @@ __all__ = [
     "quantize_static_input",
     "quantize_uint8_channels_last",
     "rescale",
+    "rounding_offset",
     "row_sums",
     "use_onednn",
     "use_onednn_conv",

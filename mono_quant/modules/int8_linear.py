@@ -61,7 +61,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
             "_weight_scale_n",
             "_weight_scale_127",
             "_unsigned_correction",
-            "_half_offset",
+            "_rounding_offset",
             "_input_inv_scale",
             "_input_zero_point_u8",
             "_out_scale",
@@ -124,7 +124,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
         symmetric = self.weight_zero_point is None
         offset = 128 * kernels.row_sums(self.weight) if symmetric else None
         self._unsigned_correction = None if offset is None else -offset * self._weight_scale_127
-        self._half_offset = torch.full((self.in_features,), 128.5, device=self.weight.device)
+        self._rounding_offset = kernels.rounding_offset(self.in_features, symmetric, self.weight.device)
         zp = None if self.weight_zero_point is None else self.weight_zero_point.float().expand(self.out_features)
         self._weight_zp_scaled = None if zp is None else zp * out_scale
         self._prepared_weight = None
@@ -179,7 +179,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
     def _dynamic_forward(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         """Per-row (token) scales at run time; uint8 activations on CPU (VNNI's u8 x s8)."""
         unsigned = self._unsigned_correction is not None and x.device.type == "cpu"
-        q, row_max = kernels.quantize_per_row(x, unsigned, self._half_offset)
+        q, row_max = kernels.quantize_per_row(x, unsigned, self._rounding_offset if unsigned else None)
         if kernel == "onednn":
             scale = self._weight_scale_127
             return kernels.onednn_linear_dynamic(q, row_max, self._onednn, self.weight, scale, self.bias)
