@@ -56,10 +56,12 @@ def quantize_per_row(
         row_max = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_()).clamp_min_(1e-12)
     else:
         row_max = x.abs().amax(-1, keepdim=True).clamp_min_(1e-12)
+    dtype = torch.uint8 if unsigned else torch.int8
+    if torch.jit.is_tracing():  # the tracer mis-records view(dtype): round and cast instead (same values)
+        return torch.mul(x, 127.0 / row_max).round_().add_(128.0 if unsigned else 0.0).to(dtype), row_max
     if offset is None:
         offset = rounding_offset(x.shape[-1], unsigned, x.device)
-    bits = torch.addcmul(offset, x, 127.0 / row_max).view(torch.int32)
-    return bits.to(torch.uint8 if unsigned else torch.int8), row_max
+    return torch.addcmul(offset, x, 127.0 / row_max).view(torch.int32).to(dtype), row_max
 
 
 def dynamic_rescale(

@@ -184,13 +184,14 @@ def use_onednn(x: torch.Tensor) -> bool:
     Which of oneDNN and ``_int_mm`` serves a call is chosen by measurement (``kernels.choice``); with
     the choice fixed, batch 1 takes ``_int_mm`` (oneDNN's per-call setup dominates: ~1.5x slower at
     batch 1 on a 1024x4096 layer here) and larger batches oneDNN (``benchmarks/linear_kernels.py``).
-    Inside ``torch.compile`` the ``_int_mm`` path is used instead.
+    Inside ``torch.compile`` and ``torch.jit.trace`` the ``_int_mm`` path is used instead (the tracer
+    cannot record oneDNN's op: "unsupported input list type").
 
     Example:
         >>> use_onednn(torch.zeros(4, 8)) == _HAS_ONEDNN
         True
     """
-    if torch.compiler.is_compiling():  # inductor's lowering of this op wants the packed weight as a constant
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # inductor wants the packed weight as a constant
         return False
     return _HAS_ONEDNN and x.device.type == "cpu"
 
