@@ -103,7 +103,7 @@ def _best_seconds(fn: Callable[[], object]) -> float:
 
 def pick(
     kind: str,
-    weight_shape: Sequence[int],
+    weight_shape: tuple[int, ...],
     x: torch.Tensor,
     candidates: Sequence[str],
     default: str,
@@ -111,9 +111,9 @@ def pick(
 ) -> str:
     """The kernel to use for this call: ``default`` when fixed, else the measured winner for this key.
 
-    ``x`` is the 2-D input (its row count picks the bucket); ``run(name)`` computes the call with one
-    candidate. The best of ``MEASURE_REPEATS`` timed calls decides (the minimum is the least disturbed by
-    other work on the machine); ties keep the earlier candidate.
+    ``weight_shape`` is a tuple (``(out, in)``), ``x`` the 2-D input (its row count picks the bucket),
+    ``run(name)`` computes the call with one candidate. The best of ``MEASURE_REPEATS`` timed calls decides
+    (the minimum is the least disturbed by other work on the machine); ties keep the earlier candidate.
 
     Example:
         >>> set_kernel_choice("fixed")
@@ -127,7 +127,7 @@ def pick(
     """
     if len(candidates) < 2 or not _measuring_allowed():
         return default
-    key = (kind, tuple(weight_shape), batch_bucket(x.shape[0]), x.device.type, x.dtype)
+    key = (kind, weight_shape, batch_bucket(x.shape[0]), x.device.type, x.dtype)
     name = _cache.get(key)
     if name is None:
         with torch.no_grad():

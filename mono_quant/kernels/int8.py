@@ -59,9 +59,10 @@ def quantize_per_row(
     dtype = torch.uint8 if unsigned else torch.int8
     if torch.jit.is_tracing():  # the tracer mis-records view(dtype): round and cast instead (same values)
         return torch.mul(x, 127.0 / row_max).round_().add_(128.0 if unsigned else 0.0).to(dtype), row_max
+    inverse = row_max.reciprocal().mul_(127.0)  # 127.0 / row_max goes through Tensor.__rdiv__ in Python
     if offset is None:
         offset = rounding_offset(x.shape[-1], unsigned, x.device)
-    return torch.addcmul(offset, x, 127.0 / row_max).view(torch.int32).to(dtype), row_max
+    return torch.addcmul(offset, x, inverse).view(torch.int32).to(dtype), row_max
 
 
 def dynamic_rescale(

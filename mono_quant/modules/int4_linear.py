@@ -98,7 +98,7 @@ class Int4Linear(Int4Weight, nn.Module, QuantizedLayer):
         kernel = "int4pack"
         if x2.device.type == "cpu" and x2.shape[0] > _DEQUANTIZE_MIN_ROWS:
             run = lambda name: self._run(name, x2)  # noqa: E731
-            kernel = choice.pick("int4_linear", self.weight_packed.shape, x2, _KERNELS, kernel, run)
+            kernel = choice.pick("int4_linear", (self.out_features, self.in_features), x2, _KERNELS, kernel, run)
         return self._run(kernel, x2).reshape(*x.shape[:-1], self.out_features)
 
     def _run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.mode, self.scheme = mode, scheme
+        self._shape, self._symmetric = (out_features, in_features), scheme is not Scheme.ASYMMETRIC
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(scale_shape))
         asymmetric = scheme is Scheme.ASYMMETRIC
@@ -159,11 +160,11 @@ class Int8Linear(nn.Module, QuantizedLayer):
 
     def _kernel(self, x: torch.Tensor) -> str:
         """``"onednn"`` or ``"int_mm"`` for this call (measured once per shape and batch bucket, see ``choice``)."""
-        if self.weight_zero_point is not None or not kernels.use_onednn(x):
+        if not self._symmetric or not kernels.use_onednn(x):
             return "int_mm"
         default = "onednn" if kernels.onednn_default(x.shape[0]) else "int_mm"
         kind = "int8_linear_dynamic" if self.mode is Mode.DYNAMIC else "int8_linear_static"
-        return choice.pick(kind, self.weight.shape, x, _KERNELS, default, lambda name: self._run(name, x))
+        return choice.pick(kind, self._shape, x, _KERNELS, default, lambda name: self._run(name, x))
 
     def _run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         if self.mode is Mode.DYNAMIC:
