@@ -258,4 +258,4 @@ def onednn_linear_dynamic(
     out = torch.ops.onednn.qlinear_pointwise(
         q, 1.0, 128, packed, weight_scale_127, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
     )
-    return out.mul_(row_max) if bias is None else torch.addcmul(bias, out, row_max)
+    return out.mul_(row_max) if bias is None else torch.addcmul(bias, out, row_max, out=out)  # in place: no new page

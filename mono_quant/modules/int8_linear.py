@@ -1,15 +1,17 @@
 """``Int8Linear``: int8 per-channel weights; dynamic, static or weight-only activations.
 
 - dynamic: each input row (token) gets its own 8-bit scale at run time (uint8 on CPU, for VNNI's
-  u8 x s8), ``_int_mm``, one fused rescale. Per-row scales keep transformers accurate (MiniLM
-  embeddings: cosine 0.997 against float; one per-tensor scale for the batch gave 0.981) and make
-  results independent of the batch.
-- static: the input is quantized with the calibrated per-tensor scale and zero point. CPU batches go
-  to oneDNN's u8 x s8 kernel with rescale and bias fused; single rows and other devices to
-  ``_int_mm`` with every weight-side term (combined scale, zero-point correction folded into the bias)
-  computed once.
+  u8 x s8). Per-row scales keep transformers accurate (MiniLM embeddings: cosine 0.997 against float;
+  one per-tensor scale for the batch gave 0.981) and make results independent of the batch. Two
+  kernels: ``_int_mm`` with a two-op epilogue, or oneDNN's packed u8 x s8 with activation scale 1 and
+  zero point 128 and the row scales applied after.
+- static: the input is quantized with the calibrated per-tensor scale and zero point; oneDNN's u8 x s8
+  kernel with rescale and bias fused, or ``_int_mm`` with every weight-side term (combined scale,
+  zero-point correction folded into the bias) computed once.
 - weight_only: float activations against int8 weights with the packed int8 kernel (bfloat16 inside).
-Asymmetric weights always take the ``_int_mm`` path (oneDNN takes symmetric weights only).
+On CPU with symmetric weights ``kernels.choice`` picks ``_int_mm`` or oneDNN per (shape, batch bucket) by
+measuring both once (fixed mode: ``_int_mm`` for one row, oneDNN for more). Asymmetric weights, other
+devices, tracing and ``torch.compile`` always take ``_int_mm`` (oneDNN takes symmetric weights only).
 """
 
 from __future__ import annotations
