@@ -3,7 +3,7 @@
 CPUs rank kernels differently (an AMD EPYC with VNNI, an Intel Xeon with AMX, an AVX2 laptop), so where
 several kernels can serve one call, the first call with a new key (layer kind, weight shape, batch bucket,
 device, dtype) times each candidate on the real input (one warm-up call, then the best of
-``MEASURE_REPEATS`` calls each), caches the fastest for the process and uses it from then on.
+``MEASURE_REPEATS`` interleaved calls each), caches the fastest for the process and uses it from then on.
 
 ``set_kernel_choice("fixed")`` (or the environment variable ``MONO_QUANT_KERNELS=fixed``) uses each
 layer's documented default instead, so results never depend on timing noise; the default is ``"measure"``.
@@ -28,7 +28,7 @@ import torch
 
 from mono_quant.errors import ConfigError
 
-MEASURE_REPEATS = 3
+MEASURE_REPEATS = 5
 _BUCKET_EDGES = (1, 8, 64, 512)  # M = 1, 2-8, 9-64, 65-512, >512
 _CHOICES = ("measure", "fixed")
 _ENV = "MONO_QUANT_KERNELS"
@@ -91,14 +91,19 @@ def _measuring_allowed() -> bool:
     return kernel_choice() == "measure"
 
 
-def _best_seconds(fn: Callable[[], object]) -> float:
-    fn()  # warm-up: lazily packed weights, allocator
-    best = float("inf")
-    for _ in range(MEASURE_REPEATS):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _fastest(candidates: Sequence[str], run: Callable[[str], object]) -> str:
+    """The candidate with the best time of ``MEASURE_REPEATS`` rounds, one call of each per round (interleaved,
+    so a burst of other work on the machine hits every candidate rather than one)."""
+    best = dict.fromkeys(candidates, float("inf"))
+    with torch.no_grad():
+        for name in candidates:
+            run(name)  # warm-up: lazily packed weights, allocator
+        for _ in range(MEASURE_REPEATS):
+            for name in candidates:
+                start = time.perf_counter()
+                run(name)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return min(candidates, key=lambda name: best[name])
 
 
 def pick(
@@ -130,9 +135,7 @@ def pick(
     key = (kind, weight_shape, batch_bucket(x.shape[0]), x.device.type, x.dtype)
     name = _cache.get(key)
     if name is None:
-        with torch.no_grad():
-            times = {c: _best_seconds(lambda c=c: run(c)) for c in candidates}
-        name = min(candidates, key=lambda c: times[c])
+        name = _fastest(candidates, run)
         with _lock:
             _cache[key] = name
     return name

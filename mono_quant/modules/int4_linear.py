@@ -105,8 +105,7 @@ class Int4Linear(Int4Weight, nn.Module, QuantizedLayer):
         if kernel == "dequantize":
             return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
         packed, table = self._kernel_inputs(x.device)
-        out = kernels.int4_mm(x, packed, self.group_size, table, self.out_features)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        return kernels.int4_mm(x, packed, self.group_size, table, self.out_features, self.bias)
 
     def metadata(self) -> dict[str, Any]:
         return self.int4_metadata("Linear")
