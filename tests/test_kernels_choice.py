@@ -120,10 +120,10 @@ def test_fixed_mode_uses_defaults_and_measures_nothing(monkeypatch: pytest.Monke
 
     assert choice.pick("test_kind", (8, 16), torch.zeros(30, 16), ("a", "b"), "b", run) == "b"
     assert choice.chosen() == {}
-    # a layer in fixed mode: batch 1 -> _int_mm, batches -> oneDNN (when available)
+    # a small layer in fixed mode: _int_mm up to 64 rows, then oneDNN (when available)
     layer = Int8Linear.from_float(nn.Linear(32, 8), mq.QuantizationConfig(dtype="int8"))
-    assert layer._kernel(torch.zeros(1, 32)) == "int_mm"
-    assert layer._kernel(torch.zeros(6, 32)) == ("onednn" if kernels.use_onednn(torch.zeros(6, 32)) else "int_mm")
+    assert layer._kernel(torch.zeros(1, 32)) == layer._kernel(torch.zeros(64, 32)) == "int_mm"
+    assert layer._kernel(torch.zeros(65, 32)) == ("onednn" if kernels.use_onednn(torch.zeros(6, 32)) else "int_mm")
 
 
 def test_environment_variable_and_bad_values(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,3 +163,15 @@ def test_save_load_is_unchanged_by_the_choice(tmp_path: Path, digits: tuple) -> 
     mq.save(q, tmp_path / "m.safetensors")
     loaded = mq.load(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)))
     torch.testing.assert_close(loaded(x), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_output_dtype_and_bias(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    float_layer = nn.Linear(128, 40).eval()  # 40 rows: padded to 48 inside the kernel, sliced back
+    layer = Int4Linear.from_float(float_layer, mq.QuantizationConfig(dtype="int4", group_size=32))
+    x = torch.randn(3, 128)
+    out = layer(x.to(dtype))
+    assert out.dtype == dtype and out.shape == (3, 40)
+    reference = x @ layer.dequantized_weight().T + float_layer.bias.detach()
+    assert (out.float() - reference).abs().max() < 0.03 * reference.abs().max()

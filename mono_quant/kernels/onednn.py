@@ -7,7 +7,9 @@ import torch
 
 from mono_quant.kernels.int8 import aligned
 
-_ONEDNN_MIN_ROWS = 2
+_ONEDNN_MIN_ROWS = 2  # fixed rule: oneDNN from 2 rows for large weights, from 65 rows for small ones
+_ONEDNN_SMALL_WEIGHT_MIN_ROWS = 65
+_ONEDNN_LARGE_WEIGHT = 1 << 20  # elements (a 1024 x 1024 layer)
 _HAS_ONEDNN = hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()
 _HAS_ONEDNN_CONV = hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.backends.mkldnn.is_available()
 
@@ -196,14 +198,23 @@ def use_onednn(x: torch.Tensor) -> bool:
     return _HAS_ONEDNN and x.device.type == "cpu"
 
 
-def onednn_default(rows: int) -> bool:
-    """The fixed rule (no measurement): oneDNN from ``_ONEDNN_MIN_ROWS`` rows on, ``_int_mm`` below.
+def onednn_default(rows: int, weight_numel: int) -> bool:
+    """The fixed rule (no measurement) between oneDNN and ``_int_mm`` for a linear call.
+
+    ``_int_mm`` for one row; from 2 rows oneDNN for weights of ``_ONEDNN_LARGE_WEIGHT`` elements or more
+    (MLP 1024-4096 layers: 1.3x faster at 8 rows) but ``_int_mm`` up to 64 rows for smaller ones
+    (MiniLM's 384 x 384 .. 384 x 1536 layers: oneDNN's per-call cost loses 1.1-1.4x there), oneDNN above
+    (``benchmarks/linear_kernels.py``, 1 thread on this project's AVX-512 VNNI CPU).
 
     Example:
-        >>> onednn_default(1), onednn_default(2)
-        (False, True)
+        >>> onednn_default(1, 4096 * 1024), onednn_default(8, 4096 * 1024), onednn_default(8, 384 * 384)
+        (False, True, False)
+        >>> onednn_default(65, 384 * 384)
+        True
     """
-    return rows >= _ONEDNN_MIN_ROWS
+    if rows < _ONEDNN_MIN_ROWS:
+        return False
+    return weight_numel >= _ONEDNN_LARGE_WEIGHT or rows >= _ONEDNN_SMALL_WEIGHT_MIN_ROWS
 
 
 def onednn_linear(

@@ -10,7 +10,7 @@
   zero-point correction folded into the bias) computed once.
 - weight_only: float activations against int8 weights with the packed int8 kernel (bfloat16 inside).
 On CPU with symmetric weights ``kernels.choice`` picks ``_int_mm`` or oneDNN per (shape, batch bucket) by
-measuring both once (fixed mode: ``_int_mm`` for one row, oneDNN for more). Asymmetric weights, other
+measuring both once (fixed mode: ``kernels.onednn_default``). Asymmetric weights, other
 devices, tracing and ``torch.compile`` always take ``_int_mm`` (oneDNN takes symmetric weights only).
 """
 
@@ -164,7 +164,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
         """``"onednn"`` or ``"int_mm"`` for this call (measured once per shape and batch bucket, see ``choice``)."""
         if not self._symmetric or not kernels.use_onednn(x):
             return "int_mm"
-        default = "onednn" if kernels.onednn_default(x.shape[0]) else "int_mm"
+        default = "onednn" if kernels.onednn_default(x.shape[0], self.weight.numel()) else "int_mm"
         kind = "int8_linear_dynamic" if self.mode is Mode.DYNAMIC else "int8_linear_static"
         return choice.pick(kind, self._shape, x, _KERNELS, default, lambda name: self._run(name, x))
 
