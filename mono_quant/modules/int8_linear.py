@@ -182,7 +182,8 @@ class Int8Linear(nn.Module, QuantizedLayer):
     def _dynamic_forward(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         """Per-row (token) scales at run time; uint8 activations on CPU (VNNI's u8 x s8)."""
         unsigned = self._unsigned_correction is not None and x.device.type == "cpu"
-        q, row_max = kernels.quantize_per_row(x, unsigned, self._rounding_offset if unsigned else None)
+        offset = self._rounding_offset if unsigned or not self._symmetric else None  # built for CPU's form
+        q, row_max = kernels.quantize_per_row(x, unsigned, offset)
         if kernel == "onednn":
             scale = self._weight_scale_127
             return kernels.onednn_linear_dynamic(q, row_max, self._onednn, self.weight, scale, self.bias)
