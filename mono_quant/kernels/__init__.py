@@ -22,6 +22,7 @@ from mono_quant.kernels.int8 import (
     rescale,
     rounding_offset,
     row_sums,
+    static_rescale,
 )
 from mono_quant.kernels.onednn import (
     OneDNNConvWeight,
@@ -59,6 +60,7 @@ __all__ = [
     "quantize_uint8_channels_last",
     "rescale",
     "rounding_offset",
+    "static_rescale",
     "row_sums",
     "use_onednn",
     "use_onednn_conv",

@@ -67,32 +67,74 @@ def quantize_per_row(
 
 def dynamic_rescale(
     acc: torch.Tensor,
-    correction: torch.Tensor | None,
+    offset: torch.Tensor | None,
     row_max: torch.Tensor,
     weight_scale_127: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``(acc * weight_scale_127 + correction) * row_max + bias``: a dynamic ``_int_mm``'s epilogue, float32 out.
+    """``(acc - offset) * weight_scale_127 * row_max + bias``: a dynamic ``_int_mm``'s epilogue, float32 out.
 
-    ``acc`` int32 ``[M, N]``; ``correction`` ``[N]`` is ``-128 * rowsum(weight) * weight_scale_127``
-    for uint8 activations (``None`` for int8 ones); ``row_max`` ``[M, 1]``; ``weight_scale_127`` ``[N]``.
-    Two fused ops (an in-place offset subtraction and an ``[M, N]`` scale product were two passes more),
-    both written into ``acc``'s own memory read as float32 (each element is read before it is written):
-    a fresh output of a few MB costs more in page faults than the arithmetic (4x for 480 x 1536 here).
+    ``acc`` int32 ``[M, N]`` (overwritten); ``offset`` int32 ``[N]`` is ``128 * rowsum(weight)`` for uint8
+    activations (``None`` for int8 ones); ``row_max`` ``[M, 1]``; ``weight_scale_127`` ``[N]``. The exact
+    integer subtraction first, then the two scales in the order oneDNN applies them: the result is
+    bit-identical to ``onednn_linear_dynamic``, so the kernel choice never changes an output. Every step
+    writes into ``acc``'s own memory (read as float32 after the subtraction; each element is read before
+    it is written): a fresh multi-MB output costs more in page faults than the arithmetic (4x at 480 x 1536).
 
     Example:
         >>> acc = torch.tensor([[130, 132]], dtype=torch.int32)
-        >>> dynamic_rescale(acc, torch.tensor([-128.0, -64.0]), torch.tensor([[2.0]]), torch.tensor([1.0, 0.5]),
-        ...                 torch.ones(2))
+        >>> dynamic_rescale(acc, torch.tensor([128, 128], dtype=torch.int32), torch.tensor([[2.0]]),
+        ...                 torch.tensor([1.0, 0.5]), torch.ones(2))
         tensor([[5., 5.]])
     """
-    # the tracer mis-records view(dtype): a fresh output there
-    out = torch.empty(acc.shape, device=acc.device) if torch.jit.is_tracing() else acc.view(torch.float32)
-    if correction is None:
-        torch.mul(acc, weight_scale_127, out=out)
-    else:
-        torch.addcmul(correction, acc, weight_scale_127, out=out)
+    in_place = writable_in_place(row_max, bias)
+    if offset is not None:
+        acc = acc.sub_(offset) if in_place else acc - offset
+    if not in_place:  # plain ops: fresh outputs
+        out = torch.mul(acc, weight_scale_127)
+        return out * row_max if bias is None else torch.addcmul(bias, out, row_max)
+    out = torch.mul(acc, weight_scale_127, out=acc.view(torch.float32))
     return out.mul_(row_max) if bias is None else torch.addcmul(bias, out, row_max, out=out)
+
+
+def static_rescale(
+    acc: torch.Tensor,
+    offset: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``(acc - offset) * x_scale * weight_scale + bias``: a static ``_int_mm``'s epilogue, float32 out.
+
+    ``acc`` int32 ``[M, N]`` (overwritten), ``offset`` int32 ``[N]`` (``zero_point * rowsum(weight)``),
+    ``x_scale`` a scalar tensor, ``weight_scale`` ``[N]``. The exact integer correction first, then the
+    scales and the bias one at a time in oneDNN's order: bit-identical to ``onednn_linear``, so the kernel
+    choice never changes an output (a fused multiply-add here would differ in the last bit).
+
+    Example:
+        >>> acc = torch.tensor([[14, 16]], dtype=torch.int32)
+        >>> static_rescale(acc, torch.tensor([10, 12], dtype=torch.int32), torch.tensor(0.5), torch.ones(2), None)
+        tensor([[2., 2.]])
+    """
+    if not writable_in_place(x_scale, weight_scale, bias):  # plain ops: fresh outputs
+        out = (acc - offset) * x_scale * weight_scale
+        return out if bias is None else out + bias
+    acc.sub_(offset)
+    out = torch.mul(acc, x_scale, out=acc.view(torch.float32)).mul_(weight_scale)
+    return out if bias is None else out.add_(bias)
+
+
+def writable_in_place(*tensors: torch.Tensor | None) -> bool:
+    """Whether an epilogue may write into its matmul's output with ``out=``: not while tracing (the tracer
+    mis-records ``view(dtype)``) and not when autograd tracks one of ``tensors`` (it refuses ``out=``).
+
+    Example:
+        >>> writable_in_place(torch.ones(2), None), writable_in_place(torch.ones(2, requires_grad=True))
+        (True, False)
+    """
+    if torch.jit.is_tracing():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
 def quantize_static_input(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mono_quant.kernels.int8 import aligned
+from mono_quant.kernels.int8 import aligned, writable_in_place
 
 _ONEDNN_MIN_ROWS = 2  # fixed rule: oneDNN from 2 rows for large weights, from 65 rows for small ones
 _ONEDNN_SMALL_WEIGHT_MIN_ROWS = 65
@@ -269,4 +269,7 @@ def onednn_linear_dynamic(
     out = torch.ops.onednn.qlinear_pointwise(
         q, 1.0, 128, packed, weight_scale_127, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
     )
-    return out.mul_(row_max) if bias is None else torch.addcmul(bias, out, row_max, out=out)  # in place: no new page
+    if bias is None:
+        return out.mul_(row_max)
+    in_place = writable_in_place(row_max, bias)  # in place: no freshly faulted pages
+    return torch.addcmul(bias, out, row_max, out=out) if in_place else torch.addcmul(bias, out, row_max)

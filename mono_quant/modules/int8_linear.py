@@ -3,7 +3,7 @@
 - dynamic: each input row (token) gets its own 8-bit scale at run time (uint8 on CPU, for VNNI's
   u8 x s8). Per-row scales keep transformers accurate (MiniLM embeddings: cosine 0.997 against float;
   one per-tensor scale for the batch gave 0.981) and make results independent of the batch. Two
-  kernels: ``_int_mm`` with a two-op epilogue, or oneDNN's packed u8 x s8 with activation scale 1 and
+  kernels: ``_int_mm`` with a three-op epilogue, or oneDNN's packed u8 x s8 with activation scale 1 and
   zero point 128 and the row scales applied after.
 - static: the input is quantized with the calibrated per-tensor scale and zero point; oneDNN's u8 x s8
   kernel with rescale and bias fused, or ``_int_mm`` with every weight-side term (combined scale,
@@ -63,12 +63,13 @@ class Int8Linear(nn.Module, QuantizedLayer):
         derived = (
             "_weight_scale_n",
             "_weight_scale_127",
-            "_unsigned_correction",
+            "_unsigned_offset",
             "_rounding_offset",
             "_input_inv_scale",
             "_input_zero_point_u8",
             "_out_scale",
             "_out_bias",
+            "_static_offset",
             "_weight_zp_scaled",
             "_prepared_weight",
         )
@@ -125,8 +126,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
         self._weight_scale_127 = out_scale / 127.0
         # uint8 activations (q + 128) add 128 * colsum(weight) to every output: removed with this constant
         symmetric = self.weight_zero_point is None
-        offset = 128 * kernels.row_sums(self.weight) if symmetric else None
-        self._unsigned_correction = None if offset is None else -offset * self._weight_scale_127
+        self._unsigned_offset = 128 * kernels.row_sums(self.weight) if symmetric else None
         self._rounding_offset = kernels.rounding_offset(self.in_features, symmetric, self.weight.device)
         zp = None if self.weight_zero_point is None else self.weight_zero_point.float().expand(self.out_features)
         self._weight_zp_scaled = None if zp is None else zp * out_scale
@@ -139,7 +139,9 @@ class Int8Linear(nn.Module, QuantizedLayer):
         # (for asymmetric weights) rowsum(q_x) depend on the input.
         s_x, z_x = self.input_scale.float(), self.input_zero_point.float()
         combined = s_x * out_scale
-        colsum = kernels.row_sums(self.weight).float()
+        int_colsum = kernels.row_sums(self.weight)
+        self._static_offset = self.input_zero_point.int() * int_colsum  # exact: symmetric weights' correction
+        colsum = int_colsum.float()
         correction = -z_x * colsum
         if zp is not None:
             correction = correction + self.in_features * z_x * zp
@@ -174,6 +176,10 @@ class Int8Linear(nn.Module, QuantizedLayer):
         if kernel == "onednn":
             return self._onednn_static_forward(x)
         q = kernels.quantize_static_input(x, self._input_inv_scale, self.input_zero_point)
+        if self._symmetric:  # oneDNN's order of operations: the same bits whichever kernel serves
+            return kernels.static_rescale(
+                kernels.int_mm(q, self.weight), self._static_offset, self.input_scale, self._weight_scale_n, self.bias
+            )
         out = kernels.rescale(kernels.int_mm(q, self.weight), self._out_scale, self._out_bias)
         if self._weight_zp_scaled is not None:
             out = out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
@@ -181,17 +187,17 @@ class Int8Linear(nn.Module, QuantizedLayer):
 
     def _dynamic_forward(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         """Per-row (token) scales at run time; uint8 activations on CPU (VNNI's u8 x s8)."""
-        unsigned = self._unsigned_correction is not None and x.device.type == "cpu"
-        offset = self._rounding_offset if unsigned or not self._symmetric else None  # built for CPU's form
-        q, row_max = kernels.quantize_per_row(x, unsigned, offset)
+        unsigned = self._unsigned_offset is not None and x.device.type == "cpu"
+        rounding = self._rounding_offset if unsigned or not self._symmetric else None  # built for CPU's form
+        q, row_max = kernels.quantize_per_row(x, unsigned, rounding)
         if kernel == "onednn":
             scale = self._weight_scale_127
             return kernels.onednn_linear_dynamic(q, row_max, self._onednn, self.weight, scale, self.bias)
         acc = kernels.int_mm(q, self.weight)
         if self.weight_zero_point is not None:
             acc = acc - q.sum(-1, keepdim=True, dtype=torch.int32) * self.weight_zero_point.int()
-        correction = self._unsigned_correction if unsigned else None
-        return kernels.dynamic_rescale(acc, correction, row_max, self._weight_scale_127, self.bias)
+        offset = self._unsigned_offset if unsigned else None
+        return kernels.dynamic_rescale(acc, offset, row_max, self._weight_scale_127, self.bias)
 
     def _weight_only_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = kernels.int8_weight_only_mm(x, self._prepared_weight, self._weight_scale_n)
