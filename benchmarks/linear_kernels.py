@@ -78,6 +78,7 @@ def shapes_part() -> list[str]:
             if header is None:
                 header = f"{'layer':16} {'K->N':>10} {'M':>4} " + " ".join(f"{name:>16}" for name in ms) + "  ratio"
                 lines.append(header)
+                print(header, flush=True)
             cells = " ".join(f"{1e3 * v:16.1f}" for v in ms.values())
             ratio = ms["dyn (chosen)"] / ms["torch.ao dyn"]
             lines.append(f"{label:16} {f'{k}->{n}':>10} {m:>4} {cells}  {ratio:.2f}")

@@ -25,11 +25,11 @@ from mono_quant.qparams import (
 
 _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 # Candidates above _DEQUANTIZE_MIN_ROWS rows on CPU: the packed int4 kernel (bf16 activations; its cost grows
-# with the rows, 1.3-2x float from 64 rows on this project's AVX-512 CPU without AMX) and, measured only,
-# unpacking the weight for one float matmul per call (the dequantize cost is shared by the rows). At 1-64 rows
-# the packed kernel always serves (it beats float there: benchmarks/linear_kernels.py).
+# with the rows, 1.5-4x float from 64 rows on this project's AVX-512 CPU without AMX) and, measured only,
+# unpacking the weight for one float matmul per call (the dequantize cost is shared by the rows). At 1-8 rows
+# the packed kernel always serves (it beats float there for layers from 384 x 1536 up: linear_kernels.py).
 _KERNELS = ("int4pack", "dequantize")
-_DEQUANTIZE_MIN_ROWS = 64
+_DEQUANTIZE_MIN_ROWS = 8
 
 
 @register(nn.Linear)
