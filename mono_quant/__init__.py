@@ -27,6 +27,7 @@ from mono_quant.errors import CalibrationError, ConfigError, QuantizationError, 
 from mono_quant.fidelity import FidelityReport, compare, output_tensor
 from mono_quant.fusion import fold_batchnorm
 from mono_quant.hf_export import save_pretrained
+from mono_quant.kernels.choice import kernel_choice, set_kernel_choice
 from mono_quant.modules import (
     ActivationQParams,
     QuantizedLayer,
@@ -57,6 +58,8 @@ __all__ = [
     "parse_ladder",
     "quantized_layers",
     "register",
+    "kernel_choice",
+    "set_kernel_choice",
     "select_layers",
     "BudgetResult",
     "CalibrationError",

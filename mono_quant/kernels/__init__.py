@@ -4,12 +4,14 @@ wrapper tensor subclasses).
 Every function has a plain-torch fallback for shapes or devices the private op does not cover, so the
 rest of the library never needs to know which kernel ran. ``int8`` holds activation quantization and
 integer matmuls, ``onednn`` oneDNN's quantized linear/convolution, ``int4`` the group-wise int4 kernels,
-``tensors`` what tensor subclasses need.
+``tensors`` what tensor subclasses need, ``choice`` which kernel serves a call
+(measured once per shape and batch bucket, or fixed defaults).
 """
 
 from mono_quant.kernels.int4 import int4_mm, int4_scales_and_zeros, pack_int4
 from mono_quant.kernels.int8 import (
     aligned,
+    dynamic_rescale,
     dynamic_uint8_params,
     dynamic_uint8_qparams,
     int8_weight_only_mm,
@@ -18,14 +20,18 @@ from mono_quant.kernels.int8 import (
     quantize_per_row,
     quantize_static_input,
     rescale,
+    rounding_offset,
     row_sums,
+    static_rescale,
 )
 from mono_quant.kernels.onednn import (
     OneDNNConvWeight,
     OneDNNWeight,
     onednn_conv2d,
     onednn_conv2d_fused,
+    onednn_default,
     onednn_linear,
+    onednn_linear_dynamic,
     quantize_uint8_channels_last,
     use_onednn,
     use_onednn_conv,
@@ -35,6 +41,7 @@ __all__ = [
     "OneDNNConvWeight",
     "OneDNNWeight",
     "aligned",
+    "dynamic_rescale",
     "dynamic_uint8_params",
     "dynamic_uint8_qparams",
     "int4_mm",
@@ -43,13 +50,17 @@ __all__ = [
     "int_mm",
     "onednn_conv2d",
     "onednn_conv2d_fused",
+    "onednn_default",
     "onednn_linear",
+    "onednn_linear_dynamic",
     "pack_int4",
     "prepare_int8_weight_only",
     "quantize_per_row",
     "quantize_static_input",
     "quantize_uint8_channels_last",
     "rescale",
+    "rounding_offset",
+    "static_rescale",
     "row_sums",
     "use_onednn",
     "use_onednn_conv",

@@ -47,9 +47,17 @@ def int4_scales_and_zeros(scale: torch.Tensor, zero_point: torch.Tensor | None) 
 
 
 def int4_mm(
-    x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, out_features: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    group_size: int,
+    scales_and_zeros: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [M, K] @ W.T`` for an int4 group-wise weight packed by ``pack_int4``; output in x's dtype.
+    """``x [M, K] @ W.T (+ bias)`` for an int4 group-wise weight packed by ``pack_int4``; output in x's dtype.
+
+    The kernel runs on bfloat16 activations (float32 ones are 10-100x slower on CPU); the cast back and
+    the bias are one op when the bias has x's dtype (small layers are dominated by per-op cost).
 
     Example:
         >>> q = torch.full((8, 128), 9)  # u = 9 -> q = 1
@@ -62,4 +70,9 @@ def int4_mm(
         out = torch._weight_int4pack_mm_for_cpu(x16, packed, group_size, scales_and_zeros)
     else:
         out = torch._weight_int4pack_mm(x16, packed, group_size, scales_and_zeros)
-    return out[:, :out_features].to(x.dtype)
+    if out.shape[1] != out_features:
+        out = out[:, :out_features]
+    if bias is not None and bias.dtype == x.dtype:
+        return torch.add(out, bias)  # bfloat16 + float32 [N] -> float32 in one pass
+    out = out.to(x.dtype)
+    return out if bias is None else out + bias.to(x.dtype)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from mono_quant.kernels.int8 import aligned
+from mono_quant.kernels.int8 import aligned, writable_in_place
 
-_ONEDNN_MIN_ROWS = 2
+_ONEDNN_MIN_ROWS = 2  # fixed rule: oneDNN from 2 rows for large weights, from 65 rows for small ones
+_ONEDNN_SMALL_WEIGHT_MIN_ROWS = 65
+_ONEDNN_LARGE_WEIGHT = 1 << 20  # elements (a 1024 x 1024 layer)
 _HAS_ONEDNN = hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()
 _HAS_ONEDNN_CONV = hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.backends.mkldnn.is_available()
 
@@ -194,20 +196,40 @@ def quantize_uint8_channels_last(x: torch.Tensor, inv_scale: float, zero_point: 
 
 
 def use_onednn(x: torch.Tensor) -> bool:
-    """Whether ``onednn_linear`` serves this 2-D input: CPU, more than one row, op available.
+    """Whether ``onednn_linear``/``onednn_linear_dynamic`` can serve this 2-D input: CPU, op available.
 
-    Measured here (1024x4096 layer, 2 threads): at batch 1 ``_int_mm`` with per-row scales is
-    ~1.5x faster than oneDNN (whose per-call setup dominates); from batch 8 oneDNN's u8 x s8
-    kernel with its fused rescale is 1.2-2x faster than ``_int_mm``. Inside ``torch.compile`` the
-    ``_int_mm`` path is used instead.
+    Which of oneDNN and ``_int_mm`` serves a call is chosen by measurement (``kernels.choice``); with
+    the choice fixed, batch 1 takes ``_int_mm`` (oneDNN's per-call setup dominates: ~1.5x slower at
+    batch 1 on a 1024x4096 layer here) and larger batches oneDNN (``benchmarks/linear_kernels.py``).
+    Inside ``torch.compile`` and ``torch.jit.trace`` the ``_int_mm`` path is used instead (the tracer
+    cannot record oneDNN's op: "unsupported input list type").
 
     Example:
-        >>> use_onednn(torch.zeros(1, 8)), use_onednn(torch.zeros(4, 8)) == _HAS_ONEDNN
-        (False, True)
+        >>> use_onednn(torch.zeros(4, 8)) == _HAS_ONEDNN
+        True
     """
-    if torch.compiler.is_compiling():  # inductor's lowering of this op wants the packed weight as a constant
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # inductor wants the packed weight as a constant
         return False
-    return _HAS_ONEDNN and x.device.type == "cpu" and x.shape[0] >= _ONEDNN_MIN_ROWS
+    return _HAS_ONEDNN and x.device.type == "cpu"
+
+
+def onednn_default(rows: int, weight_numel: int) -> bool:
+    """The fixed rule (no measurement) between oneDNN and ``_int_mm`` for a linear call.
+
+    ``_int_mm`` for one row; from 2 rows oneDNN for weights of ``_ONEDNN_LARGE_WEIGHT`` elements or more
+    (MLP 1024-4096 layers: 1.3x faster at 8 rows) but ``_int_mm`` up to 64 rows for smaller ones
+    (MiniLM's 384 x 384 .. 384 x 1536 layers: oneDNN's per-call cost loses 1.1-1.4x there), oneDNN above
+    (``benchmarks/linear_kernels.py``, 1 thread on this project's AVX-512 VNNI CPU).
+
+    Example:
+        >>> onednn_default(1, 4096 * 1024), onednn_default(8, 4096 * 1024), onednn_default(8, 384 * 384)
+        (False, True, False)
+        >>> onednn_default(65, 384 * 384)
+        True
+    """
+    if rows < _ONEDNN_MIN_ROWS:
+        return False
+    return weight_numel >= _ONEDNN_LARGE_WEIGHT or rows >= _ONEDNN_SMALL_WEIGHT_MIN_ROWS
 
 
 def onednn_linear(
@@ -235,3 +257,34 @@ def onednn_linear(
     return torch.ops.onednn.qlinear_pointwise.tensor(
         q, x_scale, x_zero_point, packed, weight_scale, zero_points, bias, 1.0, 0, torch.float32, "none", [], ""
     )
+
+
+def onednn_linear_dynamic(
+    q: torch.Tensor,
+    row_max: torch.Tensor,
+    weight: OneDNNWeight,
+    int8_weight: torch.Tensor,
+    weight_scale_127: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Dynamic (per-row scale) linear on oneDNN: ``((q - 128) * row_max) @ (int8_weight * weight_scale_127).T + bias``.
+
+    ``q`` is uint8 ``[M, K]`` from ``quantize_per_row(x, unsigned=True)``. oneDNN takes one activation
+    scale per call, so it runs with scale 1 and zero point 128 (the offset's correction and the weight
+    scales happen inside the kernel, float32 out) and the row scales follow in one fused op.
+
+    Example:
+        >>> w = torch.ones(16, 32, dtype=torch.int8)
+        >>> q = torch.full((2, 32), 130, dtype=torch.uint8)
+        >>> out = onednn_linear_dynamic(q, torch.tensor([[1.0], [0.5]]), OneDNNWeight(), w, torch.ones(16), None)
+        >>> out[:, 0].tolist()
+        [64.0, 32.0]
+    """
+    packed, zero_points = weight.get(int8_weight)
+    out = torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, 128, packed, weight_scale_127, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    if bias is None:
+        return out.mul_(row_max)
+    in_place = writable_in_place(row_max, bias)  # in place: no freshly faulted pages
+    return torch.addcmul(bias, out, row_max, out=out) if in_place else torch.addcmul(bias, out, row_max)

@@ -15,6 +15,7 @@ from torch import nn
 
 from mono_quant import kernels
 from mono_quant.config import QuantDtype, QuantizationConfig, Scheme
+from mono_quant.kernels import choice
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias, float_linear
 from mono_quant.modules.int4_weight import Int4Weight
 from mono_quant.modules.registry import register
@@ -23,6 +24,12 @@ from mono_quant.qparams import (
 )
 
 _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+# Candidates above _DEQUANTIZE_MIN_ROWS rows on CPU: the packed int4 kernel (bf16 activations; its cost grows
+# with the rows, 1.5-4x float from 64 rows on this project's AVX-512 CPU without AMX) and, measured only,
+# unpacking the weight for one float matmul per call (the dequantize cost is shared by the rows). At 1-8 rows
+# the packed kernel always serves (it beats float there for layers from 384 x 1536 up: linear_kernels.py).
+_KERNELS = ("int4pack", "dequantize")
+_DEQUANTIZE_MIN_ROWS = 8
 
 
 @register(nn.Linear)
@@ -87,12 +94,18 @@ class Int4Linear(Int4Weight, nn.Module, QuantizedLayer):
         return state[1], state[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed, table = self._kernel_inputs(x.device)
         x2 = x.reshape(-1, self.in_features)
-        out = kernels.int4_mm(x2, packed, self.group_size, table, self.out_features)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        kernel = "int4pack"
+        if x2.device.type == "cpu" and x2.shape[0] > _DEQUANTIZE_MIN_ROWS:
+            run = lambda name: self._run(name, x2)  # noqa: E731
+            kernel = choice.pick("int4_linear", (self.out_features, self.in_features), x2, _KERNELS, kernel, run)
+        return self._run(kernel, x2).reshape(*x.shape[:-1], self.out_features)
+
+    def _run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        if kernel == "dequantize":
+            return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        packed, table = self._kernel_inputs(x.device)
+        return kernels.int4_mm(x, packed, self.group_size, table, self.out_features, self.bias)
 
     def metadata(self) -> dict[str, Any]:
         return self.int4_metadata("Linear")

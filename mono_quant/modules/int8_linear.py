@@ -1,15 +1,17 @@
 """``Int8Linear``: int8 per-channel weights; dynamic, static or weight-only activations.
 
 - dynamic: each input row (token) gets its own 8-bit scale at run time (uint8 on CPU, for VNNI's
-  u8 x s8), ``_int_mm``, one fused rescale. Per-row scales keep transformers accurate (MiniLM
-  embeddings: cosine 0.997 against float; one per-tensor scale for the batch gave 0.981) and make
-  results independent of the batch.
-- static: the input is quantized with the calibrated per-tensor scale and zero point. CPU batches go
-  to oneDNN's u8 x s8 kernel with rescale and bias fused; single rows and other devices to
-  ``_int_mm`` with every weight-side term (combined scale, zero-point correction folded into the bias)
-  computed once.
+  u8 x s8). Per-row scales keep transformers accurate (MiniLM embeddings: cosine 0.997 against float;
+  one per-tensor scale for the batch gave 0.981) and make results independent of the batch. Two
+  kernels: ``_int_mm`` with a three-op epilogue, or oneDNN's packed u8 x s8 with activation scale 1 and
+  zero point 128 and the row scales applied after.
+- static: the input is quantized with the calibrated per-tensor scale and zero point; oneDNN's u8 x s8
+  kernel with rescale and bias fused, or ``_int_mm`` with every weight-side term (combined scale,
+  zero-point correction folded into the bias) computed once.
 - weight_only: float activations against int8 weights with the packed int8 kernel (bfloat16 inside).
-Asymmetric weights always take the ``_int_mm`` path (oneDNN takes symmetric weights only).
+On CPU with symmetric weights ``kernels.choice`` picks ``_int_mm`` or oneDNN per (shape, batch bucket) by
+measuring both once (fixed mode: ``kernels.onednn_default``). Asymmetric weights, other
+devices, tracing and ``torch.compile`` always take ``_int_mm`` (oneDNN takes symmetric weights only).
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from torch import nn
 
 from mono_quant import kernels
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig, Scheme
+from mono_quant.kernels import choice
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias, float_linear
 from mono_quant.modules.registry import register
 from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weight
+
+_KERNELS = ("int_mm", "onednn")  # candidates for symmetric weights on CPU; the rest always take _int_mm
 
 
 @register(nn.Linear)
@@ -46,6 +51,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.mode, self.scheme = mode, scheme
+        self._shape, self._symmetric = (out_features, in_features), scheme is not Scheme.ASYMMETRIC
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(scale_shape))
         asymmetric = scheme is Scheme.ASYMMETRIC
@@ -58,10 +64,12 @@ class Int8Linear(nn.Module, QuantizedLayer):
             "_weight_scale_n",
             "_weight_scale_127",
             "_unsigned_offset",
+            "_rounding_offset",
             "_input_inv_scale",
             "_input_zero_point_u8",
             "_out_scale",
             "_out_bias",
+            "_static_offset",
             "_weight_zp_scaled",
             "_prepared_weight",
         )
@@ -119,6 +127,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
         # uint8 activations (q + 128) add 128 * colsum(weight) to every output: removed with this constant
         symmetric = self.weight_zero_point is None
         self._unsigned_offset = 128 * kernels.row_sums(self.weight) if symmetric else None
+        self._rounding_offset = kernels.rounding_offset(self.in_features, symmetric, self.weight.device)
         zp = None if self.weight_zero_point is None else self.weight_zero_point.float().expand(self.out_features)
         self._weight_zp_scaled = None if zp is None else zp * out_scale
         self._prepared_weight = None
@@ -130,7 +139,9 @@ class Int8Linear(nn.Module, QuantizedLayer):
         # (for asymmetric weights) rowsum(q_x) depend on the input.
         s_x, z_x = self.input_scale.float(), self.input_zero_point.float()
         combined = s_x * out_scale
-        colsum = kernels.row_sums(self.weight).float()
+        int_colsum = kernels.row_sums(self.weight)
+        self._static_offset = self.input_zero_point.int() * int_colsum  # exact: symmetric weights' correction
+        colsum = int_colsum.float()
         correction = -z_x * colsum
         if zp is not None:
             correction = correction + self.in_features * z_x * zp
@@ -146,27 +157,47 @@ class Int8Linear(nn.Module, QuantizedLayer):
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        if self.mode is Mode.WEIGHT_ONLY:
-            out = self._weight_only_forward(x2)
-        elif self.mode is Mode.DYNAMIC:
-            unsigned = self._unsigned_offset is not None and x2.device.type == "cpu"
-            q, row_max = kernels.quantize_per_row(x2, unsigned)
-            acc = kernels.int_mm(q, self.weight)
-            if unsigned:
-                acc.sub_(self._unsigned_offset)
-            elif self.weight_zero_point is not None:
-                acc = acc - q.sum(-1, keepdim=True, dtype=torch.int32) * self.weight_zero_point.int()
-            out = kernels.rescale(acc, row_max * self._weight_scale_127, self.bias)
-        elif self.weight_zero_point is None and kernels.use_onednn(x2):
-            out = self._onednn_static_forward(x2)
-        else:
-            q = kernels.quantize_static_input(x2, self._input_inv_scale, self.input_zero_point)
-            out = kernels.rescale(kernels.int_mm(q, self.weight), self._out_scale, self._out_bias)
-            if self._weight_zp_scaled is not None:
-                out = out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
+        out = self._weight_only_forward(x2) if self.mode is Mode.WEIGHT_ONLY else self._run(self._kernel(x2), x2)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def _kernel(self, x: torch.Tensor) -> str:
+        """``"onednn"`` or ``"int_mm"`` for this call (measured once per shape and batch bucket, see ``choice``)."""
+        if not self._symmetric or not kernels.use_onednn(x):
+            return "int_mm"
+        default = "onednn" if kernels.onednn_default(x.shape[0], self.weight.numel()) else "int_mm"
+        kind = "int8_linear_dynamic" if self.mode is Mode.DYNAMIC else "int8_linear_static"
+        return choice.pick(kind, self._shape, x, _KERNELS, default, lambda name: self._run(name, x))
+
+    def _run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is Mode.DYNAMIC:
+            return self._dynamic_forward(kernel, x)
+        if kernel == "onednn":
+            return self._onednn_static_forward(x)
+        q = kernels.quantize_static_input(x, self._input_inv_scale, self.input_zero_point)
+        if self._symmetric:  # oneDNN's order of operations: the same bits whichever kernel serves
+            return kernels.static_rescale(
+                kernels.int_mm(q, self.weight), self._static_offset, self.input_scale, self._weight_scale_n, self.bias
+            )
+        out = kernels.rescale(kernels.int_mm(q, self.weight), self._out_scale, self._out_bias)
+        if self._weight_zp_scaled is not None:
+            out = out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
+        return out
+
+    def _dynamic_forward(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        """Per-row (token) scales at run time; uint8 activations on CPU (VNNI's u8 x s8)."""
+        unsigned = self._unsigned_offset is not None and x.device.type == "cpu"
+        rounding = self._rounding_offset if unsigned or not self._symmetric else None  # built for CPU's form
+        q, row_max = kernels.quantize_per_row(x, unsigned, rounding)
+        if kernel == "onednn":
+            scale = self._weight_scale_127
+            return kernels.onednn_linear_dynamic(q, row_max, self._onednn, self.weight, scale, self.bias)
+        acc = kernels.int_mm(q, self.weight)
+        if self.weight_zero_point is not None:
+            acc = acc - q.sum(-1, keepdim=True, dtype=torch.int32) * self.weight_zero_point.int()
+        offset = self._unsigned_offset if unsigned else None
+        return kernels.dynamic_rescale(acc, offset, row_max, self._weight_scale_127, self.bias)
 
     def _weight_only_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = kernels.int8_weight_only_mm(x, self._prepared_weight, self._weight_scale_n)
