@@ -54,6 +54,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from cnn import median_ms  # benchmarks/ is on sys.path when this file runs
 
 import mono_quant as mq
+from mono_quant.kernels import choice
 from mono_quant.modules import tensor_bytes
 from mono_quant.qparams import sqnr_db
 
@@ -664,6 +665,10 @@ def main() -> None:
             f"{mem['seconds']:.3f} s; peak RSS growth {mem['peak_growth'] / mib:.0f} MiB (quantized copy kept: "
             f"{mem['kept'] / mib:.0f} MiB; largest float layer: {mem['largest_layer'] / mib:.0f} MiB)"
         )
+    picked = choice.chosen()
+    extra["kernels_chosen"] = picked
+    lines.append(f"\nkernels chosen by measurement in this run ({choice.kernel_choice()} mode; key -> kernel):")
+    lines += [f"- {key}: {name}" for key, name in sorted(picked.items())]
     lines.append(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
     text = "\n".join(lines)
     print(text)
