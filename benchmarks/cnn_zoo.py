@@ -94,7 +94,7 @@ def cnn_zoo_rows(quick: bool, measure: Measure) -> list[dict]:
         variants: list[tuple[str, str, nn.Module | None, float, str]] = [("float", "float", model, 0.0, "")]
         for mode, note in (
             ("static", "fused graph: uint8 oneDNN conv chain, activation/add post-ops"),
-            ("dynamic", "fused graph, per-call scale; batch 1: float32 conv on the int8 weights"),
+            ("dynamic", "fused graph, per-call input scale"),
         ):
             start = time.perf_counter()
             q = mq.quantize(model, mode=mode, calibration_data=calib).model
