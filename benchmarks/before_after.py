@@ -26,30 +26,16 @@ import tarfile
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import round_robin_ms  # benchmarks/ is on sys.path when this file runs
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 THREADS = 2
 WORKLOADS = ("digits", "rgb", "lite0", "minilm", "mlp")
-
-
-def round_robin(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median ms of each function, every function once per round (after two warm-up calls each)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            fn(), fn()
-        for _ in range(rounds):
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[key].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _cnn(name: str, model: nn.Module, calib: list[torch.Tensor], test: torch.Tensor, batches, rounds) -> list[dict]:
@@ -66,7 +52,7 @@ def _cnn(name: str, model: nn.Module, calib: list[torch.Tensor], test: torch.Ten
     rows = []
     for batch in batches:
         x = test[:batch].contiguous()
-        ms = round_robin({k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}, rounds)
+        ms = round_robin_ms({k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}, rounds)
         rows += [{"workload": f"{name} b{batch}", "variant": k, "ms": v} for k, v in ms.items()]
     return rows
 
@@ -90,7 +76,7 @@ def _minilm(rounds: int) -> list[dict]:
 
         variants["torch.ao int8 dynamic"] = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     reference = minilm.encode(model, batches, order)
-    ms = round_robin({k: (lambda m=m: minilm.encode(m, batches, order)) for k, m in variants.items()}, rounds)
+    ms = round_robin_ms({k: (lambda m=m: minilm.encode(m, batches, order)) for k, m in variants.items()}, rounds)
     rows = []
     for key, value in ms.items():
         cosine = minilm.fidelity(reference, minilm.encode(variants[key], batches, order))["cos_mean"]
@@ -116,7 +102,7 @@ def _mlp(rounds: int) -> list[dict]:
     rows = []
     for batch in (1, 8, 64):
         x = torch.randn(batch, 1024)
-        ms = round_robin({k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}, rounds * 4)
+        ms = round_robin_ms({k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}, rounds * 4)
         rows += [{"workload": f"MLP 1024-4096-1024 b{batch}", "variant": k, "ms": v} for k, v in ms.items()]
     return rows
 

@@ -16,13 +16,12 @@ it has no row here. torch.ao is imported in this file only, as a peer; the libra
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import round_robin_ms  # benchmarks/ is on sys.path when this file runs
 from torch import nn
 
 import mono_quant as mq
@@ -151,44 +150,6 @@ def predictions(model: nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Ten
     """
     with torch.inference_mode():
         return torch.cat([model(chunk).argmax(-1) for chunk in x.split(batch)])
-
-
-def median_ms(fn: Callable[[], object], iters: int, warmup: int = 5) -> float:
-    """Median wall time of ``fn()`` in milliseconds under ``torch.inference_mode``.
-
-    Example:
-        >>> median_ms(lambda: None, iters=3) >= 0
-        True
-    """
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def round_robin_ms(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms of each function, measured round-robin (every function once per round) so load spreads evenly.
-
-    Example:
-        >>> sorted(round_robin_ms({"a": lambda: None, "b": lambda: None}, rounds=3))
-        ['a', 'b']
-    """
-    times: dict[str, list[float]] = {key: [] for key in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        for _ in range(rounds):
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(values) * 1e3 for key, values in times.items()}
 
 
 def torch_ao_static(model: nn.Module, calib_batches: list[torch.Tensor]) -> nn.Module:

@@ -24,7 +24,8 @@ sys.path.insert(1, str(Path(__file__).parent.parent))  # this checkout's mono_qu
 
 from cnn import ResNetDigits, digits_images, torch_ao_static
 from cnn_zoo import efficientnet_lite0, photo_crops, rgb_resnet
-from run import cpu_flags, round_robin_ms
+from run import cpu_flags
+from timing import round_robin_ms
 
 import mono_quant as mq
 

@@ -20,8 +20,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cnn  # benchmarks/ is on sys.path when this file runs
 import minilm
 from run import machine
+from timing import round_robin_ms
 
 import mono_quant as mq
 
@@ -68,19 +67,6 @@ def cpu_flags() -> str:
         return "unknown"
     present = set(flags.split(":", 1)[1].split())
     return " ".join(f for f in wanted if f in present) or "none of " + ", ".join(wanted)
-
-
-def round_robin_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median milliseconds of each function, interleaved (one call of each per round) after two warm-up rounds."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.inference_mode():
-        for index in range(rounds + 2):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                if index >= 2:
-                    times[name].append(time.perf_counter() - start)
-    return {name: sorted(values)[len(values) // 2] * 1e3 for name, values in times.items()}
 
 
 def session(path: Path):

@@ -24,7 +24,8 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from run import cpu_flags, round_robin_ms  # benchmarks/ is on sys.path when this file runs
+from run import cpu_flags  # benchmarks/ is on sys.path when this file runs
+from timing import round_robin_ms
 from torch import nn
 
 import mono_quant as mq

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
 from safetensors.torch import save_file
+from timing import round_robin_ms  # benchmarks/ is on sys.path when this file runs
 from torch import nn
 
 import mono_quant as mq
@@ -59,18 +57,6 @@ def _variants(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
         q = mq.quantize(model, mode=mode).model
         out[f"mono-quant {mode}"] = (q, _file_bytes(q, ours=True))
     return out
-
-
-def round_robin_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up (lazy packing, allocator)
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mono_quant
 
-from cnn import median_ms  # benchmarks/ is on sys.path when this file runs
+from timing import median_ms, round_robin_ms  # benchmarks/ is on sys.path when this file runs
 
 import mono_quant as mq
 from mono_quant.kernels import choice
@@ -73,24 +72,6 @@ def mlp(*sizes: int) -> nn.Module:
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers).eval()
-
-
-def round_robin_ms(fns: dict[str, Callable[[], object]], rounds: int, calls: int = 1) -> dict[str, float]:
-    """Median ms of each ``fn`` (``calls`` calls per sample), sampled one variant after another per round.
-
-    Interleaving spreads background load over every variant instead of penalizing whichever ran last.
-    """
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.no_grad():
-        for fn in fns.values():  # warm-up: first-call packing, allocator
-            fn()
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                samples[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
 
 
 def state_bytes(model: nn.Module) -> int:
