@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -18,16 +17,8 @@ import mono_quant as mq
 from mono_quant.modules import Int8Conv2d, quantized_layers
 from mono_quant.qparams import sqnr_db
 
-
-def _load_cnn() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cnn.py"
-    spec = importlib.util.spec_from_file_location("benchmark_cnn", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cnn = _load_cnn()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # cnn.py imports its siblings
+import cnn
 
 
 @pytest.fixture(scope="module")
