@@ -1,10 +1,12 @@
-"""A quiet CPU ``Trainer`` for the Lightning tests (no bar, no summary, no logger, no sanity check)."""
+"""Shared pieces of the Lightning tests: a quiet CPU ``Trainer`` and a dataset of dict batches."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
+import torch
+from torch.utils.data import Dataset
 
 
 def quiet_trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
@@ -21,3 +23,16 @@ def quiet_trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
     )
     options.update(kwargs)
     return L.Trainer(callbacks=callbacks, **options)
+
+
+class DictDigits(Dataset):
+    """Images and labels as dict batches (``{"image", "label"}``: the torchvision-v2 / Hugging Face shape)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.x[i], "label": self.y[i]}

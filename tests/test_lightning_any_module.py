@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_kit import quiet_trainer
+from lightning_kit import DictDigits, quiet_trainer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
@@ -20,19 +20,6 @@ from mono_quant_lightning.checkpoint_io import SidecarCheckpointIO
 from mono_quant_lightning.export import read_gate
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-
-class Images(Dataset):
-    """Digits as dict batches, the torchvision-v2 / Hugging Face shape."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.x[i].reshape(1, 8, 8), "label": self.y[i]}
 
 
 class Classifier(L.LightningModule):
@@ -71,8 +58,9 @@ class Classifier(L.LightningModule):
 
 def data(digits, n_train: int = 640):
     x_train, y_train, x_val, y_val = digits
-    train = DataLoader(Images(x_train[:n_train], y_train[:n_train]), batch_size=64, shuffle=True)
-    return train, DataLoader(Images(x_val[:256], y_val[:256]), batch_size=64)
+    train = DictDigits(x_train[:n_train].reshape(-1, 1, 8, 8), y_train[:n_train])
+    val = DictDigits(x_val[:256].reshape(-1, 1, 8, 8), y_val[:256])
+    return DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=64)
 
 
 def fit(tmp_path, digits, cb, model=None, **kwargs):
