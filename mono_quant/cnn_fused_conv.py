@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_map
 
 from mono_quant import kernels
 from mono_quant.config import Mode
+from mono_quant.kernels.numerics import uint8_high
 from mono_quant.modules.int8_conv import Int8Conv2d
 
 Unary = tuple[str, list[float]]
@@ -38,8 +39,8 @@ _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__, to
 
 
 def input_qparams(layer: Int8Conv2d) -> tuple[float, int]:
-    """The static layer's uint8 input ``(scale, zero_point)`` as Python numbers."""
-    return float(layer.input_scale), int(layer._input_zero_point_u8)
+    """The static layer's uint8 input ``(scale, zero_point)`` in this CPU's codes, as Python numbers."""
+    return float(layer._input_scale_k), int(layer._input_zero_k)
 
 
 def dequantize_uint8(q: torch.Tensor, qparams: tuple[float, int]) -> torch.Tensor:
@@ -83,44 +84,66 @@ class FusedConv(nn.Module):
         self.weight_scale, self.groups = layer._weight_scale_n, conv.groups
         bias = conv.bias if conv.bias is not None else layer.bias
         self.bias = None if bias is None else bias.detach().float()
-        self._packs: dict[tuple[str, tuple[int, ...] | None], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._by_shape: dict[torch.Size, tuple[torch.Tensor, torch.Tensor]] = {}  # the hot path's lookup
+        self._packs: dict[tuple[str, tuple[int, ...] | None], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._by_shape: dict[torch.Size, tuple[torch.Tensor, torch.Tensor] | None] = {}  # the hot path's lookup
         self.routed_ok = True  # until a subclass's forward turns out to do more than pad + conv2d
+        self.top = uint8_high()  # the largest uint8 code this CPU multiplies exactly
 
     def _pack(
         self, geometry: tuple[list[int], list[int], list[int]], shape: tuple[int, ...] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight packed for this geometry and input shape (at most ``_MAX_SHAPES`` shapes, then a generic one)."""
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight packed for this geometry and input shape (at most ``_MAX_SHAPES`` shapes, then a generic
+        one), or ``None`` where oneDNN fails its check for it on this machine (the float path serves then)."""
         key = (repr(geometry), shape)
         if key not in self._packs:
             if shape is not None and len(self._packs) >= _MAX_SHAPES:
                 return self._pack(geometry, None)
             layer = self.conv[0].weight.layer
-            self._packs[key] = kernels.OneDNNConvWeight().get_conv(
+            packs = kernels.OneDNNConvWeight().get_conv(
                 layer.weight, layer.kernel_size, self.weight_scale, torch.tensor(self.in_qparams[0]),
                 torch.tensor(self.in_qparams[1]), geometry, self.groups, None if shape is None else list(shape),
             )  # fmt: skip
+            self._packs[key] = packs if shape is None or self._exact(packs, geometry, shape) else None
         return self._packs[key]
+
+    def _exact(self, packs: tuple[torch.Tensor, torch.Tensor], geometry: Any, shape: tuple[int, ...]) -> bool:
+        """Whether oneDNN's convolution with this packing matches the exact reference on seeded random codes."""
+        layer = self.conv[0].weight.layer
+        codes = torch.randint(0, self.top + 1, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        codes = codes.contiguous(memory_format=torch.channels_last)
+        zero = self.top // 2
+        out = kernels.onednn_conv2d_fused(codes, (1.0, zero), *packs[:1], self.weight_scale, packs[1], None,
+                                          geometry, self.groups)  # fmt: skip
+        weight = layer.weight.reshape(layer.out_channels, -1, *layer.kernel_size)
+        check = kernels.check
+        reference, bound = check.conv_reference(codes, zero, weight, self.weight_scale, None, geometry, self.groups)
+        ok, error, limit = check.within(out[: reference.shape[0]], reference, bound)
+        if not ok:
+            label = f"int8_conv2d_fused {tuple(weight.shape)} groups={self.groups} input {shape}"
+            check.record(check.KernelFailure(label, "onednn", error, limit, "im2col"))
+        return ok
 
     def forward(self, x: torch.Tensor, accum: torch.Tensor | None = None) -> torch.Tensor:
         in_qparams = self.in_qparams
         if self.dynamic:
             x = x.contiguous(memory_format=torch.channels_last)
-            in_qparams = kernels.dynamic_uint8_qparams(x)
-            x = kernels.quantize_uint8_channels_last(x, 1.0 / in_qparams[0], in_qparams[1])
+            in_qparams = kernels.dynamic_uint8_qparams(x, self.top)
+            x = kernels.quantize_uint8_channels_last(x, 1.0 / in_qparams[0], in_qparams[1], self.top)
         elif x.dtype != torch.uint8:
-            x = kernels.quantize_uint8_channels_last(x, self._inv_scale, in_qparams[1])
+            x = kernels.quantize_uint8_channels_last(x, self._inv_scale, in_qparams[1], self.top)
         pristine = accum  # a subclass's float path needs the accumulator as it was before oneDNN wrote to it
         if accum is not None and (
             self.copy_accum or self.routed or not accum.is_contiguous(memory_format=torch.channels_last)
         ):
             accum = accum.clone(memory_format=torch.channels_last)
         if not self.routed:
-            packs = self._by_shape.get(x.shape)
-            if packs is None:
+            packs = self._by_shape.get(x.shape, False)
+            if packs is False:
                 packs = self._pack(self.geometry, tuple(x.shape))
                 if len(self._by_shape) < 4 * _MAX_SHAPES:
                     self._by_shape[x.shape] = packs
+            if packs is None:  # oneDNN is wrong for this shape here
+                return self.float_path(x, in_qparams, pristine)
             return self.run(x, in_qparams, packs[0], packs[1], self.geometry, accum)
         if self.routed_ok:
             route, out = _Route(self, x, in_qparams, accum), None
@@ -195,7 +218,11 @@ class _Route(TorchFunctionMode):
             if call["weight"] is self.fused.conv[0].weight and not isinstance(padding, str):
                 geometry = ([*_pair(call.get("stride", 1))], [*_pair(padding)], [*_pair(call.get("dilation", 1))])
                 x = args[0].contiguous(memory_format=torch.channels_last)
-                packed, zero_points = self.fused._pack(geometry, tuple(x.shape))
+                packs = self.fused._pack(geometry, tuple(x.shape))
+                if packs is None:  # oneDNN is wrong for this shape here: the float path serves
+                    self.ok = False
+                    raise _Unroutable
+                packed, zero_points = packs
                 self.result = self.fused.run(x, self.in_qparams, packed, zero_points, geometry, self.accum)
                 return self.result
         args, kwargs = tree_map(self._dequantized, (args, kwargs))  # nested too (a list given to torch.cat)
@@ -220,7 +247,7 @@ class Quantize(nn.Module):
 
     def __init__(self, qparams: tuple[float, int]) -> None:
         super().__init__()
-        self.inv_scale, self.zero_point = 1.0 / qparams[0], qparams[1]
+        self.inv_scale, self.zero_point, self.top = 1.0 / qparams[0], qparams[1], uint8_high()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.quantize_uint8_channels_last(x, self.inv_scale, self.zero_point)
+        return kernels.quantize_uint8_channels_last(x, self.inv_scale, self.zero_point, self.top)

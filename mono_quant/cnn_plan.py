@@ -21,9 +21,11 @@ from torch import fx, nn
 
 from mono_quant.cnn_fused_conv import Unary, input_qparams
 from mono_quant.config import Mode
+from mono_quant.kernels.numerics import uint8_high
 from mono_quant.modules.int8_conv import Int8Conv2d
 from mono_quant.modules.weight_tensor import QuantizedTensor
 
+_FULL_UINT8 = 255
 _ADD_FUNCS = {operator.add, torch.add, operator.iadd}
 _FUNCTION_UNARY = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardtanh: "hardtanh"}
 _FUNCTION_UNARY.update({F.hardswish: "hardswish", F.silu: "swish"})
@@ -112,7 +114,13 @@ def _static(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def _assign_uint8(plans: dict[fx.Node, dict[str, Any]], modules: dict[str, nn.Module]) -> None:
-    """Fill each plan's ``out`` and ``accum_q`` (decisions flow from the last convolution backwards)."""
+    """Fill each plan's ``out`` and ``accum_q`` (decisions flow from the last convolution backwards).
+
+    Not on CPUs that multiply 7-bit codes only (``kernels.numerics``): oneDNN requantizes outputs onto 0..255,
+    and a value beyond the calibrated range would reach the next convolution above 127.
+    """
+    if uint8_high() < _FULL_UINT8:
+        return
     by_tail = {p["tail"]: p for p in plans.values()}
     by_add = {p["tail"] if p["unary"][0] == "none" else p["tail"].args[0]: p for p in plans.values() if p["accum"]}
     memo: dict[fx.Node, Any] = {}

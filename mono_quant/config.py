@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from enum import Enum
@@ -111,7 +112,9 @@ class QuantizationConfig:
     Mode rules: ``int4`` is always weight-only (group-wise); ``fp16``/``bf16`` are casts and ignore
     ``mode``; ``static`` needs calibration data, of which at most ``calibration_batches`` (default 256,
     ``None`` for no limit) are used. ``granularity`` applies to int8 weights; int4 is always per-group
-    with ``group_size``.
+    with ``group_size``. Each quantized layer's output is checked against float; a layer under
+    ``min_output_sqnr_db`` (default per dtype: ``output_check.OUTPUT_FLOORS_DB``; ``float("-inf")`` never
+    moves a layer) moves to the next precision (README, "What is checked").
 
     Example:
         >>> cfg = QuantizationConfig(dtype="int8", mode="static", observer="histogram", exclude=("head",))
@@ -134,6 +137,7 @@ class QuantizationConfig:
     min_numel: int = 0
     fold_batchnorm: bool = True
     calibration_batches: int | None = 256  # calibration stops after this many batches; None: no limit
+    min_output_sqnr_db: float | None = None  # each layer's output floor against float; None: per dtype
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -163,6 +167,9 @@ class QuantizationConfig:
         batches = self.calibration_batches
         if batches is not None and (type(batches) is not int or batches < 1):
             raise ConfigError(f"calibration_batches={batches!r} must be a positive integer or None (no limit)")
+        floor = self.min_output_sqnr_db
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int | float) or math.isnan(floor)):
+            raise ConfigError(f"min_output_sqnr_db={floor!r} must be a number of dB or None (the per-dtype floor)")
         put("include", _patterns(self.include, "include"))
         put("exclude", _patterns(self.exclude, "exclude") or ())
         if self.layer_types is not None:

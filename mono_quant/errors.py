@@ -25,3 +25,21 @@ class CalibrationError(QuantizationError):
 
 class SerializationError(QuantizationError):
     """A file that is missing, corrupt, or does not match the metadata or the given model."""
+
+
+class KernelCheckWarning(UserWarning):
+    """An integer kernel gave a wrong result on this machine and was replaced (``kernels.check``).
+
+    Example:
+        >>> issubclass(KernelCheckWarning, UserWarning)
+        True
+    """
+
+
+class OutputCheckWarning(UserWarning):
+    """A layer's quantized output missed its floor against float and moved to a higher precision.
+
+    Example:
+        >>> issubclass(OutputCheckWarning, UserWarning)
+        True
+    """

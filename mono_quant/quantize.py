@@ -7,6 +7,7 @@ extra memory beyond that copy is about one float copy of the largest layer.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,12 +18,12 @@ from mono_quant.calibration import Calibrator, ForwardFn, first_batch
 from mono_quant.cnn_fusion import enable_fused_forward
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
-from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
+from mono_quant.errors import CalibrationError, ConfigError, OutputCheckWarning, QuantizationError
 from mono_quant.fusion import fold_batchnorm_notes
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
 from mono_quant.modules.attach import install, proxy_module
 from mono_quant.modules.base import float_weight
-from mono_quant.modules.registry import layer_config
+from mono_quant.output_check import OutputCheck, build_checked, capture_inputs, recording_inputs
 from mono_quant.qparams import all_finite, weight_sqnr_db
 from mono_quant.report import LayerReport, QuantizationReport
 from mono_quant.selection import calibrated_layers, coverage_warning, matches, select_layers
@@ -99,19 +100,24 @@ def quantize(
     for name, module in modules.items():
         attachment = selection.attached.get(name)
         _check_finite(name, proxy_module(module, attachment) if attachment else module)
-    activations = _static_activations(q_model, config, calibration_data, forward_fn, activation_qparams)
+    with recording_inputs(q_model, list(selection.chosen)) as inputs:  # for the output checks
+        activations = _static_activations(q_model, config, calibration_data, forward_fn, activation_qparams)
+    inputs = dict(inputs) or capture_inputs(q_model, list(selection.chosen), example, forward_fn)
     rows, quantized_numel = [], 0
     by_weight: dict[int, QuantizedLayer] = {}  # float weight -> its quantized layer (tied weights)
     for name, cls in selection.chosen.items():
         module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
         attachment = selection.attached.get(name)
         float_module = proxy_module(module, attachment) if attachment else module
-        quantized = cls.from_float(float_module, layer_config(config, cls), activations.get(name))
+        quantized, checked = build_checked(float_module, cls, config, activations.get(name), inputs.pop(name, None))
+        if quantized is None:
+            selection.skipped[name] = checked.note
+            continue
         weight_id = id(getattr(module, attachment.attribute if attachment else "weight", module))
         if weight_id in by_weight:
             share_tied_tensors(by_weight[weight_id], quantized)
         by_weight.setdefault(weight_id, quantized)
-        rows.append(layer_report(name, float_module, quantized))
+        rows.append(layer_report(name, float_module, quantized, checked))
         quantized_numel += float_weight(float_module).numel()
         if attachment:
             install(module, attachment, quantized)
@@ -119,6 +125,7 @@ def quantize(
             _set_submodule(q_model, name, quantized)
         del float_module, module
     enable_fused_forward(q_model)  # int8 conv+ReLU/add chains on CPU from a traced graph (load does the same)
+    warn_moved_layers(rows, selection.skipped)
     warning = coverage_warning(q_model, quantized_numel, selection.skipped)
     after = _module_bytes(q_model)
     report = QuantizationReport(rows, selection.skipped, bytes_before, after, warning, speed_notes(rows))
@@ -223,13 +230,30 @@ def _module_bytes(module: nn.Module) -> int:
     return tensor_bytes(*module.state_dict().values())
 
 
-def layer_report(name: str, float_module: nn.Module, quantized: QuantizedLayer) -> LayerReport:
+def layer_report(
+    name: str, float_module: nn.Module, quantized: QuantizedLayer, checked: OutputCheck | None = None
+) -> LayerReport:
     reference = float_weight(float_module)  # the noise is computed in place: one float copy at a time
     sqnr = weight_sqnr_db(name, reference, quantized.dequantized_weight().reshape(reference.shape))
     meta = quantized.metadata()
+    checked = checked or OutputCheck(None)
     return LayerReport(
-        name, meta["kind"], meta["mode"], meta["bits"], sqnr, _module_bytes(float_module), _module_bytes(quantized)
-    )
+        name, meta["kind"], meta["mode"], meta["bits"], sqnr, _module_bytes(float_module), _module_bytes(quantized),
+        checked.sqnr_db, checked.note,
+    )  # fmt: skip
+
+
+def warn_moved_layers(rows: list[LayerReport], skipped: dict[str, str]) -> None:
+    """One ``OutputCheckWarning`` naming the layers the output checks moved or kept float (report: why)."""
+    moved = [r.name for r in rows if r.note.startswith("moved")]
+    kept = [name for name, reason in skipped.items() if reason.startswith("kept float: output SQNR")]
+    if moved or kept:
+        warnings.warn(
+            f"mono-quant: {len(moved) + len(kept)} layer(s) missed their output floor against float: moved to a "
+            f"higher precision {moved}, kept float {kept}; the report's notes say why",
+            OutputCheckWarning,
+            stacklevel=3,
+        )
 
 
 def speed_notes(rows: list[LayerReport]) -> list[str]:

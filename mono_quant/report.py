@@ -18,6 +18,8 @@ class LayerReport:
     sqnr_db: float
     bytes_before: int
     bytes_after: int
+    output_sqnr_db: float | None = None  # the layer's output against float on calibration data or a probe
+    note: str = ""  # why the layer moved from the requested precision, kernels that failed their check
 
 
 @dataclasses.dataclass
@@ -56,6 +58,11 @@ class QuantizationReport:
     def min_sqnr_db(self) -> float:
         return min((row.sqnr_db for row in self.layers), default=math.inf)
 
+    @property
+    def min_output_sqnr_db(self) -> float:
+        """The lowest measured output SQNR against float over the checked layers (``inf`` if none)."""
+        return min((row.output_sqnr_db for row in self.layers if row.output_sqnr_db is not None), default=math.inf)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "layers": [dataclasses.asdict(row) for row in self.layers],
@@ -70,11 +77,12 @@ class QuantizationReport:
         }
 
     def __str__(self) -> str:
-        header = ("layer", "kind", "mode", "bits", "SQNR dB", "bytes before", "bytes after")
+        header = ("layer", "kind", "mode", "bits", "weight dB", "output dB", "bytes before", "bytes after")
         rows = [
-            (r.name, r.kind, r.mode, str(r.bits), f"{r.sqnr_db:.1f}", f"{r.bytes_before:,}", f"{r.bytes_after:,}")
+            (r.name, r.kind, r.mode, str(r.bits), f"{r.sqnr_db:.1f}", _db(r.output_sqnr_db), f"{r.bytes_before:,}",
+             f"{r.bytes_after:,}")
             for r in self.layers
-        ]
+        ]  # fmt: skip
         widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
         line = "  ".join(f"{{:<{w}}}" for w in widths)
         out = [f"WARNING: {self.warning}"] if self.warning else []
@@ -82,11 +90,17 @@ class QuantizationReport:
         out += [line.format(*row) for row in rows]
         out.append(
             f"{len(self.layers)} layers quantized: {self.bytes_before:,} -> {self.bytes_after:,} bytes "
-            f"({self.compression_ratio:.2f}x smaller), min weight SQNR {self.min_sqnr_db:.1f} dB"
+            f"({self.compression_ratio:.2f}x smaller), min weight SQNR {self.min_sqnr_db:.1f} dB, "
+            f"min output SQNR {_db(self.min_output_sqnr_db)} dB"
         )
+        out += [f"{r.name}: {r.note}" for r in self.layers if r.note]
         if self.model_bytes_before:
             out.append(f"whole model: {self.model_bytes_before:,} -> {self.model_bytes_after:,} bytes")
         for name, reason in self.skipped.items():
             out.append(f"skipped {name or '<root>'}: {reason}")
         out += [f"note: {note}" for note in self.notes]
         return "\n".join(out)
+
+
+def _db(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"

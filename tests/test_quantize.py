@@ -169,7 +169,8 @@ def test_report_has_rows_totals_and_a_table():
     assert all(row.sqnr_db > 38 and row.bits == 8 and row.mode == "dynamic" for row in report.layers)
     assert 3.8 < report.compression_ratio < 4.0
     table = str(report)
-    assert "SQNR dB" in table and "2 layers quantized" in table and "0" in table
+    assert "weight dB" in table and "output dB" in table and "2 layers quantized" in table and "0" in table
+    assert all(row.output_sqnr_db > 30 for row in report.layers)  # checked against float on a probe
     assert report.to_dict()["bytes_after"] == report.bytes_after
 
 

@@ -94,10 +94,15 @@ def test_save_load_is_exact_and_dequantize_gives_the_float_layer(config, tmp_pat
 
 
 def test_the_file_records_the_precision_of_every_matrix(tmp_path):
+    torch.manual_seed(0)
     lstm = nn.LSTM(6, 16, num_layers=2)
+    x = torch.randn(12, 3, 6)
+    x[..., 0] /= 1000  # one raw feature in other units: small values, weights 1000x larger
     with torch.no_grad():
-        lstm.weight_ih_l0[:, 0] *= 1000  # one raw feature on a far larger scale than the others
-    result = mq.quantize(nn.Sequential(lstm))
+        lstm.weight_ih_l0[:, 0] *= 1000
+    result = mq.quantize(nn.Sequential(lstm), calibration_data=[x])  # the output check moves the input matrix
+    row = result.report.layers[0]
+    assert row.note.startswith("moved to int8 with a float32 input matrix") and row.output_sqnr_db > 25
     path = tmp_path / "m.safetensors"
     mq.save(result.model, path)
     with safe_open(path, "pt") as handle:

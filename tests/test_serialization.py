@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,8 +92,14 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """Every model saved (safetensors; .pt for two), with its outputs on batch 16 and batch 1."""
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict]]:
+    """Every model saved (safetensors; .pt for two), with its outputs on batch 16 and batch 1.
+
+    Kernels are fixed (``MONO_QUANT_KERNELS=fixed`` in the child too): measured choices may differ between
+    processes, and candidates agree only to float32 rounding on some CPUs (AMX) or bf16 rounding (int4).
+    The same kernel on the same inputs and CPU gives the same bits: that is what this file promises.
+    """
+    mq.set_kernel_choice("fixed")
     folder = tmp_path_factory.mktemp("modes")
     cases = {}
     for name, (model, result) in quantized_models().items():
@@ -112,7 +119,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
                 "model": model,
                 "classes": {n: type(m).__name__ for n, m in model.named_children()},
             }
-    return cases
+    yield cases
+    mq.set_kernel_choice("measure")
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +132,7 @@ def fresh_process(saved: dict[str, dict]) -> dict[str, dict]:
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "MONO_QUANT_KERNELS": "fixed"},
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,10 +4,12 @@ wrapper tensor subclasses).
 Every function has a plain-torch fallback for shapes or devices the private op does not cover, so the
 rest of the library never needs to know which kernel ran. ``int8`` holds activation quantization and
 integer matmuls, ``onednn`` oneDNN's quantized linear/convolution, ``int4`` the group-wise int4 kernels,
-``tensors`` what tensor subclasses need, ``choice`` which kernel serves a call
-(measured once per shape and batch bucket, or fixed defaults).
+``tensors`` what tensor subclasses need, ``numerics`` which activation codes this CPU multiplies exactly,
+``check`` the comparison of a kernel with an exact reference, ``choice`` which kernel serves a call
+(checked, then measured once per shape and batch bucket, or fixed defaults).
 """
 
+from mono_quant.kernels import check
 from mono_quant.kernels.int4 import int4_mm, int4_scales_and_zeros, pack_int4
 from mono_quant.kernels.int8 import (
     aligned,
@@ -24,6 +26,7 @@ from mono_quant.kernels.int8 import (
     row_sums,
     static_rescale,
 )
+from mono_quant.kernels.numerics import SIGNED, Int8Input, input_format
 from mono_quant.kernels.onednn import (
     OneDNNConvWeight,
     OneDNNWeight,
@@ -38,6 +41,10 @@ from mono_quant.kernels.onednn import (
 )
 
 __all__ = [
+    "SIGNED",
+    "Int8Input",
+    "check",
+    "input_format",
     "OneDNNConvWeight",
     "OneDNNWeight",
     "aligned",

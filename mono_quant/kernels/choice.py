@@ -1,13 +1,16 @@
-"""Choosing among kernels that compute the same layer call, by measuring them once on the user's machine.
+"""Choosing among kernels that compute the same layer call: checked against a reference, then measured, once.
 
 CPUs rank kernels differently (an AMD EPYC with VNNI, an Intel Xeon with AMX, an AVX2 laptop), so where
 several kernels can serve one call, the first call with a new key (layer kind, weight shape, batch bucket,
 device, dtype) times each candidate on the real input (one warm-up call, then the best of
 ``MEASURE_REPEATS`` interleaved calls each), caches the fastest for the process and uses it from then on.
 
+Before any timing, each candidate's output on that first call is compared with an exact reference
+(``kernels.check``): a kernel that is wrong on this CPU for this shape is never chosen.
 ``set_kernel_choice("fixed")`` (or the environment variable ``MONO_QUANT_KERNELS=fixed``) uses each
-layer's documented default instead, so results never depend on timing noise; the default is ``"measure"``.
-Inside ``torch.compile``, tracing or exporting nothing is measured: the default serves. ``chosen()``
+layer's documented default instead (still checked), so results never depend on timing noise; the default is
+``"measure"``. Inside ``torch.compile``, tracing or exporting nothing runs: what was chosen eagerly, else the
+default, serves. ``chosen()``
 says what was picked for every key seen so far.
 
 A layer kind uses it with one call per forward (the layer computes its candidates' outputs; all
@@ -27,7 +30,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from mono_quant.errors import ConfigError
+from mono_quant.kernels import check
 
+FALLBACK = "float"  # what a layer runs when no candidate passes its check: the dequantized weight in float
 MEASURE_REPEATS = 5
 _BUCKET_EDGES = (1, 8, 64, 512)  # M = 1, 2-8, 9-64, 65-512, >512
 _CHOICES = ("measure", "fixed")
@@ -85,10 +90,8 @@ def batch_bucket(rows: int) -> str:
     return f">{_BUCKET_EDGES[-1]}"
 
 
-def _measuring_allowed() -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    return kernel_choice() == "measure"
+def _checking_allowed() -> bool:
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
 
 
 def _fastest(candidates: Sequence[str], run: Callable[[str], object]) -> str:
@@ -112,33 +115,72 @@ def pick(
     x: torch.Tensor,
     candidates: Sequence[str],
     default: str,
-    run: Callable[[str], object],
+    run: Callable[[str], torch.Tensor],
+    reference: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    fallback: str = FALLBACK,
 ) -> str:
-    """The kernel to use for this call: ``default`` when fixed, else the measured winner for this key.
+    """The kernel to use for this call: checked once per key, then ``default`` (fixed) or the measured winner.
 
-    ``weight_shape`` is a tuple (``(out, in)``), ``x`` the 2-D input (its row count picks the bucket),
-    ``run(name)`` computes the call with one candidate. The best of ``MEASURE_REPEATS`` timed calls decides
-    (the minimum is the least disturbed by other work on the machine); ties keep the earlier candidate.
+    ``weight_shape`` is a tuple (``(out, in)``, or more for convolutions), ``x`` the input (its first dimension
+    picks the bucket), ``run(name)`` computes the call with one candidate. On the first call with a new key,
+    each candidate's output is compared with ``reference()`` (``(float64 reference, bound)`` for the first
+    ``check.CHECK_ROWS`` rows, see ``kernels.check``); a candidate outside the bound is never used for that key
+    in this process. When none passes, ``fallback`` is returned (``FALLBACK``: the layer's correct float path).
+    Then the best of ``MEASURE_REPEATS`` timed calls decides (fixed mode: ``default`` if it passed, else the
+    first that did).
+    Inside ``torch.compile`` and tracing nothing runs: the cached name, else ``default``.
 
     Example:
         >>> set_kernel_choice("fixed")
-        >>> pick("doc", (4, 4), torch.zeros(3, 4), ("a", "b"), "b", lambda name: None)
+        >>> pick("doc", (4, 4), torch.zeros(3, 4), ("a", "b"), "b", lambda name: torch.zeros(3))
         'b'
         >>> set_kernel_choice("measure")
-        >>> pick("doc", (4, 4), torch.zeros(3, 4), ("a", "b"), "b", lambda name: None) in ("a", "b")
+        >>> pick("doc", (4, 4), torch.zeros(3, 4), ("a", "b"), "b", lambda name: torch.zeros(3)) in ("a", "b")
         True
         >>> chosen()["doc (4, 4) 2-8 cpu torch.float32"] in ("a", "b")
         True
+        >>> wrong = lambda name: torch.full((3,), 9.0 if name == "a" else 1.0)
+        >>> exact = lambda: (torch.ones(3, dtype=torch.float64), torch.full((3,), 0.01))
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True):
+        ...     pick("doc", (5, 5), torch.zeros(3, 5), ("a", "b"), "a", wrong, exact)
+        'b'
     """
-    if len(candidates) < 2 or not _measuring_allowed():
-        return default
     key = (kind, weight_shape, batch_bucket(x.shape[0]), x.device.type, x.dtype)
     name = _cache.get(key)
-    if name is None:
-        name = _fastest(candidates, run)
-        with _lock:
-            _cache[key] = name
+    if name is not None:
+        return name
+    if not _checking_allowed():
+        return default
+    passed = _passing(key, candidates, run, reference, fallback) if reference is not None else list(candidates)
+    if not passed:
+        name = fallback
+    elif kernel_choice() == "fixed" or len(passed) == 1:
+        name = default if default in passed else passed[0]
+    else:
+        name = _fastest(passed, run)
+    with _lock:
+        _cache[key] = name
     return name
+
+
+def _passing(
+    key: tuple,
+    candidates: Sequence[str],
+    run: Callable[[str], torch.Tensor],
+    reference: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    fallback: str,
+) -> list[str]:
+    """The candidates whose output on this call lies within the reference's bound; the others are recorded."""
+    with torch.no_grad():
+        expected, bound = reference()
+        results = {name: check.within(run(name)[: expected.shape[0]], expected, bound) for name in candidates}
+    passed = [name for name, (ok, _, _) in results.items() if ok]
+    label = f"{key[0]} {key[1]} batch {key[2]} on {key[3]}"
+    for name, (ok, error, limit) in results.items():
+        if not ok:
+            check.record(check.KernelFailure(label, name, error, limit, passed[0] if passed else fallback))
+    return passed
 
 
 def chosen() -> dict[str, str]:

@@ -11,71 +11,80 @@ from __future__ import annotations
 
 import torch
 
+from mono_quant.kernels.numerics import Int8Input
+
 _CUDA_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA requires M > 16
 _INT8_PACK_K_MULTIPLE = 16  # _weight_int8pack_mm segfaults on CPU otherwise (torch 2.13)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _ROUNDING_MAGIC = 12582912.0  # 1.5 * 2**23
 _SPLIT_MAX_MIN_NUMEL = 65536  # from here amax + amin beats abs + amax (one write fewer, two ops more)
+_CPU_INT_MM_MIN_K = 2  # torch._int_mm on CPU returns uninitialised memory for an inner dimension of 1 (torch 2.13)
 
 
-def rounding_offset(columns: int, unsigned: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ``[columns]`` float32 constant ``quantize_per_row`` adds: ``1.5 * 2**23`` (+ 128 when ``unsigned``).
+def rounding_offset(columns: int, zero: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``[columns]`` float32 constant ``quantize_per_row`` adds: ``1.5 * 2**23 + zero`` (the code of 0.0).
 
     Adding ``1.5 * 2**23`` to a float32 of magnitude below ``2**22`` rounds it to the nearest integer
     (half to even: the spacing of float32 there is 1) and leaves that integer in the low mantissa bits,
     so the bits read as int32 and narrowed give the 8-bit value without a float -> int conversion.
 
     Example:
-        >>> rounding_offset(2, unsigned=True)
+        >>> rounding_offset(2, zero=128)
         tensor([12583040., 12583040.])
     """
-    return torch.full((columns,), _ROUNDING_MAGIC + (128.0 if unsigned else 0.0), device=device)
+    return torch.full((columns,), _ROUNDING_MAGIC + zero, device=device)
 
 
 def quantize_per_row(
-    x: torch.Tensor, unsigned: bool = False, offset: torch.Tensor | None = None
+    x: torch.Tensor, fmt: Int8Input, offset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric 8-bit quantization of each row of a 2-D float tensor.
+    """Dynamic symmetric quantization of each row of a 2-D float tensor into ``fmt``'s codes.
 
-    Returns ``(q, row_max)`` with ``x ~= q * row_max / 127`` (rounded half to even): ``q`` int8 ``[M, K]``,
-    or with ``unsigned`` uint8 holding ``q + 128`` (the u8 x s8 form that VNNI CPUs run fastest: 1.3-1.7x at
-    batch 8-64 on this project's CPU; the ``128 * colsum(weight)`` it adds is removed with a per-weight
-    constant). No clamp to the 8-bit range is needed since ``|x / row_max| <= 1``. ``offset`` is
-    ``rounding_offset(K, unsigned)`` (pass it to save building it per call).
+    Returns ``(q, row_max)`` with ``x ~= (q - fmt.zero) * row_max / fmt.half`` (rounded half to even): on
+    CPU uint8 codes around 128 (the u8 x s8 form that VNNI CPUs run fastest: 1.3-1.7x at batch 8-64 on this
+    project's CPU; the ``zero * colsum(weight)`` it adds is removed with a per-weight constant), or 7-bit
+    codes around 64 where the CPU's products would saturate (``numerics``); int8 around 0 elsewhere. No
+    clamp is needed since ``|x / row_max| <= 1``. ``offset`` is ``rounding_offset(K, fmt.zero)`` (pass it to
+    save building it per call).
 
     Three passes over ``x``: the row maximum (``abs`` + ``amax`` for small inputs, ``amax`` and ``amin``
     for large ones, which skip writing ``|x|``), one fused multiply-add of the rounding offset, and a
     narrowing of the float's bits read as int32 (2-3x faster than torch's float -> uint8 cast here).
 
     Example:
-        >>> q, row_max = quantize_per_row(torch.tensor([[0.5, -1.0]]))
-        >>> q.tolist(), row_max.item(), quantize_per_row(torch.tensor([[0.5, -1.0]]), unsigned=True)[0].tolist()
-        ([[64, -127]], 1.0, [[192, 1]])
+        >>> from mono_quant.kernels.numerics import SIGNED
+        >>> q, row_max = quantize_per_row(torch.tensor([[0.5, -1.0]]), SIGNED)
+        >>> q.tolist(), row_max.item()
+        ([[64, -127]], 1.0)
+        >>> quantize_per_row(torch.tensor([[0.5, -1.0]]), Int8Input(torch.uint8, 0, 255))[0].tolist()
+        [[192, 1]]
+        >>> quantize_per_row(torch.tensor([[0.5, -1.0]]), Int8Input(torch.uint8, 0, 127))[0].tolist()  # 7-bit codes
+        [[96, 1]]
     """
     if x.numel() >= _SPLIT_MAX_MIN_NUMEL:
         row_max = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_()).clamp_min_(1e-12)
     else:
         row_max = x.abs().amax(-1, keepdim=True).clamp_min_(1e-12)
-    dtype = torch.uint8 if unsigned else torch.int8
     if torch.jit.is_tracing():  # the tracer mis-records view(dtype): round and cast instead (same values)
-        return torch.mul(x, 127.0 / row_max).round_().add_(128.0 if unsigned else 0.0).to(dtype), row_max
-    inverse = row_max.reciprocal().mul_(127.0)  # 127.0 / row_max goes through Tensor.__rdiv__ in Python
+        return torch.mul(x, fmt.half / row_max).round_().add_(float(fmt.zero)).to(fmt.dtype), row_max
+    inverse = row_max.reciprocal().mul_(float(fmt.half))  # half / row_max goes through Tensor.__rdiv__ in Python
     if offset is None:
-        offset = rounding_offset(x.shape[-1], unsigned, x.device)
-    return torch.addcmul(offset, x, inverse).view(torch.int32).to(dtype), row_max
+        offset = rounding_offset(x.shape[-1], fmt.zero, x.device)
+    return torch.addcmul(offset, x, inverse).view(torch.int32).to(fmt.dtype), row_max
 
 
 def dynamic_rescale(
     acc: torch.Tensor,
     offset: torch.Tensor | None,
     row_max: torch.Tensor,
-    weight_scale_127: torch.Tensor,
+    weight_scale_step: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``(acc - offset) * weight_scale_127 * row_max + bias``: a dynamic ``_int_mm``'s epilogue, float32 out.
+    """``(acc - offset) * weight_scale_step * row_max + bias``: a dynamic ``_int_mm``'s epilogue, float32 out.
 
-    ``acc`` int32 ``[M, N]`` (overwritten); ``offset`` int32 ``[N]`` is ``128 * rowsum(weight)`` for uint8
-    activations (``None`` for int8 ones); ``row_max`` ``[M, 1]``; ``weight_scale_127`` ``[N]``. The exact
+    ``acc`` int32 ``[M, N]`` (overwritten); ``offset`` int32 ``[N]`` is ``zero * rowsum(weight)`` for uint8
+    activations (``None`` for int8 ones); ``row_max`` ``[M, 1]``; ``weight_scale_step`` ``[N]`` is the weight
+    scale divided by the activation format's ``half``. The exact
     integer subtraction first, then the two scales in the order oneDNN applies them: the result is
     bit-identical to ``onednn_linear_dynamic``, so the kernel choice never changes an output. Every step
     writes into ``acc``'s own memory (read as float32 after the subtraction; each element is read before
@@ -91,9 +100,9 @@ def dynamic_rescale(
     if offset is not None:
         acc = acc.sub_(offset) if in_place else acc - offset
     if not in_place:  # plain ops: fresh outputs
-        out = torch.mul(acc, weight_scale_127)
+        out = torch.mul(acc, weight_scale_step)
         return out * row_max if bias is None else torch.addcmul(bias, out, row_max)
-    out = torch.mul(acc, weight_scale_127, out=acc.view(torch.float32))
+    out = torch.mul(acc, weight_scale_step, out=acc.view(torch.float32))
     return out.mul_(row_max) if bias is None else torch.addcmul(bias, out, row_max, out=out)
 
 
@@ -138,22 +147,20 @@ def writable_in_place(*tensors: torch.Tensor | None) -> bool:
 
 
 def quantize_static_input(
-    x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor, unsigned: bool = False
+    x: torch.Tensor, inv_scale: torch.Tensor | float, zero_point: torch.Tensor | int, fmt: Int8Input
 ) -> torch.Tensor:
-    """Static quantization with a calibrated scale (given as its inverse) and zero point.
-
-    int8 in [-128, 127]; with ``unsigned`` uint8 in [0, 255] (pass the zero point shifted by 128).
+    """Static quantization with a scale (given as its inverse) and zero point in ``fmt``'s codes.
 
     Example:
-        >>> quantize_static_input(torch.tensor([0.0, 1.0, 20.0]), torch.tensor(10.0), torch.tensor(-5.0))
+        >>> from mono_quant.kernels.numerics import SIGNED
+        >>> quantize_static_input(torch.tensor([0.0, 1.0, 20.0]), torch.tensor(10.0), torch.tensor(-5.0), SIGNED)
         tensor([ -5,   5, 127], dtype=torch.int8)
     """
-    low, high, dtype = (0, 255, torch.uint8) if unsigned else (-128, 127, torch.int8)
-    return torch.round(x * inv_scale).add_(zero_point).clamp_(low, high).to(dtype)
+    return torch.round(x * inv_scale).add_(zero_point).clamp_(fmt.low, fmt.high).to(fmt.dtype)
 
 
-def dynamic_uint8_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(scale, zero_point, 1 / scale)`` mapping ``x``'s range (widened to include 0) onto uint8 [0, 255].
+def dynamic_uint8_params(x: torch.Tensor, top: int = 255) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point, 1 / scale)`` mapping ``x``'s range (widened to include 0) onto uint8 [0, top].
 
     Example:
         >>> [round(v.item(), 4) for v in dynamic_uint8_params(torch.tensor([0.0, 2.55]))]
@@ -161,12 +168,12 @@ def dynamic_uint8_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """
     low, high = torch.aminmax(x)
     low, high = low.clamp(max=0), high.clamp(min=0)
-    scale = ((high - low) / 255).clamp_min(1e-12)
-    zero_point = torch.round(-low / scale).clamp(0, 255) + 0.0  # + 0.0: no -0.0
+    scale = ((high - low) / top).clamp_min(1e-12)
+    zero_point = torch.round(-low / scale).clamp(0, top) + 0.0  # + 0.0: no -0.0
     return scale, zero_point, 1.0 / scale
 
 
-def dynamic_uint8_qparams(x: torch.Tensor) -> tuple[float, int]:
+def dynamic_uint8_qparams(x: torch.Tensor, top: int = 255) -> tuple[float, int]:
     """``dynamic_uint8_params`` as Python numbers ``(scale, zero_point)`` (one sync; oneDNN takes scalars).
 
     Example:
@@ -176,16 +183,17 @@ def dynamic_uint8_qparams(x: torch.Tensor) -> tuple[float, int]:
     """
     low, high = (v.item() for v in torch.aminmax(x))
     low, high = min(low, 0.0), max(high, 0.0)
-    scale = max((high - low) / 255, 1e-12)
-    return scale, int(min(max(round(-low / scale), 0), 255))
+    scale = max((high - low) / top, 1e-12)
+    return scale, int(min(max(round(-low / scale), 0), top))
 
 
 def int_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``a @ weight.T`` for int8 ``a [M, K]`` (or uint8 on CPU) and int8 ``weight [N, K]``, accumulated in int32.
 
     CUDA needs ``M > 16`` and ``K, N`` multiples of 8: small ``M`` is zero-padded; other shapes
-    (and devices without the op) fall back to a float matmul of the integer values, which is exact
-    while ``K * 127 * 128 < 2**24`` and within float32 rounding beyond.
+    (devices without the op, and ``K = 1`` on CPU, where ``torch._int_mm`` returns uninitialised memory)
+    fall back to a float matmul of the integer values, which is exact while ``K * 255 * 128 < 2**24``
+    and within float32 rounding beyond.
 
     Example:
         >>> a = torch.tensor([[1, 2]], dtype=torch.int8); w = torch.tensor([[3, 4], [-1, 0]], dtype=torch.int8)
@@ -193,7 +201,7 @@ def int_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         tensor([[11, -1]], dtype=torch.int32)
     """
     rows = a.shape[0]
-    if a.device.type == "cpu":
+    if a.device.type == "cpu" and a.shape[1] >= _CPU_INT_MM_MIN_K:
         return torch._int_mm(a, weight.t())
     if a.device.type == "cuda" and a.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0:
         if rows < _CUDA_INT_MM_MIN_ROWS:

@@ -181,8 +181,8 @@ def onednn_conv2d_fused(
     )  # fmt: skip
 
 
-def quantize_uint8_channels_last(x: torch.Tensor, inv_scale: float, zero_point: int) -> torch.Tensor:
-    """``clamp(round(x * inv_scale) + zero_point, 0, 255)`` as uint8 in channels-last (oneDNN's fast layout).
+def quantize_uint8_channels_last(x: torch.Tensor, inv_scale: float, zero_point: int, top: int = 255) -> torch.Tensor:
+    """``clamp(round(x * inv_scale) + zero_point, 0, top)`` as uint8 in channels-last (oneDNN's fast layout).
 
     Rounds half up (``+ 0.5`` then truncation: one pass fewer than ``round``), so exact ties may differ by
     one step from ``quantize_static_input``.
@@ -192,7 +192,7 @@ def quantize_uint8_channels_last(x: torch.Tensor, inv_scale: float, zero_point: 
         [3, 13, 255, 0]
     """
     x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-    return torch.mul(x, inv_scale).add_(zero_point + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
+    return torch.mul(x, inv_scale).add_(zero_point + 0.5).clamp_(0.0, float(top)).to(torch.uint8)
 
 
 def use_onednn(x: torch.Tensor) -> bool:
@@ -210,7 +210,7 @@ def use_onednn(x: torch.Tensor) -> bool:
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # inductor wants the packed weight as a constant
         return False
-    return _HAS_ONEDNN and x.device.type == "cpu"
+    return _HAS_ONEDNN and x.device.type == "cpu" and x.shape[-1] > 1
 
 
 def onednn_default(rows: int, weight_numel: int) -> bool:
@@ -264,13 +264,14 @@ def onednn_linear_dynamic(
     row_max: torch.Tensor,
     weight: OneDNNWeight,
     int8_weight: torch.Tensor,
-    weight_scale_127: torch.Tensor,
+    weight_scale_step: torch.Tensor,
     bias: torch.Tensor | None,
+    zero: int = 128,
 ) -> torch.Tensor:
-    """Dynamic (per-row scale) linear on oneDNN: ``((q - 128) * row_max) @ (int8_weight * weight_scale_127).T + bias``.
+    """Dynamic (per-row scale) linear on oneDNN: ``((q - zero) * row_max) @ (int8_weight * weight_scale_step).T + b``.
 
-    ``q`` is uint8 ``[M, K]`` from ``quantize_per_row(x, unsigned=True)``. oneDNN takes one activation
-    scale per call, so it runs with scale 1 and zero point 128 (the offset's correction and the weight
+    ``q`` is uint8 ``[M, K]`` from ``quantize_per_row`` (codes around ``zero``). oneDNN takes one activation
+    scale per call, so it runs with scale 1 and zero point ``zero`` (the offset's correction and the weight
     scales happen inside the kernel, float32 out) and the row scales follow in one fused op.
 
     Example:
@@ -282,7 +283,7 @@ def onednn_linear_dynamic(
     """
     packed, zero_points = weight.get(int8_weight)
     out = torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, 128, packed, weight_scale_127, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+        q, 1.0, zero, packed, weight_scale_step, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
     )
     if bias is None:
         return out.mul_(row_max)

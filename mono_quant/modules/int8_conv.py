@@ -22,6 +22,7 @@ from torch import nn
 
 from mono_quant import kernels
 from mono_quant.config import Mode, QuantizationConfig, Scheme
+from mono_quant.kernels import choice
 from mono_quant.modules.base import ActivationQParams, copy_bias, meta_conv2d
 from mono_quant.modules.int8_linear import Int8Linear
 from mono_quant.modules.registry import register
@@ -93,35 +94,50 @@ class Int8Conv2d(Int8Linear):
         return twin
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The convolution, plus ``bias`` (the owning module's, for weight-tensor layers) fused where oneDNN runs."""
+        """The convolution, plus ``bias`` (the owning module's, for weight-tensor layers) fused where oneDNN runs.
+
+        oneDNN serves where it passed its check for this shape on this machine (``kernels.check``: its AMX
+        grouped convolution with 16 input channels per group returns noise); else im2col through the
+        (checked) ``Int8Linear`` path.
+        """
         onednn = self.mode is not Mode.WEIGHT_ONLY and self.weight_zero_point is None
         if onednn and kernels.use_onednn_conv(x):
-            return self._onednn_forward(x, bias)
+            out = self._onednn_forward(x, bias)
+            if out is not None:
+                return out
         out = self._im2col_forward(x)
         return out if bias is None else out + bias.reshape(-1, 1, 1)
 
-    def _onednn_forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 activations (channels-last: oneDNN's fast layout) against the packed int8 weight."""
+    def _onednn_forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """uint8 activations (channels-last: oneDNN's fast layout) against the packed int8 weight; ``None``
+        where oneDNN failed its check for this shape."""
         x4 = x if x.dim() == 4 else x.unsqueeze(0)
         xf = x4 if x4.dtype == torch.float32 else x4.float()
         if self.mode is Mode.STATIC:
-            x_scale, zero_point, inv_scale = self.input_scale, self._input_zero_point_u8, self._input_inv_scale
+            x_scale, zero_point, inv_scale = self._input_scale_k, self._input_zero_k, self._input_inv_scale_k
         else:
-            x_scale, zero_point, inv_scale = kernels.dynamic_uint8_params(xf)
-        q = kernels.quantize_static_input(xf, inv_scale, zero_point, unsigned=True)
+            x_scale, zero_point, inv_scale = kernels.dynamic_uint8_params(xf, self._fmt.high)
+        q = kernels.quantize_static_input(xf, inv_scale, zero_point, self._fmt)
         q = q.contiguous(memory_format=torch.channels_last)
-        out = kernels.onednn_conv2d(
-            q,
-            x_scale,
-            zero_point,
-            self._onednn_conv,
-            self.weight,
-            self.kernel_size,
-            self._weight_scale_n,
-            self.bias if bias is None else (bias.float() if self.bias is None else self.bias + bias),
-            self._geometry,
-            self.groups,
-        )
+        bias = self.bias if bias is None else (bias.float() if self.bias is None else self.bias + bias)
+
+        def run(_: str) -> torch.Tensor:
+            return kernels.onednn_conv2d(
+                q, x_scale, zero_point, self._onednn_conv, self.weight, self.kernel_size, self._weight_scale_n,
+                bias, self._geometry, self.groups,
+            )  # fmt: skip
+
+        def reference() -> tuple[torch.Tensor, torch.Tensor]:
+            weight = self.weight.reshape(self.out_channels, -1, *self.kernel_size)
+            scale = x_scale * self._weight_scale_n
+            return kernels.check.conv_reference(q, float(zero_point), weight, scale, bias, self._geometry, self.groups)
+
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        geometry, image = self._geometry, tuple(x4.shape[1:])
+        kind = f"int8_conv2d_{self.mode.value} groups={self.groups} geometry={geometry} input={image}"
+        if choice.pick(kind, shape, x4, ("onednn",), "onednn", run, reference, "im2col") != "onednn":
+            return None
+        out = run("onednn")
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out if x.dim() == 4 else out.squeeze(0)

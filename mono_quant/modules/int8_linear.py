@@ -1,16 +1,18 @@
 """``Int8Linear``: int8 per-channel weights; dynamic, static or weight-only activations.
 
 - dynamic: each input row (token) gets its own 8-bit scale at run time (uint8 on CPU, for VNNI's
-  u8 x s8). Per-row scales keep transformers accurate (MiniLM embeddings: cosine 0.997 against float;
-  one per-tensor scale for the batch gave 0.981) and make results independent of the batch. Two
+  u8 x s8; 7-bit codes on CPUs whose u8 x s8 products saturate, see ``kernels.numerics``). Per-row
+  scales keep transformers accurate (MiniLM embeddings: cosine 0.997 against float; one per-tensor
+  scale for the batch gave 0.981) and make results independent of the batch. Two
   kernels: ``_int_mm`` with a three-op epilogue, or oneDNN's packed u8 x s8 with activation scale 1 and
-  zero point 128 and the row scales applied after.
+  zero point 128 (64 for 7-bit codes) and the row scales applied after.
 - static: the input is quantized with the calibrated per-tensor scale and zero point; oneDNN's u8 x s8
   kernel with rescale and bias fused, or ``_int_mm`` with every weight-side term (combined scale,
   zero-point correction folded into the bias) computed once.
 - weight_only: float activations against int8 weights with the packed int8 kernel (bfloat16 inside).
 On CPU with symmetric weights ``kernels.choice`` picks ``_int_mm`` or oneDNN per (shape, batch bucket) by
-measuring both once (fixed mode: ``kernels.onednn_default``). Asymmetric weights, other
+checking both against an exact reference and measuring them once (fixed mode: ``kernels.onednn_default``);
+a kernel that fails its check is never used, and when none passes the layer computes in float. Asymmetric weights, other
 devices, tracing and ``torch.compile`` always take ``_int_mm`` (oneDNN takes symmetric weights only).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mono_quant import kernels
@@ -62,11 +65,12 @@ class Int8Linear(nn.Module, QuantizedLayer):
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int8) if static else None)
         derived = (
             "_weight_scale_n",
-            "_weight_scale_127",
-            "_unsigned_offset",
+            "_weight_scale_step",
+            "_zero_offset",
             "_rounding_offset",
-            "_input_inv_scale",
-            "_input_zero_point_u8",
+            "_input_scale_k",
+            "_input_zero_k",
+            "_input_inv_scale_k",
             "_out_scale",
             "_out_bias",
             "_static_offset",
@@ -75,6 +79,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
         )
         for name in derived:
             self.register_buffer(name, None, persistent=False)
+        self._fmt = kernels.input_format("cpu")
         self._onednn = kernels.OneDNNWeight()
         self.register_load_state_dict_post_hook(lambda module, keys: module._prepare())
 
@@ -119,15 +124,16 @@ class Int8Linear(nn.Module, QuantizedLayer):
         self._prepare()
 
     def _prepare(self) -> None:
-        """Compute every weight-side term once (never per forward)."""
+        """Compute every weight-side term once (never per forward), for this device's activation codes."""
         self._onednn = kernels.OneDNNWeight()
+        fmt = self._fmt = kernels.input_format(self.weight.device)
         out_scale = self.weight_scale.float().expand(self.out_features).contiguous()
         self._weight_scale_n = out_scale
-        self._weight_scale_127 = out_scale / 127.0
-        # uint8 activations (q + 128) add 128 * colsum(weight) to every output: removed with this constant
-        symmetric = self.weight_zero_point is None
-        self._unsigned_offset = 128 * kernels.row_sums(self.weight) if symmetric else None
-        self._rounding_offset = kernels.rounding_offset(self.in_features, symmetric, self.weight.device)
+        self._weight_scale_step = out_scale / fmt.half
+        int_colsum = kernels.row_sums(self.weight)
+        # codes around ``fmt.zero`` add zero * colsum(weight) to every output: removed with this constant
+        self._zero_offset = fmt.zero * int_colsum
+        self._rounding_offset = kernels.rounding_offset(self.in_features, fmt.zero, self.weight.device)
         zp = None if self.weight_zero_point is None else self.weight_zero_point.float().expand(self.out_features)
         self._weight_zp_scaled = None if zp is None else zp * out_scale
         self._prepared_weight = None
@@ -136,21 +142,27 @@ class Int8Linear(nn.Module, QuantizedLayer):
         if self.mode is not Mode.STATIC:
             return
         # static: out = s_x * s_w * (sum (q_x - z_x)(q_w - z_w)) + b, expanded so only q_x . q_w and
-        # (for asymmetric weights) rowsum(q_x) depend on the input.
-        s_x, z_x = self.input_scale.float(), self.input_zero_point.float()
-        combined = s_x * out_scale
-        int_colsum = kernels.row_sums(self.weight)
-        self._static_offset = self.input_zero_point.int() * int_colsum  # exact: symmetric weights' correction
-        colsum = int_colsum.float()
-        correction = -z_x * colsum
+        # (for asymmetric weights) rowsum(q_x) depend on the input; s_x, z_x in this device's codes
+        scale, zero = fmt.static_qparams(float(self.input_scale), int(self.input_zero_point))
+        self._input_scale_k = torch.tensor(scale, device=self.weight.device)
+        self._input_zero_k = torch.tensor(zero, dtype=torch.int32, device=self.weight.device)
+        self._input_inv_scale_k = 1.0 / self._input_scale_k
+        combined = self._input_scale_k * out_scale
+        self._static_offset = zero * int_colsum  # exact: symmetric weights' correction
+        correction = -float(zero) * int_colsum.float()
         if zp is not None:
-            correction = correction + self.in_features * z_x * zp
+            correction = correction + self.in_features * zero * zp
         bias = torch.zeros_like(combined) if self.bias is None else self.bias.float()
         self._out_scale = combined.contiguous()
         self._out_bias = (bias + combined * correction).contiguous()
-        self._input_inv_scale = 1.0 / s_x
-        self._input_zero_point_u8 = (self.input_zero_point.int() + 128).reshape(())
         self._weight_zp_scaled = None if zp is None else zp * combined
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
+        out = super()._apply(fn, recurse)
+        moved = not self.weight.is_meta and self._fmt != kernels.input_format(self.weight.device)
+        if moved:  # another device's activation codes
+            self._prepare()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the hot path: keep Python work and op count minimal (batch 1 is dominated by per-op overhead)
@@ -163,55 +175,67 @@ class Int8Linear(nn.Module, QuantizedLayer):
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def _kernel(self, x: torch.Tensor) -> str:
-        """``"onednn"`` or ``"int_mm"`` for this call (measured once per shape and batch bucket, see ``choice``)."""
-        if not self._symmetric or not kernels.use_onednn(x):
-            return "int_mm"
-        default = "onednn" if kernels.onednn_default(x.shape[0], self.weight.numel()) else "int_mm"
-        kind = "int8_linear_dynamic" if self.mode is Mode.DYNAMIC else "int8_linear_static"
-        return choice.pick(kind, self._shape, x, _KERNELS, default, lambda name: self._run(name, x))
+        """``"onednn"``, ``"int_mm"`` or ``"float"`` for this call: checked against an exact reference and
+        measured once per shape and batch bucket (see ``choice``)."""
+        candidates = _KERNELS if self._symmetric and kernels.use_onednn(x) else _KERNELS[:1]
+        onednn_first = len(candidates) > 1 and kernels.onednn_default(x.shape[0], self.weight.numel())
+        default = "onednn" if onednn_first else "int_mm"
+        kind = f"int8_linear_{self.mode.value}" + ("" if self._symmetric else "_asymmetric")
+        return choice.pick(
+            kind, self._shape, x, candidates, default, lambda name: self._run(name, x), lambda: self._reference(x)
+        )
+
+    def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
+        """``(codes, zero, scale)``: the integer input of this call, its zero point and scale (per row or one)."""
+        if self.mode is Mode.DYNAMIC:
+            q, row_max = kernels.quantize_per_row(x, self._fmt, self._rounding_offset)
+            return q, self._fmt.zero, row_max / self._fmt.half
+        q = kernels.quantize_static_input(x, self._input_inv_scale_k, self._input_zero_k, self._fmt)
+        return q, self._input_zero_k.double(), self._input_scale_k
+
+    def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact (float64) output of this call's first rows from its integer codes, and the check's bound."""
+        q, zero, scale = self._codes(x)
+        weight = self.weight
+        if self.weight_zero_point is not None:
+            weight = weight.int() - self.weight_zero_point.int().reshape(-1, 1)
+        return kernels.check.matmul_reference(q, zero, weight, scale * self._weight_scale_n, self.bias)
 
     def _run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        if kernel == choice.FALLBACK:  # no integer kernel passed its check on this machine
+            return F.linear(x, self.dequantized_weight(), self.bias)
         if self.mode is Mode.DYNAMIC:
             return self._dynamic_forward(kernel, x)
-        if kernel == "onednn":
-            return self._onednn_static_forward(x)
-        q = kernels.quantize_static_input(x, self._input_inv_scale, self.input_zero_point)
-        if self._symmetric:  # oneDNN's order of operations: the same bits whichever kernel serves
-            return kernels.static_rescale(
-                kernels.int_mm(q, self.weight), self._static_offset, self.input_scale, self._weight_scale_n, self.bias
+        q, _, _ = self._codes(x)
+        if kernel == "onednn":  # uint8 codes against oneDNN's packed weight, rescale and bias fused
+            return kernels.onednn_linear(
+                q, self._input_scale_k, self._input_zero_k, self._onednn, self.weight, self._weight_scale_n, self.bias
             )
+        if self._symmetric:  # oneDNN's order of operations: the same bits whichever kernel serves
+            acc, scale = kernels.int_mm(q, self.weight), self._input_scale_k
+            return kernels.static_rescale(acc, self._static_offset, scale, self._weight_scale_n, self.bias)
         out = kernels.rescale(kernels.int_mm(q, self.weight), self._out_scale, self._out_bias)
-        if self._weight_zp_scaled is not None:
-            out = out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
-        return out
+        return out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
 
     def _dynamic_forward(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
-        """Per-row (token) scales at run time; uint8 activations on CPU (VNNI's u8 x s8)."""
-        unsigned = self._unsigned_offset is not None and x.device.type == "cpu"
-        rounding = self._rounding_offset if unsigned or not self._symmetric else None  # built for CPU's form
-        q, row_max = kernels.quantize_per_row(x, unsigned, rounding)
+        """Per-row (token) scales at run time; uint8 codes on CPU (VNNI's u8 x s8; 7-bit without VNNI)."""
+        fmt = self._fmt
+        q, row_max = kernels.quantize_per_row(x, fmt, self._rounding_offset)
         if kernel == "onednn":
-            scale = self._weight_scale_127
-            return kernels.onednn_linear_dynamic(q, row_max, self._onednn, self.weight, scale, self.bias)
+            scale = self._weight_scale_step
+            return kernels.onednn_linear_dynamic(q, row_max, self._onednn, self.weight, scale, self.bias, fmt.zero)
         acc = kernels.int_mm(q, self.weight)
-        if self.weight_zero_point is not None:
-            acc = acc - q.sum(-1, keepdim=True, dtype=torch.int32) * self.weight_zero_point.int()
-        offset = self._unsigned_offset if unsigned else None
-        return kernels.dynamic_rescale(acc, offset, row_max, self._weight_scale_127, self.bias)
+        if self.weight_zero_point is not None:  # sum of the signed codes times each row's weight zero point
+            signed_sums = q.sum(-1, keepdim=True, dtype=torch.int32) - self.in_features * fmt.zero
+            acc = acc - signed_sums * self.weight_zero_point.int().reshape(1, -1)
+        offset = self._zero_offset if fmt.zero else None
+        return kernels.dynamic_rescale(acc, offset, row_max, self._weight_scale_step, self.bias)
 
     def _weight_only_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = kernels.int8_weight_only_mm(x, self._prepared_weight, self._weight_scale_n)
         if self._weight_zp_scaled is not None:
             out = out - x.sum(-1, keepdim=True) * self._weight_zp_scaled
         return out if self.bias is None else out + self.bias
-
-    def _onednn_static_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """CPU batches: uint8 activations against oneDNN's packed weight, rescale and bias fused."""
-        zero_point = self._input_zero_point_u8
-        q = kernels.quantize_static_input(x, self._input_inv_scale, zero_point, unsigned=True)
-        return kernels.onednn_linear(
-            q, self.input_scale, zero_point, self._onednn, self.weight, self._weight_scale_n, self.bias
-        )
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -3,8 +3,9 @@
 A recurrent layer holds several weight matrices (``weight_ih_l0``, ``weight_hh_l0``, ``weight_hr_l0`` ...).
 Each keeps its float name in the state_dict; an int8 matrix adds ``<name>_scale`` (one scale per row), a
 matrix kept at higher precision stays float32 under its name. Biases stay float32. Which matrices stay
-float is a measured choice (``choose_precisions``; README, "Recurrent layers"): a first layer's input matrix
-whose per-row int8 error is too large; ``metadata()["matrices"]`` records the choice per matrix.
+float is measured on outputs: ``quantize`` keeps the first layer's input matrix float32 when the all-int8
+layer misses its output floor against float (``output_check``); ``metadata()["matrices"]`` records the
+choice per matrix.
 
 Kernels: a projection is ``x @ W.T + b``. In ``dynamic`` mode the input is quantized per row at run time
 and multiplied with ``kernels.int_mm`` (the ``Int8Linear`` path); in ``weight_only`` mode the packed int8
@@ -29,47 +30,21 @@ PRECISIONS = (INT8, FLOAT)
 _FLAGS = ("bias", "batch_first", "bidirectional")
 
 
-FIRST_INPUT_MIN_SQNR_DB = 30.0  # worst column; see README, "Recurrent layers", for the measured figures
+FIRST_INPUTS = ("weight_ih", "weight_ih_l0", "weight_ih_l0_reverse")  # the matrices that read the raw input
 
 
-def choose_precisions(params: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Per matrix, int8 (per row) or float32, chosen by measurement: every matrix is int8 except a first
-    layer input matrix whose worst column keeps under ``FIRST_INPUT_MIN_SQNR_DB`` at per-row int8 (raw
-    input features on very different scales), which stays float32.
-
-    Example:
-        >>> w = torch.randn(8, 4)
-        >>> choose_precisions({"weight_ih": w, "weight_hh": torch.randn(8, 2)})
-        {'weight_ih': 'int8', 'weight_hh': 'int8'}
-        >>> w[:, 0] *= 1000  # one input feature on a far larger scale drowns the others in each row's scale
-        >>> choose_precisions({"weight_ih": w, "weight_hh": torch.randn(8, 2)})["weight_ih"]
-        'float32'
-    """
-    first_input = ("weight_ih", "weight_ih_l0", "weight_ih_l0_reverse")
-    out = {}
-    for name, weight in params.items():
-        if not name.startswith("weight_"):
-            continue
-        keep = name in first_input and worst_column_sqnr_db(weight) < FIRST_INPUT_MIN_SQNR_DB
-        out[name] = FLOAT if keep else INT8
-    return out
-
-
-def worst_column_sqnr_db(weight: torch.Tensor) -> float:
-    """The lowest per-input-feature (column) SQNR of ``weight`` at per-row int8: how well the weights of the
-    worst-served input feature survive (a whole-matrix SQNR hides a feature drowned by a larger one).
+def choose_precisions(params: dict[str, torch.Tensor], float_first_input: bool = False) -> dict[str, str]:
+    """Per matrix, int8 (per row) or float32: every matrix int8, except the first layer's input matrices with
+    ``float_first_input`` (what ``quantize`` retries when the all-int8 layer's output misses its floor against
+    float: raw input features on very different scales drown in each row's int8 scale).
 
     Example:
-        >>> w = torch.ones(4, 3)
-        >>> w[:, 0] = 1000.0
-        >>> worst_column_sqnr_db(w), worst_column_sqnr_db(torch.ones(4, 3)) > 40  # 1 rounds to 0 beside 1000
-        (0.0, True)
+        >>> params = {"weight_ih": torch.randn(8, 4), "weight_hh": torch.randn(8, 2)}
+        >>> choose_precisions(params), choose_precisions(params, float_first_input=True)["weight_ih"]
+        ({'weight_ih': 'int8', 'weight_hh': 'int8'}, 'float32')
     """
-    w = weight.detach().float()
-    error = (w - dequantize_weight(quantize_weight(w, 8))).square().sum(0)
-    signal = w.square().sum(0)
-    ratios = torch.where(error > 0, signal / error, torch.full_like(signal, float("inf")))
-    return float(10 * torch.log10(ratios.min()))
+    keep = FIRST_INPUTS if float_first_input else ()
+    return {name: FLOAT if name in keep else INT8 for name in params if name.startswith("weight_")}
 
 
 class QuantizedRecurrent(nn.Module, QuantizedLayer):
@@ -98,7 +73,7 @@ class QuantizedRecurrent(nn.Module, QuantizedLayer):
             int8 = self.precisions[name] == INT8
             self.register_buffer(name, torch.zeros(shape, dtype=torch.int8 if int8 else torch.float32))
             self.register_buffer(f"{name}_scale", torch.ones(shape[0]) if int8 else None)
-            for derived in ("_s127", "_offset", "_packed"):
+            for derived in ("_step", "_offset", "_packed"):
                 self.register_buffer(f"_{name}{derived}", None, persistent=False)
         self.register_load_state_dict_post_hook(lambda module, keys: module._prepare())
 
@@ -109,10 +84,14 @@ class QuantizedRecurrent(nn.Module, QuantizedLayer):
 
     @classmethod
     def from_float(
-        cls, module: nn.Module, config: QuantizationConfig, activation: ActivationQParams | None = None
+        cls,
+        module: nn.Module,
+        config: QuantizationConfig,
+        activation: ActivationQParams | None = None,
+        float_first_input: bool = False,
     ) -> QuantizedRecurrent:
         params = cls._float_params(module)
-        precisions = choose_precisions(params)
+        precisions = choose_precisions(params, float_first_input)
         shapes = {name: tuple(p.shape) for name, p in params.items()}
         layer = cls(_hyper(cls, module), config.mode, precisions, shapes)
         for name, tensor in params.items():
@@ -155,8 +134,9 @@ class QuantizedRecurrent(nn.Module, QuantizedLayer):
             if precision != INT8:
                 continue
             weight, scale = getattr(self, name), getattr(self, f"{name}_scale")
-            setattr(self, f"_{name}_s127", scale.float() / 127.0)
-            setattr(self, f"_{name}_offset", 128 * kernels.row_sums(weight))
+            fmt = kernels.input_format(weight.device)
+            setattr(self, f"_{name}_step", scale.float() / fmt.half)
+            setattr(self, f"_{name}_offset", fmt.zero * kernels.row_sums(weight))
             packed = kernels.prepare_int8_weight_only(weight) if self.mode is Mode.WEIGHT_ONLY else None
             setattr(self, f"_{name}_packed", packed)
 
@@ -173,12 +153,12 @@ class QuantizedRecurrent(nn.Module, QuantizedLayer):
         if self.mode is Mode.WEIGHT_ONLY:
             out = kernels.int8_weight_only_mm(x, getattr(self, f"_{name}_packed"), getattr(self, f"{name}_scale"))
             return out if b is None else out + b
-        unsigned = x.device.type == "cpu"
-        q, row_max = kernels.quantize_per_row(x, unsigned)
+        fmt = kernels.input_format(x.device)
+        q, row_max = kernels.quantize_per_row(x, fmt)
         acc = kernels.int_mm(q, weight)
-        if unsigned:
+        if fmt.zero:
             acc.sub_(getattr(self, f"_{name}_offset"))
-        return kernels.rescale(acc, row_max * getattr(self, f"_{name}_s127"), b)
+        return kernels.rescale(acc, row_max * getattr(self, f"_{name}_step"), b)
 
     # ---------------------------------------------------------------- describing
     def metadata(self) -> dict[str, Any]:
