@@ -36,7 +36,8 @@ from mono_quant.qparams import sqnr_db
 
 OUTPUT_FLOORS_DB = {QuantDtype.INT8: 25.0, QuantDtype.INT4: 12.0, QuantDtype.FP16: 30.0, QuantDtype.BF16: 30.0}
 _FINEST_INT4_GROUP = 32
-_PROBE_ROWS = 16
+_PROBE_ROWS = 64
+_MIN_OUTPUT_VALUES = 256
 
 Builder = Callable[[nn.Module, QuantizationConfig, ActivationQParams | None], QuantizedLayer]
 
@@ -167,23 +168,24 @@ def _label(config: QuantizationConfig) -> str:
 
 
 def _output_sqnr(float_module: nn.Module, layer: nn.Module, x: torch.Tensor | None) -> float:
-    """Output SQNR of ``layer`` against ``float_module`` on ``x``, else on a seeded probe."""
+    """Output SQNR of ``layer`` against ``float_module`` on ``x`` and, where ``x`` gives fewer than
+    ``_MIN_OUTPUT_VALUES`` outputs (or none fits), on a seeded probe too: an SQNR over a handful of values
+    is decided by chance cancellations in them."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
-        for candidate in (x, None):
-            inputs = _probe(float_module) if candidate is None else candidate
-            if inputs is None:
-                return math.inf  # nothing to run it on: no check
-            try:
-                expected = _first_tensor(float_module(inputs))
-                got = _first_tensor(layer(inputs))
-            except (RuntimeError, ValueError, TypeError, IndexError):
-                if candidate is None:
-                    raise
-                continue  # the recorded input was not this product's (a parent pads or reshapes first)
-            if not torch.isfinite(got).all():
-                return -math.inf
-            return sqnr_db(expected.float(), got.float())
-    return math.inf
+        if x is not None:
+            # a recorded input that is not this product's (a parent pads or reshapes first) is passed over
+            with contextlib.suppress(RuntimeError, ValueError, TypeError, IndexError):
+                pairs.append((_first_tensor(float_module(x)), _first_tensor(layer(x))))
+        if sum(expected.numel() for expected, _ in pairs) < _MIN_OUTPUT_VALUES:
+            probe = _probe(float_module)
+            if probe is not None:
+                pairs.append((_first_tensor(float_module(probe)), _first_tensor(layer(probe))))
+    if not pairs:
+        return math.inf  # nothing to run it on: no check
+    expected = torch.cat([e.detach().float().flatten() for e, _ in pairs])
+    got = torch.cat([g.detach().float().flatten() for _, g in pairs])
+    return sqnr_db(expected, got) if torch.isfinite(got).all() else -math.inf
 
 
 def _first_tensor(value: Any) -> torch.Tensor:

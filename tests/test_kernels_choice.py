@@ -16,6 +16,8 @@ from mono_quant.errors import ConfigError
 from mono_quant.kernels import choice
 from mono_quant.modules import Int4Linear, Int8Linear
 
+pytestmark = pytest.mark.numerics
+
 
 @pytest.fixture(autouse=True)
 def measure_mode() -> Iterator[None]:

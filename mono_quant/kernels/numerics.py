@@ -126,30 +126,28 @@ def _exact(family: str, high: int) -> bool:
 
     Every tensor is made on the CPU explicitly: the first call may come inside a ``torch.device("meta")`` block.
     """
-    weight = torch.full((16, _PROBE_K), 127, dtype=torch.int8, device="cpu")
+    cpu = torch.device("cpu")
+    weight = torch.full((16, _PROBE_K), 127, dtype=torch.int8, device=cpu)
     weight[1::2] = -127
-    codes = torch.full((4, _PROBE_K), high, dtype=torch.uint8, device="cpu")
-    expected = high * _PROBE_K * 127.0
+    codes = torch.full((4, _PROBE_K), high, dtype=torch.uint8, device=cpu)
+    ones, zero_points = torch.ones(16, device=cpu), torch.zeros(16, dtype=torch.int64, device=cpu)
     if family == "int_mm":
         out = torch._int_mm(codes, weight.t()).double()
     elif family == "onednn_linear":
         if not hasattr(torch.ops.onednn, "qlinear_prepack") or not torch.backends.mkldnn.is_available():
             return True
         packed = torch.ops.onednn.qlinear_prepack(weight, None)
-        zero_points = torch.zeros(16, dtype=torch.int64, device="cpu")
         out = torch.ops.onednn.qlinear_pointwise(
-            codes, 1.0, 0, packed, torch.ones(16, device="cpu"), zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+            codes, 1.0, 0, packed, ones, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
         ).double()
     else:
         if not hasattr(torch.ops.onednn, "qconv_prepack") or not torch.backends.mkldnn.is_available():
             return True
-        weight4 = weight.reshape(16, _PROBE_K, 1, 1)
         geometry = ([1, 1], [0, 0], [1, 1])
-        packed = torch.ops.onednn.qconv_prepack(weight4, torch.ones(16, device="cpu"), 1.0, 0, *geometry, 1, None)
+        packed = torch.ops.onednn.qconv_prepack(weight.reshape(16, _PROBE_K, 1, 1), ones, 1.0, 0, *geometry, 1, None)
         image = codes.reshape(4, _PROBE_K, 1, 1).contiguous(memory_format=torch.channels_last)
         out = torch.ops.onednn.qconv2d_pointwise(
-            image, 1.0, 0, packed, torch.ones(16, device="cpu"), torch.zeros(16, dtype=torch.int64, device="cpu"), None, *geometry, 1,
-            1.0, 0, torch.float32, "none", [], "",
-        ).double().reshape(4, 16)  # fmt: skip
-    signs = torch.tensor([1.0, -1.0], device="cpu").repeat(8)
-    return bool(torch.equal(out, (expected * signs).expand(4, 16)))
+            image, 1.0, 0, packed, ones, zero_points, None, *geometry, 1, 1.0, 0, torch.float32, "none", [], ""
+        ).double().reshape(4, 16)
+    signs = torch.tensor([1.0, -1.0], device=cpu).repeat(8)
+    return bool(torch.equal(out, (high * _PROBE_K * 127.0 * signs).expand(4, 16)))

@@ -83,6 +83,21 @@ class HalfConv2d(_HalfMixin, nn.Conv2d):
 
     swap_module = False
 
+    def with_geometry(self, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> HalfConv2d:
+        """A layer sharing this one's half weight but convolving with other stride/padding/dilation (the owner
+        pads first for ``padding_mode`` reflect/replicate/circular and string padding).
+
+        Example:
+            >>> conv = HalfConv2d.from_float(nn.Conv2d(1, 2, 3, padding=1), QuantizationConfig(dtype="fp16"))
+            >>> conv.with_geometry((1, 1), (0, 0), (1, 1))(torch.ones(1, 1, 5, 5)).shape
+            torch.Size([1, 2, 3, 3])
+        """
+        twin = copy.copy(self)  # shallow: the same parameters
+        twin._parameters = dict(self._parameters)
+        twin.stride, twin.padding, twin.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        twin.padding_mode = "zeros"
+        return twin
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._cast_call(x, x.dtype)
 
