@@ -54,7 +54,7 @@ class Measurer:
         """The quantized copy and the static activation parameters it used (``None`` unless static)."""
         mode, qparams, why = self.cb.resolve_mode(module, trainer)
         if announce:
-            self.info(f"quantizing to {self.cb.dtype.value} with {why}")
+            self.info(f"quantizing an eval-mode copy of the module to {self.cb.dtype.value} with {why}")
         started = time.perf_counter()
         result = mq.quantize(module, self.cb.config.replace(mode=mode.value), activation_qparams=qparams)
         self.seconds = time.perf_counter() - started
