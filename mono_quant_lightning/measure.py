@@ -143,7 +143,12 @@ class Measurer:
     def _decide(self, float_score: float, quantized_score: float) -> None:
         cb = self.cb
         cb.decision = decide(
-            float_score, quantized_score, cb.max_drop, higher_is_better=cb.higher_is_better, drop_type=cb.drop_type
+            float_score,
+            quantized_score,
+            cb.max_drop,
+            higher_is_better=cb.higher_is_better,
+            drop_type=cb.drop_type,
+            coverage_warning=cb.result.report.warning,
         )
         cb.drop = cb.decision.drop
 

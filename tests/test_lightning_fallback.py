@@ -179,6 +179,10 @@ def test_cnn_fallback_keeps_the_quantized_conv_and_folds_batchnorm_on_an_eval_co
     assert plain.report.skipped["net.1"] == "folded into net.0"
     assert cb.result.report.skipped["net.1"].startswith("folded into net.0 (its BatchNorm2d was in train mode")
     assert cb.result.report.skipped["head"] == "kept in float by the accuracy budget"
+    # the gate passes a mostly-float model, and its decision says so
+    assert cb.decision.passed and cb.decision.reason.endswith(
+        "; WARNING: only 1% of the matmul weights were quantized: head: kept in float by the accuracy budget"
+    )
     assert "folded into net.0 (its BatchNorm2d was in train mode" in export.report_path(cb.export_path).read_text()
     # the module Lightning handed over is still in train mode and unchanged
     assert seen["before"][0] is True and seen["after"][0] is True
