@@ -76,9 +76,11 @@ class QuantizationCallback(Callback):
         verbose: report through Lightning's ``rank_zero_info`` (the report table, fidelity, the gate).
 
     Configuration errors that can be known before training (no validation data for static mode, ``monitor`` or
-    ``metric``; an ``export_dir`` that is a file or not writable; int4 with a ``group_size`` no layer takes; a
+    ``metric``; an ``export_dir`` that is a file or not writable; int4 where no layer gets 4 bits; a
     ``monitor`` the module never logs) raise before the first training step. The ``quant/*`` figures go to
-    ``trainer.callback_metrics`` and every logger.
+    ``trainer.callback_metrics`` and every logger. int4 layers take the largest of ``group_size``, its half, ...
+    down to 32 that divides their input width (int8 when none does). A gate decision on a model the report
+    warns is mostly float ends with that warning.
 
     Example:
         >>> cb = QuantizationCallback()
@@ -191,7 +193,7 @@ class QuantizationCallback(Callback):
             checkpoint_io.install(trainer, self._write_sidecar)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fail fast on layer choices that cannot work (int4 with a ``group_size`` no layer takes)."""
+        """Fail fast on layer choices that cannot work (int4 where no layer gets 4 bits)."""
         check_layers(pl_module, self.config)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

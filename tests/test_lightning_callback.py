@@ -320,6 +320,30 @@ def test_resume_restores_observer_statistics(tmp_path, digits):
     assert resumed.result.model.net[5].input_scale.item() == first.result.model.net[5].input_scale.item()
 
 
+class WideHeadCNN(DigitsCNN):
+    """32 channels of 7 x 7 into a 1568-wide classifier (1568 = 32 x 49: no int4 group of 128 or 64 divides it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 32, 2), nn.ReLU(), nn.Flatten(), nn.Linear(1568, 10))
+
+
+@pytest.mark.slow
+def test_int4_on_a_1568_wide_classifier_takes_groups_of_32(tmp_path, digits):
+    train, val = loaders(digits)
+    cb = quiet(dtype="int4", monitor="val_loss", monitor_mode="min", max_drop=0.5)
+    trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=4).fit(WideHeadCNN(), train, val)
+    head = cb.result.model.net[3]
+    assert type(head).__name__ == "Int4Linear" and head.group_size == 32
+    assert not cb.result.report.warning and "WARNING" not in cb.decision.reason and cb.decision.passed
+    _, metadata = mq.load(cb.export_path)
+    assert (metadata["layers"]["net.3"]["bits"], metadata["layers"]["net.3"]["group_size"]) == (4, 32)
+    assert cb.export_path.stat().st_size < 0.25 * 4 * sum(p.numel() for p in WideHeadCNN().parameters())
+    reloaded = mq.load(cb.export_path, model=WideHeadCNN())
+    x = digits[2][:16]
+    torch.testing.assert_close(reloaded(x), cb.result.model(x))
+
+
 @pytest.mark.slow
 def test_fast_dev_run_leaves_a_real_runs_export_alone(tmp_path, digits, caplog):
     train, val = loaders(digits)
