@@ -8,8 +8,9 @@ from typing import Any
 from torch import nn
 
 from mono_quant.modules import tensor_bytes
-from mono_quant.quantize import QuantizationResult, layer_report
-from mono_quant.report import QuantizationReport
+from mono_quant.quantize import QuantizationResult, speed_notes
+from mono_quant.report import LayerReport, QuantizationReport
+from mono_quant.selection import coverage_warning, matmul_weight_numel
 
 FLOAT = "float"  # the ladder's top rung: the layer stays in float
 
@@ -158,6 +159,7 @@ class BudgetResult:
     steps: list[BudgetStep]
     reranks: int
     stop_reason: str
+    layer_reports: list[LayerReport] = dataclasses.field(default_factory=list)  # ``model``'s quantized layers
 
     def quantization_result(self, float_model: nn.Module, base: QuantizationResult) -> QuantizationResult:
         """``model`` as a ``QuantizationResult``: a report row per quantized layer, layers kept in float listed
@@ -179,16 +181,17 @@ class BudgetResult:
             ({'0': 'float'}, [('2', 8)], 'kept in float by the accuracy budget')
         """
         skipped = {name: why for name, why in base.report.skipped.items() if name not in self.precisions}
-        rows = []
-        for name, rung in self.precisions.items():
-            if rung == FLOAT:
-                skipped[name] = "kept in float by the accuracy budget"
-            else:
-                rows.append(layer_report(name, float_model.get_submodule(name), self.model.get_submodule(name)))
+        kept = "kept in float by the accuracy budget"
+        skipped.update({name: kept for name, rung in self.precisions.items() if rung == FLOAT})
+        order = {name: i for i, name in enumerate(self.precisions)}
+        rows = sorted(self.layer_reports, key=lambda row: order.get(row.name, len(order)))
+        numel = sum(matmul_weight_numel(float_model.get_submodule(row.name)) for row in rows)
         report = QuantizationReport(
             rows,
             skipped,
             base.report.model_bytes_before,
             tensor_bytes(*self.model.state_dict().values()),
+            coverage_warning(float_model, numel, skipped),
+            speed_notes(rows),
         )
         return QuantizationResult(self.model, list(skipped), report, base.config)

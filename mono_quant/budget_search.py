@@ -31,6 +31,7 @@ from mono_quant.errors import CalibrationError, QuantizationError
 from mono_quant.fidelity import output_tensor
 from mono_quant.qparams import ActivationQParams
 from mono_quant.quantize import quantize
+from mono_quant.report import LayerReport
 
 
 class Search:
@@ -62,12 +63,18 @@ class Search:
 
     def build(self, assignment: Mapping[str, str]) -> nn.Module:
         """A quantized copy of the float model with each layer at its assigned rung (one ``quantize`` per rung)."""
-        q_model = self.model
+        return self.build_with_rows(assignment)[0]
+
+    def build_with_rows(self, assignment: Mapping[str, str]) -> tuple[nn.Module, list[LayerReport]]:
+        """``build``, and the report rows of its quantized layers as each rung's ``quantize`` measured them
+        (against the float weights it quantized: BatchNorms folded, swapped or attached alike)."""
+        q_model, rows = self.model, []
         for rung, config in self.configs.items():
             names = tuple(glob_literal(name) for name, r in assignment.items() if r == rung)
             if names:
-                q_model = quantize(q_model, config.replace(include=names), activation_qparams=self.qparams).model
-        return copy.deepcopy(self.model).eval() if q_model is self.model else q_model
+                result = quantize(q_model, config.replace(include=names), activation_qparams=self.qparams)
+                q_model, rows = result.model, rows + result.report.layers
+        return (copy.deepcopy(self.model).eval() if q_model is self.model else q_model), rows
 
     def evaluate(self, model: nn.Module, what: str) -> tuple[float, torch.Tensor | None]:
         with eval_mode(model):
@@ -164,7 +171,7 @@ class Search:
         float_score, float_items = self.evaluate(self.model, "float")
         start = {name: rungs[0] for name, rungs in self.choices.items()}
         assignment = dict(start)
-        current = self.build(assignment)
+        current, rows = self.build_with_rows(assignment)
         quantized_score, items = self.evaluate(current, "fully quantized")
         score, drop = quantized_score, self.drop(float_score, quantized_score)
         steps: list[BudgetStep] = []
@@ -190,7 +197,7 @@ class Search:
             rung = next_rung(self.choices[layer], assignment[layer])
             assert rung is not None
             trial = {**assignment, layer: rung}
-            trial_model = self.build(trial)
+            trial_model, trial_rows = self.build_with_rows(trial)
             trial_score, trial_items = self.evaluate(trial_model, f"{layer!r} at {rung}")
             trial_drop = self.drop(float_score, trial_score)
             worse = trial_score < score if self.higher_is_better else trial_score > score
@@ -204,6 +211,7 @@ class Search:
                     keys = {n: self.sensitivity(n, assignment[n]) if n not in frozen else 0.0 for n in keys}
                 continue
             assignment, current, score, drop, items = trial, trial_model, trial_score, trial_drop, trial_items
+            rows = trial_rows
             keys[layer] = self.sensitivity(layer, rung)
             if self.fits(drop):
                 stop = "budget reached"
@@ -216,5 +224,5 @@ class Search:
         )  # fmt: skip
         return BudgetResult(
             current, reached, float_score, quantized_score, score, drop, moves, sensitivity, self.evaluations,
-            seconds, report, dict(assignment), steps, reranks, stop,
+            seconds, report, dict(assignment), steps, reranks, stop, rows,
         )  # fmt: skip

@@ -237,11 +237,49 @@ class Calibrator:
         return {name: obs.state_dict() for name, obs in self.observers.items()}
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Restore ``state_dict()``'s statistics, each checked (layers, keys, tensor kind and shape) first.
+
+        Example:
+            >>> cal = Calibrator({"fc": nn.Linear(2, 2)}, QuantizationConfig(mode="static"))
+            >>> cal.load_state_dict({"fc": {"min_val": "x", "max_val": torch.tensor(1.0), "batches": torch.tensor(1)}})
+            Traceback (most recent call last):
+            ...
+            mono_quant.errors.CalibrationError: observer state ['fc']['min_val'] is a str; expected a float tensor ...
+        """
+        if not isinstance(state, Mapping):
+            raise CalibrationError(f"observer state is a {type(state).__name__}; expected a mapping of layer -> state")
         missing = sorted(set(self.observers) - set(state))
         if missing:
             raise CalibrationError(f"observer state has no entry for layer(s) {missing}")
         for name, observer in self.observers.items():
+            _check_observer_state(name, state[name], observer.state_dict())
+        for name, observer in self.observers.items():
             observer.load_state_dict(dict(state[name]))
+
+
+def _check_observer_state(layer: str, state: Any, expected: Mapping[str, torch.Tensor]) -> None:
+    """A ``CalibrationError`` naming the layer and key when ``state`` is not shaped like ``expected``."""
+    where = f"observer state [{layer!r}]"
+    if not isinstance(state, Mapping) or set(state) != set(expected):
+        got = sorted(map(str, state)) if isinstance(state, Mapping) else f"a {type(state).__name__}"
+        raise CalibrationError(f"{where} has {got}; expected the keys {sorted(expected)}")
+    for key, reference in expected.items():
+        value = state[key]
+        kind = "float" if reference.is_floating_point() else "integer"
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.is_floating_point() != reference.is_floating_point()
+            or value.dtype == torch.bool
+            or value.shape != reference.shape
+        ):
+            tensor = isinstance(value, torch.Tensor)
+            got = f"{value.dtype} {list(value.shape)}" if tensor else f"a {type(value).__name__}"
+            raise CalibrationError(
+                f"{where}[{key!r}] is {got}; expected a {kind} tensor of shape {list(reference.shape)} "
+                "(statistics saved by a different observer or library version?)"
+            )
+        if key == "batches" and int(value) < 0:
+            raise CalibrationError(f"{where}['batches'] is {int(value)}; expected a count >= 0")
 
 
 def _feed_one(feed: ForwardFn, model: nn.Module, batch: Any, index: int, custom: bool) -> None:

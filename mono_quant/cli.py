@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from mono_quant.checkpoint_read import read_state_dict, same_file
 from mono_quant.cli_inspect import cmd_compare, cmd_inspect
 from mono_quant.errors import ConfigError, QuantizationError
+from mono_quant.modules.int4_weight import group_sizes
 
 PROG = "mono-quant"
 _OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -211,6 +212,15 @@ def _check_report(report: Any, config: Any) -> None:
             f"{report.skipped[group[0]]} ({group[0]})",
             file=sys.stderr,
         )
+    if config.dtype.value != "int4":
+        return
+    int8 = [row.name for row in report.layers if row.bits == 8 and not row.kind.startswith("Conv")]
+    why = f"no int4 group size of {group_sizes(config.group_size)} with a kernel divides their input width"
+    if int8 and not any(row.bits == 4 for row in report.layers):
+        raise QuantizationError(f"--group-size={config.group_size}: no layer takes int4 ({why}: {int8[:3]})")
+    if int8:
+        print(f"{PROG}: warning: --group-size={config.group_size}: {len(int8)} layer(s) took int8 ({why}): {int8[:3]}",
+              file=sys.stderr)  # fmt: skip
 
 
 def quantize_state_dict(

@@ -30,7 +30,10 @@ from mono_quant.qparams import sqnr_db
 
 _CHECK_SQNR_DB = 60.0  # a float64 fold is exact to float32 rounding (> 100 dB); anything lower is a wrong pair
 
-_TRAIN_MODE = "not folded into {conv}: BatchNorm2d is in train mode (call model.eval() to fold it)"
+_WAS_TRAINING = (
+    "folded into {conv} (its BatchNorm2d was in train mode: quantization makes an eval-mode copy for inference, so "
+    "the running statistics were folded)"
+)
 
 
 def conv_bn_pairs(model: nn.Module, example: Any = None, forward_fn: ForwardFn | None = None) -> list[tuple[str, str]]:
@@ -88,18 +91,24 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Modul
 
 
 def fold_batchnorm_notes(model: nn.Module, example: Any = None, forward_fn: ForwardFn | None = None) -> dict[str, str]:
-    """Fold ``model`` in place; ``{batchnorm name: reason}`` for each conv->bn pair (for a report's skips).
+    """Put ``model`` (``quantize``'s own copy, which will run inference) in eval mode and fold it in place;
+    ``{batchnorm name: reason}`` for each conv->bn pair (for a report's skips).
 
-    With ``example`` (one batch), pairs come from a recorded forward and the folded output is checked
-    against the unfolded one (everything is restored, with the reason, if it differs).
+    A BatchNorm that was in train mode (a model handed over mid-training, or fresh from
+    ``load_from_checkpoint``) folds with its running statistics, as it would compute in eval mode, and its
+    note says it was in train mode. With ``example`` (one batch), pairs come from a recorded forward and
+    the folded output is checked against the unfolded one (everything is restored, with the reason, if it
+    differs).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
-        >>> fold_batchnorm_notes(model)["1"][:14]
-        'not folded int'
-        >>> fold_batchnorm_notes(model.eval(), torch.randn(2, 1, 8, 8))
+        >>> fold_batchnorm_notes(model)["1"][:53], model.training
+        ('folded into 0 (its BatchNorm2d was in train mode: qua', False)
+        >>> fold_batchnorm_notes(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval(), torch.randn(2, 1, 8, 8))
         {'1': 'folded into 0'}
     """
+    was_training = {name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.training}
+    model.eval()
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return {}  # nothing to fold: no forward passes
     feed = forward_fn or default_forward
@@ -120,7 +129,10 @@ def fold_batchnorm_notes(model: nn.Module, example: Any = None, forward_fn: Forw
             _unfold(model, notes, saved)
             reason = "not folded into {conv}: the folded model's output differed on calibration data"
             return {bn: reason.format(conv=conv) for bn, (conv, _) in notes.items()}
-    return {bn: f"folded into {conv}" if done else _TRAIN_MODE.format(conv=conv) for bn, (conv, done) in notes.items()}
+    return {
+        bn: (_WAS_TRAINING if bn in was_training else "folded into {conv}").format(conv=conv)
+        for bn, (conv, _) in notes.items()
+    }
 
 
 def _fold(

@@ -10,6 +10,7 @@ never changed.
 from __future__ import annotations
 
 import os
+import reprlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 
 import mono_quant as mq
 from mono_quant_lightning import checkpoint_io, export
@@ -37,6 +39,10 @@ class QuantizationCallback(Callback):
     quantize at fit end, report output fidelity, write ``model.quant.safetensors`` (and its text report
     ``model.quant.report.txt``) next to the checkpoints. Scores come from the module's **own**
     ``validation_step`` run on the float module and on the quantized copy, so any batch format works.
+
+    Lightning hands the callback a train-mode module: it quantizes an eval-mode copy, so BatchNorms fold as in
+    ``mono_quant.quantize`` of the eval model (the report says so), and never changes the module or its mode.
+    Under ``fast_dev_run`` it quantizes and measures, but writes and removes no file (like Lightning's checkpoints).
 
     Args:
         dtype: ``"int8"`` (default), ``"int4"`` (weight-only), ``"fp16"`` or ``"bf16"``.
@@ -70,9 +76,11 @@ class QuantizationCallback(Callback):
         verbose: report through Lightning's ``rank_zero_info`` (the report table, fidelity, the gate).
 
     Configuration errors that can be known before training (no validation data for static mode, ``monitor`` or
-    ``metric``; an ``export_dir`` that is a file or not writable; int4 with a ``group_size`` no layer takes; a
+    ``metric``; an ``export_dir`` that is a file or not writable; int4 where no layer gets 4 bits; a
     ``monitor`` the module never logs) raise before the first training step. The ``quant/*`` figures go to
-    ``trainer.callback_metrics`` and every logger.
+    ``trainer.callback_metrics`` and every logger. int4 layers take the largest of ``group_size``, its half, ...
+    down to 32 that divides their input width (int8 when none does). A gate decision on a model the report
+    warns is mostly float ends with that warning.
 
     Example:
         >>> cb = QuantizationCallback()
@@ -155,7 +163,16 @@ class QuantizationCallback(Callback):
 
         Example:
             >>> cb = QuantizationCallback(); cb.load_state_dict({"observer": "minmax", "statistics": None})
+            >>> cb.load_state_dict({"observer": 3})
+            Traceback (most recent call last):
+            ...
+            mono_quant.errors.CalibrationError: QuantizationCallback: the checkpoint's callback state {'observer': 3}...
         """
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("observer", ""), str):
+            raise mq.CalibrationError(
+                f"QuantizationCallback: the checkpoint's callback state {reprlib.repr(state_dict)} is not what "
+                "state_dict() writes ({'observer': name, 'statistics': per-layer tensors or None})"
+            )
         if state_dict.get("observer", self.config.observer.value) != self.config.observer.value:
             self.measurer.warn(f"checkpoint statistics come from observer={state_dict['observer']!r}; ignoring them")
             return
@@ -176,7 +193,7 @@ class QuantizationCallback(Callback):
             checkpoint_io.install(trainer, self._write_sidecar)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fail fast on layer choices that cannot work (int4 with a ``group_size`` no layer takes)."""
+        """Fail fast on layer choices that cannot work (int4 where no layer gets 4 bits)."""
         check_layers(pl_module, self.config)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -224,6 +241,13 @@ class QuantizationCallback(Callback):
         self.observation.stop()
         path = export.export_path(trainer, self.export_dir)
         failed = self.measurer.run(trainer, pl_module)
+        if trainer.fast_dev_run:  # a smoke test of the code: like Lightning's checkpoints, no file is touched
+            verdict = f" ({self.measurer.failure_message()})" if failed else ""
+            rank_zero_info(
+                f"[mono-quant] fast_dev_run: quantized and measured{verdict}; exported nothing, so an earlier run's "
+                f"{path} stays as it is"
+            )
+            return
         if failed:
             message = self.measurer.failure_message()
             if trainer.is_global_zero:

@@ -87,8 +87,12 @@ def decide(
     *,
     higher_is_better: bool = True,
     drop_type: DropType | str = DropType.ABSOLUTE,
+    coverage_warning: str = "",
 ) -> GateDecision:
     """Pass when the quantized model is at most ``max_drop`` worse than the float model.
+
+    ``coverage_warning`` (the quantization report's warning, e.g. that only 2% of the matmul weights were
+    quantized) ends the reason, so a decision on a mostly-float model says so whether it passes or not.
 
     Example:
         >>> decide(0.95, 0.94, 0.01).passed          # drop == max_drop passes
@@ -98,8 +102,18 @@ def decide(
         >>> d = decide(0.95, float("nan"), 0.01)
         >>> d.passed, d.reason
         (False, 'quantized score is NaN')
+        >>> decide(0.95, 0.95, 0.01, coverage_warning="only 2% of the matmul weights were quantized").reason
+        'drop 0 <= max_drop 0.01; WARNING: only 2% of the matmul weights were quantized'
     """
-    drop_type = DropType(drop_type)
+    decision = _decide(float_score, quantized_score, max_drop, higher_is_better, DropType(drop_type))
+    if coverage_warning:
+        return dataclasses.replace(decision, reason=f"{decision.reason}; WARNING: {coverage_warning}")
+    return decision
+
+
+def _decide(
+    float_score: float, quantized_score: float, max_drop: float, higher_is_better: bool, drop_type: DropType
+) -> GateDecision:
     max_drop = float(max_drop)
     drop = measure_drop(float_score, quantized_score, higher_is_better=higher_is_better, drop_type=drop_type)
     unit = " (relative)" if drop_type is DropType.RELATIVE else ""

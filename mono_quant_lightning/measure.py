@@ -54,7 +54,7 @@ class Measurer:
         """The quantized copy and the static activation parameters it used (``None`` unless static)."""
         mode, qparams, why = self.cb.resolve_mode(module, trainer)
         if announce:
-            self.info(f"quantizing to {self.cb.dtype.value} with {why}")
+            self.info(f"quantizing an eval-mode copy of the module to {self.cb.dtype.value} with {why}")
         started = time.perf_counter()
         result = mq.quantize(module, self.cb.config.replace(mode=mode.value), activation_qparams=qparams)
         self.seconds = time.perf_counter() - started
@@ -143,7 +143,12 @@ class Measurer:
     def _decide(self, float_score: float, quantized_score: float) -> None:
         cb = self.cb
         cb.decision = decide(
-            float_score, quantized_score, cb.max_drop, higher_is_better=cb.higher_is_better, drop_type=cb.drop_type
+            float_score,
+            quantized_score,
+            cb.max_drop,
+            higher_is_better=cb.higher_is_better,
+            drop_type=cb.drop_type,
+            coverage_warning=cb.result.report.warning,
         )
         cb.drop = cb.decision.drop
 

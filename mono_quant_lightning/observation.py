@@ -77,7 +77,13 @@ class Observation:
         if self.pending is None or module is None:
             return
         calibrator = self.calibrator(module)
-        calibrator.load_state_dict(self.pending)
+        try:
+            calibrator.load_state_dict(self.pending)
+        except mq.CalibrationError as err:
+            raise mq.CalibrationError(
+                f"QuantizationCallback: the checkpoint's callback state 'statistics' does not fit "
+                f"{type(module).__name__}: {err}"
+            ) from None
         self.statistics, self.pending = calibrator, None
 
 

@@ -10,32 +10,42 @@ from torch import nn
 
 import mono_quant as mq
 from mono_quant import select_layers
+from mono_quant.modules.attach import proxy_module
+from mono_quant.modules.registry import REGISTRY
 from mono_quant_lightning.batches import val_loaders
 from mono_quant_lightning.options import QuantMode
 
 
 def check_layers(module: nn.Module, config: mq.QuantizationConfig) -> None:
-    """int4 where ``group_size`` fits no layer would export a float model: a ``ConfigError`` naming the layers.
+    """int4 where no layer gets 4 bits (``group_size`` has no kernel, or no group of it divides any layer's
+    width) would export an int8 model: a ``ConfigError`` naming the layers.
 
     Example:
-        >>> model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 2))
+        >>> model = nn.Sequential(nn.Linear(48, 80), nn.Linear(80, 2))
         >>> try:
         ...     check_layers(model, mq.QuantizationConfig(dtype="int4", group_size=128))
         ... except mq.ConfigError as err:
-        ...     print(str(err)[:70])
-        QuantizationCallback(config.group_size=128): no layer takes it, so int
-        >>> check_layers(model, mq.QuantizationConfig(dtype="int4", group_size=32))
+        ...     print(str(err)[:82])
+        QuantizationCallback(config.group_size=128): no layer takes int4, so the export wo
+        >>> check_layers(nn.Sequential(nn.Linear(96, 2)), mq.QuantizationConfig(dtype="int4", group_size=128))  # 32
     """
     if config.dtype is not mq.QuantDtype.INT4:
         return
     selection = select_layers(module, config)
-    reasons = {name: why for name, why in selection.skipped.items() if "group_size" in why}
-    if not selection.chosen and reasons:
-        listed = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+    if not selection.chosen or any(cls.bits == 4 for cls in selection.chosen.values()):
+        return
+    refused = {}
+    for name, cls in selection.chosen.items():
+        int4 = next((c for c in REGISTRY[cls.float_type] if mq.QuantDtype.INT4 in c.dtypes), None)
+        if int4 is not None:
+            layer, attachment = module.get_submodule(name), selection.attached.get(name)
+            refused[name] = int4.unsupported_reason(proxy_module(layer, attachment) if attachment else layer, config)
+    if refused:
+        listed = "; ".join(f"{name}: {why}" for name, why in refused.items())
         raise mq.ConfigError(
-            f"QuantizationCallback(config.group_size={config.group_size}): no layer takes it, so int4 would leave "
-            f"the whole model float ({listed}); pass config=mono_quant.QuantizationConfig(dtype='int4', "
-            "group_size=...) with a size that divides the layers' input features (e.g. 32)"
+            f"QuantizationCallback(config.group_size={config.group_size}): no layer takes int4, so the export would "
+            f"be int8 ({listed}); pass config=mono_quant.QuantizationConfig(dtype='int4', group_size=...) with a size "
+            "whose halves down to 32 divide the layers' input widths, or dtype='int8'"
         )
 
 

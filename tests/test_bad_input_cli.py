@@ -71,7 +71,7 @@ CASES = [
         "group size no layer takes",
         ["quantize", F, "--dtype", "int4", "--group-size", "48", "-o", "{d}/o4.pt"],
         1,
-        "no layer",
+        "--group-size=48: no layer takes int4",
     ),
     ("include matches nothing", ["quantize", F, "--include", "encoder.*", "-o", "{d}/o5.pt"], 2, "matches no layer"),
     ("one include of two", ["quantize", F, "--include", "0", "--include", "x*", "-o", "{d}/o6.pt"], 2, "'x*'"),
@@ -145,8 +145,12 @@ def test_group_size_some_layers_cannot_take_warns(folder: Path, tmp_path: Path, 
     code, _, err = run(
         ["quantize", str(folder / "mixed.pt"), "--dtype", "int4", "--group-size", "32", "-q", "-o", str(out)], capsys
     )
-    assert code == 0 and err.startswith("mono-quant: warning: --group-size=32 left 1 layer(s) in float")
-    assert list(mq.load(out)[1]["layers"]) == ["a"]
+    assert code == 0 and err.startswith(
+        "mono-quant: warning: --group-size=32: 1 layer(s) took int8 (no int4 group size of [32] with a kernel divides "
+        "their input width): ['b']"
+    )
+    layers = mq.load(out)[1]["layers"]
+    assert (layers["a"]["bits"], layers["a"]["group_size"], layers["b"]["bits"]) == (4, 32, 8)
 
 
 def test_version(capsys: Any) -> None:

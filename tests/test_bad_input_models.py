@@ -178,6 +178,41 @@ def test_activation_range_that_overflows_the_scale() -> None:
         mq.quantize(nn.Sequential(nn.Linear(64, 8)), mode="static", calibration_data=data)
 
 
+def _saved_statistics(observer: str = "minmax") -> tuple[Any, dict]:
+    net = model()
+    calibrator = mq.Calibrator({"0": net[0]}, mq.QuantizationConfig(mode="static", observer=observer))
+    calibrator.run(net, [digits_inputs(8)])
+    return calibrator, {name: dict(state) for name, state in calibrator.state_dict().items()}
+
+
+STATE_CASES = [
+    ("not a mapping", lambda s: "garbage", "observer state is a str"),
+    ("layer not a mapping", lambda s: {"0": "garbage"}, "observer state ['0'] has a str"),
+    ("missing layer", lambda s: {}, "no entry for layer(s) ['0']"),
+    ("string value", lambda s: s["0"].update(min_val="x") or s, "['0']['min_val'] is a str; expected a float tensor"),
+    ("unknown key", lambda s: s["0"].update(extra=torch.ones(())) or s, "expected the keys ['batches', 'max_val'"),
+    ("wrong shape", lambda s: s["0"].update(max_val=torch.ones(3)) or s, "['0']['max_val'] is torch.float32 [3]"),
+    ("float count", lambda s: s["0"].update(batches=torch.tensor(1.5)) or s, "['0']['batches'] is torch.float32 []"),
+    ("negative count", lambda s: s["0"].update(batches=torch.tensor(-2)) or s, "['0']['batches'] is -2"),
+]
+
+
+@pytest.mark.parametrize(("case", "corrupt", "word"), STATE_CASES, ids=[c[0] for c in STATE_CASES])
+def test_bad_observer_state(case: str, corrupt: Any, word: str) -> None:
+    calibrator, state = _saved_statistics()
+    before = calibrator.qparams()["0"].scale.item()
+    with expect(CE, word):
+        calibrator.load_state_dict(corrupt(state))
+    assert calibrator.qparams()["0"].scale.item() == before  # nothing was assigned
+
+
+def test_histogram_state_into_a_minmax_calibrator() -> None:
+    calibrator, _ = _saved_statistics()
+    _, histogram = _saved_statistics("histogram")
+    with expect(CE, "observer state ['0'] has ['batches', 'counts', 'max_val', 'min_val', 'range_exp']"):
+        calibrator.load_state_dict(histogram)
+
+
 def test_forward_fn_fixes_a_dict_batch() -> None:
     data = [{"pixels": x} for x in digits_inputs(64).split(16)]
     result = mq.quantize(model(), mode="static", calibration_data=data, forward_fn=lambda m, b: m(b["pixels"]))

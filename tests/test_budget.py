@@ -324,3 +324,34 @@ def test_relative_drop_and_a_zero_float_score():
         mq.quantize_with_budget(model, lambda m: next(scores), drop_type="relative", sensitivity_data=x)
     result = mq.quantize_with_budget(model, lambda m: 2.0, drop_type="relative", sensitivity_data=x)
     assert result.reached and result.drop == 0.0
+
+
+def test_quantization_result_of_a_cnn_with_a_quantized_conv_and_a_moved_layer(digits):
+    """Convolutions are quantized through their weight tensor (the module stays an ``nn.Conv2d``); the result's
+    rows are the ones ``quantize`` measured on the BatchNorm-folded weights, not re-read from the modules."""
+    x_train, y_train, x_test, y_test = digits
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for start in range(0, len(x_train), 64):
+        optimizer.zero_grad()
+        logits = model(x_train[start : start + 64].reshape(-1, 1, 8, 8))
+        nn.functional.cross_entropy(logits, y_train[start : start + 64]).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        model[4].weight[:, 0] = 100.0  # the same for every class: argmax unchanged, int8 rows zero out the rest
+    images = x_test.reshape(-1, 1, 8, 8)
+    accuracy = _accuracy_fn(images, y_test)
+    budget = mq.quantize_with_budget(
+        model, accuracy, max_drop=0.02, sensitivity_data=x_train[:128].reshape(-1, 1, 8, 8)
+    )
+    assert budget.reached and budget.moves == {"4": "float"} and budget.float_score > 0.8
+    assert isinstance(budget.model[0], nn.Conv2d) and type(budget.model[0].weight.layer).__name__ == "Int8Conv2d"
+    plain = mq.quantize(model)
+    result = budget.quantization_result(model, plain)
+    (row,) = result.report.layers
+    assert (row.name, row.kind, row.bits) == ("0", "Conv2d", 8)
+    assert row == plain.report.layers[0]  # measured on the folded weight, like the plain quantization
+    assert result.report.skipped == {"1": "folded into 0", "4": "kept in float by the accuracy budget"}
+    assert result.report.warning.startswith("only 1% of the matmul weights were quantized")
+    assert result.model is budget.model

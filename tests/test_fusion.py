@@ -154,11 +154,22 @@ def test_quantize_folds_eval_models_and_reports_it(images: torch.Tensor) -> None
     assert torch.nn.functional.cosine_similarity(reference, out).min() > 0.99
 
 
-def test_quantize_leaves_train_mode_and_opt_out_unfolded(images: torch.Tensor) -> None:
-    model = _randomize_bn(Net()).train()
-    result = mq.quantize(model, mode="dynamic")
-    assert result.report.skipped["stem.1"].startswith("not folded into stem.0: BatchNorm2d is in train mode")
-    assert isinstance(result.model.stem[1], nn.BatchNorm2d) and model.training
+def test_quantize_folds_a_train_mode_model_on_an_eval_copy_and_says_so(images: torch.Tensor) -> None:
+    """Quantization is for inference: a train-mode model (mid-training, fresh from ``load_from_checkpoint``)
+    is quantized as an eval-mode copy, folded exactly as the eval model is; the model keeps its own mode."""
+    model = _randomize_bn(Net())
+    before = _snapshot(model)
+    from_eval = mq.quantize(model.eval(), mode="static", calibration_data=[images])
+    result = mq.quantize(model.train(), mode="static", calibration_data=[images])
+    assert result.report.skipped["stem.1"] == (
+        "folded into stem.0 (its BatchNorm2d was in train mode: quantization makes an eval-mode copy for inference, "
+        "so the running statistics were folded)"
+    )
+    assert result.report.skipped["block.bn2"].startswith("folded into block.conv2 (its BatchNorm2d was in train mode")
+    assert result.report.layers == from_eval.report.layers
+    assert not result.model.training and model.training and all(m.training for m in model.modules())
+    _assert_unchanged(model, before)
+    torch.testing.assert_close(result.model(images), from_eval.model(images), rtol=0, atol=0)
     off = mq.quantize(model.eval(), mode="dynamic", fold_batchnorm=False)
     assert isinstance(off.model.stem[1], nn.BatchNorm2d)
     assert off.report.skipped["stem.1"] == "BatchNorm2d is not a supported layer type"

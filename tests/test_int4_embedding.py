@@ -11,7 +11,7 @@ from torch import nn
 
 import mono_quant as mq
 from mono_quant import QuantizationConfig
-from mono_quant.modules import Int4Embedding, Int4Linear, quantized_class_for
+from mono_quant.modules import Int4Embedding, Int4Linear, Int8Embedding, quantized_class_for
 from mono_quant.qparams import sqnr_db
 
 
@@ -76,7 +76,8 @@ def test_lookup_does_not_dequantize_the_table(monkeypatch: pytest.MonkeyPatch) -
 def test_registry_selection_and_skips() -> None:
     config = QuantizationConfig(dtype="int4", group_size=32)
     assert quantized_class_for(nn.Embedding(10, 64), config)[0] is Int4Embedding
-    assert quantized_class_for(nn.Embedding(10, 48), config) == (None, "group_size=32 does not divide embedding_dim=48")
+    assert quantized_class_for(nn.Embedding(10, 48), config)[0] is Int8Embedding  # no int4 group divides 48
+    assert Int4Embedding.from_float(nn.Embedding(10, 96), QuantizationConfig(dtype="int4")).group_size == 32
     assert "max_norm" in quantized_class_for(nn.Embedding(10, 64, max_norm=1.0), config)[1]
     model = nn.Sequential(nn.Embedding(100, 64), nn.Linear(64, 8))
     result = mq.quantize(model, dtype="int4", group_size=32)

@@ -201,8 +201,8 @@ def test_export_dir_that_is_a_file_fails_before_training(tmp_path, digits):
 
 
 def test_int4_group_size_no_layer_takes_fails_before_training(tmp_path, digits):
-    cb = QuantizationCallback(config=mq.QuantizationConfig(dtype="int4", group_size=128))
-    with pytest.raises(ConfigError, match=r"group_size=128\): no layer takes it.*net.1: group_size=128 does not"):
+    cb = QuantizationCallback(config=mq.QuantizationConfig(dtype="int4", group_size=48))  # no int4 kernel: all int8
+    with pytest.raises(ConfigError, match=r"group_size=48\): no layer takes int4.*net.1: group_size=48 has no int4"):
         fit(tmp_path, digits, cb)
     assert Classifier.steps == 0
 

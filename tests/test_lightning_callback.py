@@ -320,6 +320,84 @@ def test_resume_restores_observer_statistics(tmp_path, digits):
     assert resumed.result.model.net[5].input_scale.item() == first.result.model.net[5].input_scale.item()
 
 
+class WideHeadCNN(DigitsCNN):
+    """32 channels of 7 x 7 into a 1568-wide classifier (1568 = 32 x 49: no int4 group of 128 or 64 divides it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 32, 2), nn.ReLU(), nn.Flatten(), nn.Linear(1568, 10))
+
+
+@pytest.mark.slow
+def test_int4_on_a_1568_wide_classifier_takes_groups_of_32(tmp_path, digits):
+    train, val = loaders(digits)
+    cb = quiet(dtype="int4", monitor="val_loss", monitor_mode="min", max_drop=0.5)
+    trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=4).fit(WideHeadCNN(), train, val)
+    head = cb.result.model.net[3]
+    assert type(head).__name__ == "Int4Linear" and head.group_size == 32
+    assert not cb.result.report.warning and "WARNING" not in cb.decision.reason and cb.decision.passed
+    _, metadata = mq.load(cb.export_path)
+    assert (metadata["layers"]["net.3"]["bits"], metadata["layers"]["net.3"]["group_size"]) == (4, 32)
+    assert cb.export_path.stat().st_size < 0.25 * 4 * sum(p.numel() for p in WideHeadCNN().parameters())
+    reloaded = mq.load(cb.export_path, model=WideHeadCNN())
+    x = digits[2][:16]
+    torch.testing.assert_close(reloaded(x), cb.result.model(x))
+
+
+@pytest.mark.slow
+def test_fast_dev_run_leaves_a_real_runs_export_alone(tmp_path, digits, caplog):
+    train, val = loaders(digits)
+    out = tmp_path / "out"
+    real = QuantizationCallback(export_dir=out)
+    trainer(tmp_path, [real], max_epochs=1, limit_train_batches=4).fit(DigitsCNN(), train, val)
+    exported, report = real.export_path.read_bytes(), (out / "model.quant.report.txt").read_bytes()
+
+    class FloatOnly(DigitsCNN):  # logs 1 for the float module, 0 for a quantized copy: the gate always fails
+        def validation_step(self, batch, batch_idx):
+            self.log("val_float", float(type(self.net[5]) is nn.Linear), batch_size=1)
+            return super().validation_step(batch, batch_idx)
+
+    dev = QuantizationCallback(export_dir=out, monitor="val_float", monitor_mode="max")
+    trainer(tmp_path, [dev], fast_dev_run=True).fit(FloatOnly(), train, val)
+    assert dev.result is not None and dev.export_path is None and not dev.decision.passed  # ran, raised nothing
+    assert "[mono-quant] fast_dev_run: quantized and measured (quantized model failed the gate" in caplog.text
+    assert f"exported nothing, so an earlier run's {out / 'model.quant.safetensors'} stays as it is" in caplog.text
+    assert real.export_path.read_bytes() == exported and (out / "model.quant.report.txt").read_bytes() == report
+    assert sorted(p.name for p in out.iterdir()) == ["model.quant.report.txt", "model.quant.safetensors"]
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_statistics_and_garbage_statistics_name_the_key(tmp_path, digits):
+    train, val = loaders(digits)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = quiet()
+    trainer(tmp_path, [checkpoint, first], max_epochs=1, limit_train_batches=2).fit(DigitsCNN(), train, val)
+    saved = torch.load(checkpoint.last_model_path, weights_only=True)
+    (key,) = [k for k in saved["callbacks"] if k.startswith("QuantizationCallback")]
+    cases = {
+        "min_val": (lambda stats: stats["net.5"].update(min_val="garbage"), r"\['net.5'\]\['min_val'\] is a str"),
+        "shape": (lambda stats: stats["net.0"].update(max_val=torch.ones(3)), r"\['net.0'\]\['max_val'\] is torch"),
+        "layer": (lambda stats: stats.pop("net.3"), r"no entry for layer\(s\) \['net.3'\]"),
+    }
+    for name, (corrupt, match) in cases.items():
+        broken = torch.load(checkpoint.last_model_path, weights_only=True)
+        corrupt(broken["callbacks"][key]["statistics"])
+        path = tmp_path / f"{name}.ckpt"
+        torch.save(broken, path)
+        resumed = quiet()
+        resume = trainer(tmp_path, [resumed], max_epochs=2, limit_train_batches=2)
+        with pytest.raises(mq.CalibrationError, match=r"state .statistics. does not fit DigitsCNN: .*" + match):
+            resume.fit(DigitsCNN(), train, val, ckpt_path=path)
+        assert resumed.result is None, name  # it stopped while restoring, before any training or export
+
+    resumed = quiet()  # the intact checkpoint: one more epoch, no validation after resuming
+    resume = trainer(tmp_path, [resumed], max_epochs=2, limit_train_batches=2, limit_val_batches=0)
+    resume.fit(DigitsCNN(), train, val, ckpt_path=checkpoint.last_model_path)
+    assert resumed.mode_used is QuantMode.STATIC  # static on the restored statistics
+    restored, expected = resumed.state_dict()["statistics"], saved["callbacks"][key]["statistics"]
+    assert all(torch.equal(restored[n][k], v) for n, state in expected.items() for k, v in state.items())
+
+
 # ---------------------------------------------------------------------- bad input
 
 

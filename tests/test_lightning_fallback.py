@@ -16,13 +16,14 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from lightning_kit import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 import mono_quant as mq
 from mono_quant.errors import CalibrationError, ConfigError
-from mono_quant_lightning import OnViolation, QuantizationCallback, QuantizationGateError
+from mono_quant_lightning import OnViolation, QuantizationCallback, QuantizationGateError, export
 from mono_quant_lightning.options import default_fallback_ladder
 
 LAYERS = ("net.0", "net.2", "net.4")
@@ -129,6 +130,66 @@ def test_int4_fallback_reaches_the_budget_and_exports_a_mixed_model_that_reloads
     assert float(logged["quant/multiclass_accuracy_before_fallback"]) == pytest.approx(budget.quantized_score)
     assert float(logged["quant/drop"]) == pytest.approx(cb.drop)
     assert float(logged["quant/fallback_evaluations"]) == budget.evaluations
+
+
+class DigitsBatchNormCNN(L.LightningModule):
+    """Conv -> BatchNorm -> ReLU features and a linear head that also reads the always-zero pixel 0; the head weights
+    on it never train, and at ``outlier`` they break the head at int8 (each row's other weights round to 0)."""
+
+    def __init__(self, outlier: float = 1e4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(8 * 64 + 1, 10)
+        with torch.no_grad():
+            self.head.weight[:, -1] = outlier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.net(x.reshape(-1, 1, 8, 8)), x[:, :1]], 1))
+
+    training_step = DigitsMLP.training_step
+    validation_step = DigitsMLP.validation_step
+    configure_optimizers = DigitsMLP.configure_optimizers
+
+
+def test_cnn_fallback_keeps_the_quantized_conv_and_folds_batchnorm_on_an_eval_copy(tmp_path, digits):
+    x_train, y_train, x_val, y_val = digits
+    train = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
+    val = DataLoader(TensorDataset(x_val, y_val), batch_size=64)
+    seen: dict[str, tuple[bool, dict]] = {}
+
+    class Probe(L.Callback):
+        def __init__(self, when: str) -> None:
+            self.when = when
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            seen[self.when] = (pl_module.training, {k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    cb = fallback(max_drop=0.02, export_dir=tmp_path / "out", verbose=False)  # int8 auto: static
+    model = DigitsBatchNormCNN()
+    quiet_trainer(tmp_path, [Probe("before"), cb, Probe("after")], max_epochs=1).fit(model, train, val)
+
+    budget = cb.budget
+    assert budget.float_score > 0.8 and budget.quantized_score < 0.3 and budget.reached
+    assert budget.moves == {"head": "float"}
+    assert type(cb.result.model.net[0].weight.layer).__name__ == "Int8Conv2d"  # still an nn.Conv2d: attached
+    (row,) = cb.result.report.layers
+    plain = mq.quantize(model.eval(), mode="static", activation_qparams=cb.observation.statistics.qparams())
+    assert row == plain.report.layers[0]  # the conv folded and measured exactly as quantize of the eval model
+    assert plain.report.skipped["net.1"] == "folded into net.0"
+    assert cb.result.report.skipped["net.1"].startswith("folded into net.0 (its BatchNorm2d was in train mode")
+    assert cb.result.report.skipped["head"] == "kept in float by the accuracy budget"
+    # the gate passes a mostly-float model, and its decision says so
+    assert cb.decision.passed and cb.decision.reason.endswith(
+        "; WARNING: only 1% of the matmul weights were quantized: head: kept in float by the accuracy budget"
+    )
+    assert "folded into net.0 (its BatchNorm2d was in train mode" in export.report_path(cb.export_path).read_text()
+    # the module Lightning handed over is still in train mode and unchanged
+    assert seen["before"][0] is True and seen["after"][0] is True
+    assert all(torch.equal(v, seen["after"][1][k]) for k, v in seen["before"][1].items())
+    reloaded = mq.load(cb.export_path, model=DigitsBatchNormCNN())
+    torch.testing.assert_close(reloaded(x_val), cb.result.model(x_val))
+    assert accuracy(reloaded, digits) == budget.final_score
 
 
 def test_static_int8_fallback_reuses_the_validation_statistics(tmp_path, digits, monkeypatch):

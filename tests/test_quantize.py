@@ -72,12 +72,30 @@ def test_dtype_variants(dtype, linear_cls):
         assert sqnr_db(model(x), q_model(x)) > (15 if dtype == "int4" else 30)
 
 
-def test_int4_skips_layers_it_cannot_take_with_reasons():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 256), nn.Linear(256, 10))
+def test_int4_takes_the_largest_group_that_divides_else_int8(tmp_path):
+    """Each int4 layer uses the largest of group_size, group_size/2, ... down to 32 that divides its input
+    width (a 1568-wide classifier: 32), int8 when none does (144 = 16 x 9); the file records each group."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 1568), nn.Linear(1568, 256), nn.Linear(256, 10)
+    ).eval()
     result = mq.quantize(model, dtype="int4", group_size=128)
-    assert "group_size=128 does not divide in_features=144" in result.report.skipped["2"]
-    assert isinstance(result.model[3], Int4Linear)
-    assert result.skipped == ["2"]
+    assert result.skipped == [] and not result.report.warning
+    assert [(row.name, row.bits) for row in result.report.layers] == [("0", 8), ("2", 8), ("3", 4), ("4", 4)]
+    assert type(result.model[2]) is Int8Linear and (result.model[3].group_size, result.model[4].group_size) == (32, 128)
+    x = torch.randn(4, 1, 8, 8)
+    path = tmp_path / "q.safetensors"
+    result.save(path)
+    fresh = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 1568), nn.Linear(1568, 256), nn.Linear(256, 10)
+    )
+    reloaded = mq.load(path, model=fresh)
+    assert (reloaded[3].group_size, reloaded[3].weight_scale.shape) == (32, torch.Size([256, 49]))
+    assert torch.equal(reloaded(x), result.model(x))
+    _, metadata = mq.load(path)
+    assert {name: entry.get("group_size") for name, entry in metadata["layers"].items()} == {
+        "0": None, "2": None, "3": 32, "4": 128,
+    }  # fmt: skip
+    assert sqnr_db(model[3].weight.detach(), result.model[3].dequantized_weight()) > 18  # 4-bit, groups of 32
     # convolutions have no int4 kernel: they take int8 dynamic (real int8 convolutions), said in the report
     conv = next(row for row in result.report.layers if row.name == "0")
     assert (conv.bits, conv.mode) == (8, "dynamic")

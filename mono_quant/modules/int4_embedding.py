@@ -17,7 +17,7 @@ from torch import nn
 
 from mono_quant.config import QuantDtype, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, meta_embedding
-from mono_quant.modules.int4_weight import Int4Weight
+from mono_quant.modules.int4_weight import Int4Weight, group_size_for, no_group_reason
 from mono_quant.modules.registry import register
 from mono_quant.qparams import unpack_int4_words
 
@@ -51,8 +51,8 @@ class Int4Embedding(Int4Weight, nn.Module, QuantizedLayer):
         if module.max_norm is not None:
             return "max_norm renormalizes weights in place; no int4 path"
         dim = module.embedding_dim
-        if dim % config.group_size:
-            return f"group_size={config.group_size} does not divide embedding_dim={dim}"
+        if group_size_for(dim, config.group_size) is None:
+            return no_group_reason("embedding_dim", dim, config.group_size)
         if dim % 8:
             return f"int4 packing needs embedding_dim={dim} to be a multiple of 8"
         return None
@@ -61,7 +61,8 @@ class Int4Embedding(Int4Weight, nn.Module, QuantizedLayer):
     def from_float(
         cls, module: nn.Embedding, config: QuantizationConfig, activation: ActivationQParams | None = None
     ) -> Int4Embedding:
-        layer = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, config.group_size, config.scheme)
+        group = group_size_for(module.embedding_dim, config.group_size)
+        layer = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, group, config.scheme)
         layer.store_int4(module.weight, config)
         return layer
 

@@ -17,7 +17,7 @@ from mono_quant import kernels
 from mono_quant.config import QuantDtype, QuantizationConfig, Scheme
 from mono_quant.kernels import choice
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias, float_linear
-from mono_quant.modules.int4_weight import Int4Weight
+from mono_quant.modules.int4_weight import Int4Weight, group_size_for, no_group_reason
 from mono_quant.modules.registry import register
 from mono_quant.qparams import (
     unpack_int4_words,
@@ -30,6 +30,10 @@ _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 # the packed kernel always serves (it beats float there for layers from 384 x 1536 up: linear_kernels.py).
 _KERNELS = ("int4pack", "dequantize")
 _DEQUANTIZE_MIN_ROWS = 8
+# CUDA's _convert_weight_to_int4pack needs in_features to be a multiple of 16 x the 8 inner k-tiles it packs
+# (checked in its source: isEvenDivisor(K, innerKTiles * kKTileSize)); the CPU kernel takes any multiple of the
+# group. Narrower groups (group_size_for) reach widths like 1568: on CUDA those unpack the weight instead.
+_CUDA_PACK_MULTIPLE = 128
 
 
 @register(nn.Linear)
@@ -55,18 +59,18 @@ class Int4Linear(Int4Weight, nn.Module, QuantizedLayer):
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
-        size = module.in_features
-        if size % config.group_size:
-            return f"group_size={config.group_size} does not divide in_features={size}"
         if config.group_size not in _KERNEL_GROUP_SIZES:
             return f"group_size={config.group_size} has no int4 kernel; use one of {_KERNEL_GROUP_SIZES}"
+        if group_size_for(module.in_features, config.group_size) is None:
+            return no_group_reason("in_features", module.in_features, config.group_size)
         return None
 
     @classmethod
     def from_float(
         cls, module: nn.Linear, config: QuantizationConfig, activation: ActivationQParams | None = None
     ) -> Int4Linear:
-        layer = cls(module.in_features, module.out_features, module.bias is not None, config.group_size, config.scheme)
+        group = group_size_for(module.in_features, config.group_size)
+        layer = cls(module.in_features, module.out_features, module.bias is not None, group, config.scheme)
         layer.store_int4(module.weight, config)
         layer.bias = copy_bias(module)
         return layer
@@ -96,7 +100,9 @@ class Int4Linear(Int4Weight, nn.Module, QuantizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         kernel = "int4pack"
-        if x2.device.type == "cpu" and x2.shape[0] > _DEQUANTIZE_MIN_ROWS:
+        if x2.device.type != "cpu" and self.in_features % _CUDA_PACK_MULTIPLE:
+            kernel = "dequantize"
+        elif x2.device.type == "cpu" and x2.shape[0] > _DEQUANTIZE_MIN_ROWS:
             run = lambda name: self._run(name, x2)  # noqa: E731
             kernel = choice.pick("int4_linear", (self.out_features, self.in_features), x2, _KERNELS, kernel, run)
         return self._run(kernel, x2).reshape(*x.shape[:-1], self.out_features)

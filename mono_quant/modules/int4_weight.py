@@ -15,6 +15,43 @@ import torch
 from mono_quant.config import Granularity, Mode, QuantizationConfig, Scheme
 from mono_quant.qparams import QuantizedWeight, dequantize_weight, pack_int4_words, quantize_weight, unpack_int4_words
 
+MIN_GROUP_SIZE = 32  # the smallest group the int4 kernels take (they take 32, 64, 128 and 256)
+
+
+def group_sizes(group_size: int) -> list[int]:
+    """The group sizes an int4 layer may use under ``config.group_size``, largest first: ``group_size``, then
+    its halves down to 32 (``group_size`` alone when it is smaller).
+
+    Example:
+        >>> group_sizes(128), group_sizes(96), group_sizes(16)
+        ([128, 64, 32], [96, 48], [16])
+    """
+    sizes = [group_size]
+    while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= MIN_GROUP_SIZE:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def group_size_for(width: int, group_size: int) -> int | None:
+    """The group an int4 weight of ``width`` input values uses: the largest of ``group_sizes(group_size)`` that
+    divides ``width``, or ``None`` (the layer then takes int8). Each layer's file entry records its own.
+
+    Example:
+        >>> group_size_for(1568, 128), group_size_for(384, 128), group_size_for(48, 128), group_size_for(48, 16)
+        (32, 128, None, 16)
+    """
+    return next((size for size in group_sizes(group_size) if width % size == 0), None)
+
+
+def no_group_reason(what: str, width: int, group_size: int) -> str:
+    """Why a layer has no int4 group (see ``group_size_for``).
+
+    Example:
+        >>> no_group_reason("in_features", 100, 128)
+        'no int4 group size of [128, 64, 32] divides in_features=100'
+    """
+    return f"no int4 group size of {group_sizes(group_size)} divides {what}={width}"
+
 
 class Int4Weight:
     """Mixin for ``nn.Module`` classes holding one int4 group-wise weight.
@@ -41,8 +78,8 @@ class Int4Weight:
         self.register_buffer("weight_shape", torch.tensor([rows, cols], dtype=torch.int64))
 
     def store_int4(self: Any, weight: torch.Tensor, config: QuantizationConfig) -> None:
-        """Quantize a float ``[rows, cols]`` weight into the buffers."""
-        qw = quantize_weight(weight, 4, config.scheme, Granularity.PER_GROUP, config.group_size)
+        """Quantize a float ``[rows, cols]`` weight into the buffers (groups of ``self.group_size``)."""
+        qw = quantize_weight(weight, 4, config.scheme, Granularity.PER_GROUP, self.group_size)
         self.weight_packed = pack_int4_words(qw.data)
         self.weight_scale = qw.scale
         self.weight_zero_point = qw.zero_point

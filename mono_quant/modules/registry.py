@@ -71,26 +71,32 @@ def quantized_class_for(module: nn.Module, config: QuantizationConfig) -> tuple[
         'Int8Conv2d'
         >>> quantized_class_for(nn.Conv2d(1, 1, 3), QuantizationConfig(dtype="fp16"))[0].__name__
         'HalfConv2d'
+        >>> quantized_class_for(nn.Linear(48, 16), QuantizationConfig(dtype="int4"))[0].__name__  # no group fits
+        'Int8Linear'
 
     """
     candidates = REGISTRY.get(type(module))
     if candidates is None:
         return None, f"{type(module).__name__} is not a supported layer type"
+    reason = f"no {config.dtype.value} path for {type(module).__name__}"
     for cls in candidates:
         if config.dtype in cls.dtypes:
-            reason = cls.unsupported_reason(module, config)
-            return (None, reason) if reason else (cls, "")
+            reason = cls.unsupported_reason(module, config) or ""
+            if not reason:
+                return cls, ""
+            break
     if config.dtype is QuantDtype.INT4 and any(INT4_FALLBACK in cls.dtypes for cls in candidates):
-        return quantized_class_for(module, config.replace(dtype=INT4_FALLBACK, mode="dynamic"))
-    return None, f"no {config.dtype.value} path for {type(module).__name__}"
+        fallback, why = quantized_class_for(module, config.replace(dtype=INT4_FALLBACK, mode="dynamic"))
+        return (fallback, "") if fallback is not None else (None, f"{reason}; int8: {why}")
+    return None, reason
 
 
-INT4_FALLBACK = QuantDtype.INT8  # layers with no int4 kernel (convolutions) take int8 dynamic instead
+INT4_FALLBACK = QuantDtype.INT8  # layers int4 cannot take (convolutions, widths no group divides) take int8 dynamic
 
 
 def layer_config(config: QuantizationConfig, cls: type[QuantizedLayer]) -> QuantizationConfig:
-    """``config`` as ``cls`` applies it: int4 requests on layers without an int4 kernel (convolutions)
-    run int8 dynamic, real int8 convolutions rather than float.
+    """``config`` as ``cls`` applies it: int4 requests on layers int4 cannot take (convolutions, widths no int4
+    group divides) run int8 dynamic, rather than float.
 
     Example:
         >>> from mono_quant.modules import Int8Conv2d
