@@ -212,6 +212,8 @@ class FolderWriter:
         return sum(shard.nbytes for shard in self.shards)
 
     def add(self, tensors: Mapping[str, torch.Tensor], *, new_shard: bool = False) -> None:
+        """Append a group of tensors to the current shard, or to a new one (``new_shard``, or it would pass the
+        limit)."""
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         current = self.shards[-1] if self.shards else None
         full = current is not None and self.limit is not None and current.nbytes + size > self.limit
