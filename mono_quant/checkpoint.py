@@ -1,16 +1,23 @@
 """``quantize_checkpoint``: quantize a (sharded) safetensors checkpoint on disk, one tensor at a time.
 
-No model code is needed: like ``quantize`` on a state_dict, every floating-point 2-D (Linear-like) or
-4-D (Conv-like) ``*.weight`` tensor is a layer (with its ``*.bias``), filtered by ``include``/``exclude``
-globs and ``min_numel``; each layer goes through ``quantize`` alone, so the tensors written are exactly
-those ``quantize(state_dict)`` returns. Everything else (norms, buffers, integer tensors) is copied as is.
+No model code is needed: like ``quantize`` on a state_dict, every float16/bfloat16/float32/float64 2-D
+(Linear-like) ``*.weight`` tensor is a layer (with its ``*.bias``), filtered by ``include``/``exclude`` globs
+and ``min_numel``; each layer goes through ``quantize`` alone. Everything else (norms, buffers, integer
+tensors) is copied as is, and so are float weights that cannot be quantized, with the reason in the report's
+``skipped``: 4-D (convolution) weights, which compressed-tensors has no layout for, other float dtypes
+(float8) and empty weights. A tensor name with an empty part (``.weight``) is refused.
+
+The output is the folder ``save_pretrained`` writes, by the same writer (``hf_write.py``): compressed-tensors
+layouts, mono-quant's metadata for the whole folder in the first file, ``config.json`` with the
+``quantization_config``; it loads with ``transformers.AutoModel.from_pretrained`` and with
+``mq.load(dst, skeleton)``, and ``mono-quant inspect dst`` describes it.
 
 Memory: one layer's tensors are resident at a time (the source tensor is memory-mapped, the quantized
 ones are appended to the output shard's spill file at once), so the peak is about twice the largest
 tensor in float32 plus the interpreter. Output shards follow the source shards (one per source shard,
-split further at ``max_shard_bytes``), each with the same header metadata as ``save_state_dict`` writes.
-The output is built in a hidden temporary folder beside ``dst`` and renamed to ``dst`` only when
-complete; a run killed midway leaves only that hidden folder, which the next run beside ``dst`` removes.
+split further at ``max_shard_bytes``). The output is built in a hidden temporary folder beside ``dst`` and
+renamed to ``dst`` only when complete; a failed run removes it, a run killed midway leaves only that hidden
+folder, which the next run beside ``dst`` removes.
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import secrets
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,12 +40,16 @@ import torch
 
 from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.errors import ConfigError, QuantizationError, SerializationError
-from mono_quant.file_write import METADATA_KEY, compressed_tensors_config, file_metadata, state_dict_layers
+from mono_quant.file_io import process_alive
+from mono_quant.file_write import file_metadata, state_dict_layers
+from mono_quant.hf_write import FolderWriter, as_embedding, embedding_layers, to_compressed_tensors
 from mono_quant.quantize import quantize
 from mono_quant.report import LayerReport, QuantizationReport
-from mono_quant.shards import INDEX_SUFFIX, ShardWriter, SourceCheckpoint, open_source
+from mono_quant.shards import INDEX_SUFFIX, SourceCheckpoint, TensorInfo, open_source
 
 _EXTRA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")  # tokenizer / generation files
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LAYER_KEYS = ("weight", "weight_scale", "weight_zero_point", "weight_packed", "weight_shape")
 
 
 @dataclasses.dataclass
@@ -59,17 +72,6 @@ class CheckpointResult:
             f"{self.report}\nwrote {len(self.files)} files to {self.path}: tensors {before:,} -> {after:,} bytes "
             f"({after / max(before, 1):.1%}) in {self.seconds:.1f} s ({self.read_mb_per_s:.0f} MB/s read)"
         )
-
-
-@dataclasses.dataclass
-class _Shard:
-    """An output shard being written, with the header metadata of the layers it holds."""
-
-    writer: ShardWriter
-    source: Path
-    layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    rows: list[LayerReport] = dataclasses.field(default_factory=list)
-    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def quantize_checkpoint(
@@ -117,8 +119,7 @@ def quantize_checkpoint(
     tmp.mkdir()
     start = time.perf_counter()
     try:
-        report, quantization_config = _quantize_into(source, tmp, config, max_shard_bytes, _display(progress))
-        _write_config(source, tmp, quantization_config)
+        report = _quantize_into(source, tmp, dst, config, max_shard_bytes, _display(progress))
         if Path(src).is_dir() or source.index is not None:
             _copy_extras(source, tmp)
         os.replace(tmp, dst)
@@ -129,50 +130,61 @@ def quantize_checkpoint(
 
 
 def _quantize_into(
-    source: SourceCheckpoint, out: Path, config: QuantizationConfig, max_shard_bytes: int | None, show: TextIO | None
-) -> tuple[QuantizationReport, dict[str, Any]]:
-    """Write the shards (and index) into ``out``; returns the report and the ``quantization_config``."""
-    units = _units(source)
+    source: SourceCheckpoint, out: Path, shown: Path, config: QuantizationConfig, max_shard_bytes: int | None,
+    show: TextIO | None,
+) -> QuantizationReport:
+    """Write the folder (shards, index, ``config.json``) into ``out``; returns the report."""
+    writer = FolderWriter(out, max_shard_bytes, shown=shown)
     meter = _Meter(show, len(source.tensors), sum(info.nbytes for info in source.tensors.values()))
-    done: list[_Shard] = []
-    shard: _Shard | None = None
     rows: list[LayerReport] = []
     skipped: dict[str, str] = {}
     layers: dict[str, dict[str, Any]] = {}
-    for layer, names in units:
-        origin = source.tensors[names[0]].shard
+    origin: Path | None = None
+    embeddings = _embeddings(source)
+    for layer, names in _units(source, skipped):
+        shard = source.tensors[names[0]].shard
         tensors = {name: source.read(name) for name in names}
-        if layer is None:
-            result, produced = None, tensors
-        else:
-            result = _quantize_layer(layer, tensors, origin, config)
-            produced = result.model
-        size = sum(t.numel() * t.element_size() for t in produced.values())
-        full = max_shard_bytes is not None and shard is not None and shard.writer.nbytes + size > max_shard_bytes
-        if shard is None or shard.source != origin or (full and shard.writer.names):
-            if shard is not None:
-                done.append(_close(shard, config))
-            shard = _Shard(ShardWriter(out / f"part-{len(done):05d}.safetensors"), origin)
-        for name, tensor in produced.items():
-            shard.writer.add(name, tensor)
-        if result is not None:
+        produced = tensors
+        if layer is not None:
+            result = _quantize_layer(layer, tensors, shard, config)
+            produced = dict(result.model)
             shape = {layer: tuple(tensors[f"{layer}.weight"].shape)}
             entries = state_dict_layers(produced, config, result.report, shape)
-            shard.layers.update(entries)
+            for name, entry in entries.items():  # the layout save_pretrained writes (one writer: hf_write.py)
+                if name in embeddings:
+                    as_embedding(entry)
+                to_compressed_tensors(produced, {key: f"{name}.{key}" for key in _LAYER_KEYS}, entry)
             layers.update(entries)
-            shard.rows += result.report.layers
-            shard.skipped.update(result.report.skipped)
             rows += result.report.layers
             skipped.update(result.report.skipped)
+            del result
+        writer.add(produced, new_shard=shard != origin)  # output shards follow the source's
+        origin = shard
         meter.advance(len(names), sum(source.tensors[name].nbytes for name in names))
-        del tensors, produced, result
+        del tensors, produced
         _trim()
-    if shard is not None:
-        done.append(_close(shard, config))
     meter.finish()
-    _name_shards(source, out, done)
-    report = QuantizationReport(rows, skipped, meter.total_bytes, sum(s.writer.nbytes for s in done))
-    return report, compressed_tensors_config(layers, config, report)
+    report = QuantizationReport(rows, skipped, meter.total_bytes, writer.nbytes)
+    metadata = file_metadata(layers, config, report, {})
+    model_config = _model_config(source)
+    if model_config is not None:
+        model_config["quantization_config"] = metadata["quantization_config"]
+    single = source.shards[0].name if source.index is None else None
+    writer.finish(metadata, model_config, single, source.prefix)
+    return report
+
+
+def _embeddings(source: SourceCheckpoint) -> set[str]:
+    """The checkpoint's layers that are embeddings in the model of ``config.json`` (none without one)."""
+    weights = [name.removesuffix(".weight") for name in source.tensors if name.endswith(".weight")]
+    found = embedding_layers(source.root, weights)
+    if found is None and (source.root / "config.json").is_file():
+        warnings.warn(
+            f"quantize_checkpoint: cannot build the model of {source.root / 'config.json'} to find its embeddings; "
+            "they are recorded as Linear layers, which transformers cannot load (mq.load can)",
+            stacklevel=3,
+        )
+    return found or set()
 
 
 def _trim() -> None:
@@ -181,14 +193,24 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _units(source: SourceCheckpoint) -> list[tuple[str | None, list[str]]]:
-    """``(layer, [weight, bias])`` for each float 2-D/4-D ``*.weight``, ``(None, [name])`` for any other tensor."""
+def _units(source: SourceCheckpoint, skipped: dict[str, str]) -> list[tuple[str | None, list[str]]]:
+    """``(layer, [weight, bias])`` for each quantizable ``*.weight``, ``(None, [name])`` for any other tensor;
+    float weights that cannot be quantized are copied as is, with the reason in ``skipped``."""
     infos = source.tensors
-    layers = {
-        name[: -len(".weight")]
-        for name, info in infos.items()
-        if name.endswith(".weight") and info.dtype.is_floating_point and len(info.shape) in (2, 4)
-    }
+    for name, info in infos.items():
+        if "" in name.split("."):
+            raise SerializationError(
+                f"{info.shard}: tensor {name!r} has an empty part in its name (a leading, trailing or double '.'), "
+                "so no module of a model can hold it; rename it in the checkpoint"
+            )
+    layers = set()
+    for name, info in infos.items():
+        if name.endswith(".weight") and info.dtype.is_floating_point and len(info.shape) in (2, 4):
+            reason = _unquantizable(info)
+            if reason:
+                skipped[name[: -len(".weight")]] = reason
+            else:
+                layers.add(name[: -len(".weight")])
     units: list[tuple[str | None, list[str]]] = []
     for name in infos:
         prefix, _, leaf = name.rpartition(".")
@@ -199,6 +221,17 @@ def _units(source: SourceCheckpoint) -> list[tuple[str | None, list[str]]]:
     return units
 
 
+def _unquantizable(info: TensorInfo) -> str:
+    """Why a float 2-D/4-D weight is copied as is ("" when it is quantized)."""
+    if info.dtype not in _FLOATS:
+        return f"{str(info.dtype).removeprefix('torch.')} weight: not float16/bfloat16/float32/float64; copied as is"
+    if not math.prod(info.shape):
+        return f"weight of shape {list(info.shape)} holds no values; copied as is"
+    if len(info.shape) == 4:
+        return "convolution weight: the compressed-tensors format (as save_pretrained writes) has no layout for it"
+    return ""
+
+
 def _quantize_layer(layer: str, tensors: dict[str, torch.Tensor], origin: Path, config: QuantizationConfig) -> Any:
     try:
         return quantize(tensors, config)
@@ -206,41 +239,18 @@ def _quantize_layer(layer: str, tensors: dict[str, torch.Tensor], origin: Path, 
         raise type(err)(f"{origin}: cannot quantize tensor {layer + '.weight'!r}: {err}") from err
 
 
-def _close(shard: _Shard, config: QuantizationConfig) -> _Shard:
-    metadata = file_metadata(shard.layers, config, QuantizationReport(shard.rows, shard.skipped), {})
-    shard.writer.close({"format": "pt", METADATA_KEY: json.dumps(metadata, allow_nan=False)})
-    return shard
-
-
-def _name_shards(source: SourceCheckpoint, out: Path, shards: list[_Shard]) -> None:
-    """Rename the parts to the source's naming; write the index unless the result is one file like the source."""
-    if source.index is None and len(shards) == 1:
-        final = out / source.shards[0].name
-        shards[0].writer.path.rename(final)
-        return
-    weight_map: dict[str, str] = {}
-    for number, shard in enumerate(shards, 1):
-        name = f"{source.prefix}-{number:05d}-of-{len(shards):05d}.safetensors"
-        shard.writer.path.rename(out / name)
-        weight_map.update(dict.fromkeys(shard.writer.names, name))
-    total = sum(shard.writer.nbytes for shard in shards)
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(out / f"{source.prefix}{INDEX_SUFFIX}", index)
-
-
-def _write_config(source: SourceCheckpoint, out: Path, quantization_config: dict[str, Any]) -> None:
-    """``config.json`` beside the source, with the whole checkpoint's ``quantization_config`` added."""
+def _model_config(source: SourceCheckpoint) -> dict[str, Any] | None:
+    """``config.json`` beside the source (``None`` without one)."""
     path = source.root / "config.json"
     if not path.is_file():
-        return
+        return None
     try:
         document = json.loads(path.read_text())
     except ValueError as err:
         raise SerializationError(f"cannot read {path}: not valid JSON ({err})") from None
     if not isinstance(document, dict):
         raise SerializationError(f"cannot read {path}: expected a JSON object")
-    document["quantization_config"] = quantization_config
-    _write_json(out / "config.json", document)
+    return document
 
 
 def _copy_extras(source: SourceCheckpoint, out: Path) -> None:
@@ -250,30 +260,12 @@ def _copy_extras(source: SourceCheckpoint, out: Path) -> None:
             shutil.copyfile(path, out / path.name)
 
 
-def _write_json(path: Path, document: Any) -> None:
-    with open(path, "w") as handle:
-        json.dump(document, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _sweep_stale(dst: Path) -> None:
     """Remove temporary folders beside ``dst`` left by runs whose process is gone."""
     for path in dst.parent.glob(f".{dst.name}.*.tmp"):
         pid = path.name[len(dst.name) + 2 :].split(".")[0]
-        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if path.is_dir() and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _display(progress: bool | None) -> TextIO | None:

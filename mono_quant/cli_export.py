@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+_HF_FILES = re.compile(r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")  # save_pretrained's
 EPILOG = """examples:
   mono-quant export minilm.int8.safetensors --base ./all-MiniLM-L6-v2 --format hf -o minilm-int8/
   mono-quant export minilm.int8.safetensors --base ./all-MiniLM-L6-v2 --format onnx -o minilm-int8.onnx
@@ -46,6 +48,35 @@ def add_export_parser(commands: Any, common: argparse.ArgumentParser, run: Any) 
     e.set_defaults(run=run)
 
 
+def check_output(source: Path, base: Path, output: Path, fmt: str) -> None:
+    """Refuse an output that would replace the input file or the float model in ``base`` (before anything is read).
+
+    Example:
+        >>> try:
+        ...     check_output(Path("q.safetensors"), Path("base"), Path("q.safetensors"), "onnx")
+        ... except ValueError as err:
+        ...     print(err)
+        --output='q.safetensors' is the input file 'q.safetensors'; choose another output path
+    """
+    from mono_quant.checkpoint_read import same_file
+    from mono_quant.errors import ConfigError
+
+    if same_file(source, output):
+        raise ConfigError(f"--output={str(output)!r} is the input file {str(source)!r}; choose another output path")
+    if fmt == "onnx" and output.suffix != ".onnx":
+        raise ConfigError(f"--output={str(output)!r} must end in .onnx")
+    if fmt == "hf" and same_file(base, output):
+        raise ConfigError(
+            f"--output={str(output)!r} is the --base folder: the export would replace the float model; "
+            "choose another folder"
+        )
+    if fmt == "hf" and same_file(source.parent, output) and _HF_FILES.fullmatch(source.name):
+        raise ConfigError(
+            f"--output={str(output)!r} holds the input file {source.name!r}, which the export would replace; "
+            "choose another folder"
+        )
+
+
 def run_export(args: argparse.Namespace) -> Path:
     """Build the model from ``--base``, load MODEL_FILE into it, write the export; returns the output path."""
     import torch
@@ -62,11 +93,14 @@ def run_export(args: argparse.Namespace) -> Path:
     if args.sequence_length < 1:
         raise ConfigError(f"--sequence-length must be a positive integer, got {args.sequence_length}")
     source = Path(args.model_file)
+    if args.format == "hf":
+        output = Path(args.output) if args.output else source.with_name(f"{source.stem}-hf")
+    else:
+        output = Path(args.output) if args.output else source.with_suffix(".onnx")
+    check_output(source, Path(args.base), output, args.format)
     skeleton = AutoModel.from_config(AutoConfig.from_pretrained(args.base)).eval()
     q_model = mq.load(source, skeleton)
     if args.format == "hf":
-        output = Path(args.output) if args.output else source.with_name(f"{source.stem}-hf")
         return mq.save_pretrained(q_model, output, max_shard_size=args.max_shard_size)
-    output = Path(args.output) if args.output else source.with_suffix(".onnx")
     ids = torch.ones(1, args.sequence_length, dtype=torch.long)
     return mq.export_onnx(q_model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, output, opset=args.opset)

@@ -45,7 +45,7 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     float_bytes = other + sum(row["float_bytes"] for row in layers)
     return {
         "file": str(path),
-        "file_bytes": Path(path).stat().st_size,
+        "file_bytes": _file_bytes(Path(path)),
         "format_version": metadata["format_version"],
         "mono_quant_version": metadata.get("mono_quant_version"),
         "layers": layers,
@@ -56,6 +56,11 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
         "skipped": metadata.get("skipped", {}),
         "quantization_config": metadata.get("quantization_config"),
     }
+
+
+def _file_bytes(path: Path) -> int:
+    """The file's size; for a folder (``save_pretrained``, ``quantize_checkpoint``) its safetensors files'."""
+    return sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.errors import ConfigError
 from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
 from mono_quant.modules.attach import attached_tensors, expected_keys
 
@@ -29,21 +30,21 @@ def dequantize(q_model: nn.Module) -> nn.Module:
         ('Linear', True)
     """
     if isinstance(q_model, QuantizedLayer):
-        return q_model.dequantize()
+        return _ask(q_model, "dequantize", "")
     return dequantize_in_place(copy.deepcopy(q_model))
 
 
 def dequantize_in_place(model: nn.Module) -> nn.Module:
     """``model`` itself with every quantized layer and attached weight turned back to float (for fresh copies)."""
     if isinstance(model, QuantizedLayer):
-        return model.dequantize()
+        return _ask(model, "dequantize", "")
     for name, (attachment, tensor) in attached_tensors(model).items():
         module = model.get_submodule(name)
         del module._buffers[attachment.attribute]
         module.register_parameter(attachment.attribute, nn.Parameter(tensor.dequantize(), requires_grad=False))
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLayer):
-            plain = module.dequantize().train(module.training)
+            plain = _ask(module, "dequantize", name).train(module.training)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, plain)
     return model
@@ -61,9 +62,9 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict[
         own = {key: out.pop(prefix + names[key]) for key in shell.state_dict()}
         shell.load_state_dict(own, strict=True, assign=True)
         if "matrices" in entry:  # several matrices (recurrent layers): the float layer's own names
-            out.update({prefix + key: value for key, value in shell.dequantize().state_dict().items()})
+            out.update({prefix + key: value for key, value in _ask(shell, "dequantize", name).state_dict().items()})
             continue
-        weight = shell.dequantized_weight().float()
+        weight = _ask(shell, "dequantized_weight", name).float()
         if attach:
             weight = weight.squeeze(-2) if attach["kind"] == "conv1d" else weight
             weight = weight.t() if attach["transposed"] else weight
@@ -73,3 +74,14 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict[
         if "bias" in own:
             out[f"{prefix}bias"] = own["bias"].float()
     return out
+
+
+def _ask(layer: QuantizedLayer, method: str, name: str) -> Any:
+    """``layer.<method>()``; a plugin class that does not implement it gets a ``ConfigError`` naming both."""
+    if getattr(type(layer), method) is getattr(QuantizedLayer, method):
+        raise ConfigError(
+            f"cannot dequantize layer {name!r}: {type(layer).__name__} does not implement {method}(), which a "
+            "registered quantized class must (it returns the float "
+            f"{'module' if method == 'dequantize' else 'weight'} from the quantized one)"
+        )
+    return getattr(layer, method)()

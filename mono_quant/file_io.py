@@ -1,9 +1,10 @@
 """Bytes on disk: atomic writes that follow the umask and sweep their own leftovers, and safetensors
 reads into private memory (no memory map ties a loaded model to its file).
 
-Temporary files are named ``.mq-tmp-<pid>-<random>-<name>`` next to the destination (a symlink is
-resolved first, so the link is kept and its target replaced). A save sweeps the temporary files of the
-same destination whose writing process is gone (killed mid-save).
+Temporary files are named ``.mq-tmp-<pid>-<random>-<name>`` next to the destination. A symlink at the
+destination is resolved first (the link is kept and its target replaced), unless ``follow_links=False``
+(a Hugging Face folder whose files link into a shared cache: the link itself is replaced by the new file).
+A save sweeps the temporary files of the same destination whose writing process is gone (killed mid-save).
 """
 
 from __future__ import annotations
@@ -67,12 +68,36 @@ def stale_temp_files(path: Path) -> list[Path]:
             pid, _, rest = entry.name.removeprefix(TMP_PREFIX).partition("-")
             if not entry.name.startswith(TMP_PREFIX) or not pid.isdigit():
                 continue
-            if rest.partition("-")[2] == path.name[:_NAME_KEEP] and not _alive(int(pid)):
+            if rest.partition("-")[2] == path.name[:_NAME_KEEP] and not process_alive(int(pid)):
                 stale.append(entry)
     return stale
 
 
-def _alive(pid: int) -> bool:
+def sweep_stale_temps(folder: Path) -> None:
+    """Remove every temporary file in ``folder`` whose writing process no longer exists.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = temp_name(folder / "m.pt", pid=2**22 + 1).write_bytes(b"x")  # no such process
+        >>> sweep_stale_temps(folder); list(folder.iterdir())
+        []
+    """
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            pid = entry.name.removeprefix(TMP_PREFIX).partition("-")[0]
+            if entry.name.startswith(TMP_PREFIX) and pid.isdigit() and not process_alive(int(pid)) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (this one counts; another user's counts).
+
+    Example:
+        >>> process_alive(os.getpid()), process_alive(2**22 + 1)
+        (True, False)
+    """
     if pid == os.getpid():
         return True
     try:
@@ -84,11 +109,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, follow_links: bool = True) -> None:
     """Write through ``write(temp_path)`` and rename over ``path``: ``path`` is either the old or the new file.
 
     The new file gets the mode a plain ``open`` would give (``0o666`` minus the umask); a symlink at
-    ``path`` is followed and kept. Any failure raises ``SerializationError`` and leaves ``path`` intact.
+    ``path`` is followed and kept, or with ``follow_links=False`` replaced by the new file (its target is
+    left alone). Any failure raises ``SerializationError`` and leaves ``path`` intact.
 
     Example:
         >>> import tempfile
@@ -98,9 +124,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         b'ok'
     """
     shown = Path(path)
-    target = Path(os.path.realpath(shown))
+    target = Path(os.path.realpath(shown)) if follow_links else Path(os.path.realpath(shown.parent)) / shown.name
     try:
-        is_dir, parent_is_dir = target.is_dir(), target.parent.is_dir()
+        is_dir, parent_is_dir = target.is_dir() and not target.is_symlink(), target.parent.is_dir()
     except OSError as err:  # e.g. a name longer than the file system allows
         raise SerializationError(f"cannot save to {shown}: {describe_os_error(err)}") from err
     if is_dir:

@@ -103,7 +103,10 @@ def _open_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Call
                 raise SerializationError(f"cannot load {path}: tensor {name!r} has unsupported dtype {found}")
             specs[name] = (dtype, tuple(piece.get_shape()))
     metadata = _parse_metadata(path, header.get(METADATA_KEY))
+    if metadata.get("layout") == "compressed-tensors":  # one file of a quantize_checkpoint / save_pretrained folder
+        from mono_quant.hf_read import open_hf_dir
 
+        return open_hf_dir(path, _parse_metadata)
     dtypes = {name: dtype for name, (dtype, _) in specs.items()}
     return metadata, specs, lambda names: read_safetensors(path, names, dtypes)
 

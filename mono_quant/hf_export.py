@@ -24,7 +24,6 @@ listed in ``ignore``, with a warning naming them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -32,21 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from mono_quant.errors import ConfigError, SerializationError
-from mono_quant.file_io import atomic_write
-from mono_quant.file_write import METADATA_KEY, compressed_tensors_config, file_metadata, model_layers, plain_tensors
+from mono_quant.file_write import compressed_tensors_config, file_metadata, model_layers
 from mono_quant.fusion import FoldedBatchNorm
+from mono_quant.hf_write import FolderWriter, to_compressed_tensors
 from mono_quant.modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, quantized_layers
 from mono_quant.modules.attach import attached_tensors, expected_keys
-from mono_quant.qparams import unpack_int4_words
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 _EXPORTABLE = (Int8Linear, Int4Linear, Int8Embedding, Int4Embedding)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-_WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
 
 def save_pretrained(
@@ -59,7 +55,7 @@ def save_pretrained(
     Returns the directory. Loading needs ``transformers`` and ``compressed-tensors``, not mono-quant.
 
     Example:
-        >>> import tempfile, mono_quant as mq
+        >>> import json, tempfile, mono_quant as mq
         >>> from transformers import BertConfig, BertModel
         >>> cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         ...                  intermediate_size=64)
@@ -94,10 +90,10 @@ def save_pretrained(
     except OSError as err:
         raise SerializationError(f"save_pretrained: cannot create out_dir {out}: {err}") from err
     folded = {name: m.into for name, m in q_model.named_modules() if isinstance(m, FoldedBatchNorm)}
-    own = json.dumps(file_metadata(layers, None, None, folded), allow_nan=False)  # what mq.load reads
-    _write_shards(out, plain_tensors(tensors), limit, {"format": "pt", METADATA_KEY: own})
-    text = json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
-    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    writer = FolderWriter(out, limit)
+    for key, value in tensors.items():
+        writer.add({key: value})
+    writer.finish(file_metadata(layers, None, None, folded), document, "model.safetensors")
     return out
 
 
@@ -142,7 +138,7 @@ def hf_tensors(q_model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, d
                                        and attachment.kind in ("linear", "embedding"))  # fmt: skip
         if type(layer) in _EXPORTABLE and plain:  # exact classes: Int8Conv2d is an Int8Linear subclass
             layers[name] = entries[name]
-            _convert_layer(tensors, own, layers[name])
+            to_compressed_tensors(tensors, own, layers[name])
             continue
         for full in own.values():
             tensors.pop(full, None)
@@ -155,57 +151,3 @@ def hf_tensors(q_model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, d
             tensors[prefix + attachment.attribute] = weight.reshape(original.shape).to(original.dtype)
         ignored.append(name)
     return tensors, layers, ignored
-
-
-def _convert_layer(tensors: dict[str, torch.Tensor], own: dict[str, str], entry: dict[str, Any]) -> None:
-    """Reshape one layer's tensors (``own``: state key -> file key) to the compressed-tensors layout."""
-    if entry["bits"] == 4:
-        if entry["scheme"] == "asymmetric" or entry["kind"] == "Embedding":
-            # transformers (5.x) + compressed-tensors (0.20) load neither packed group zero points nor packed
-            # embeddings: such layers keep their exact int4 values, one per int8 ("naive-quantized", 4 bits)
-            packed = tensors.pop(own["weight_packed"])
-            shape = [int(v) for v in tensors.pop(own["weight_shape"]).tolist()]
-            tensors[own["weight_packed"].removesuffix("_packed")] = unpack_int4_words(packed, shape[1])
-            entry["storage_format"] = "naive-quantized"
-        return
-    for key in ("weight_scale", "weight_zero_point"):
-        if own.get(key) in tensors:
-            value = tensors[own[key]]
-            tensors[own[key]] = value.reshape(-1, 1) if value.dim() == 1 else value.reshape(1)
-    if own.get("input_scale") in tensors:
-        tensors[own["input_scale"]] = tensors[own["input_scale"]].reshape(1)
-        zero_point = tensors.pop(own["input_zero_point"]).reshape(1)
-        entry["activation_symmetric"] = not bool(zero_point.any())
-        if zero_point.any():
-            tensors[own["input_zero_point"]] = zero_point
-
-
-def _write_shards(out: Path, tensors: dict[str, torch.Tensor], limit: int, metadata: dict[str, str]) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, value in tensors.items():
-        nbytes = value.numel() * value.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += nbytes
-    count = len(shards)
-    names = (
-        ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    )
-    for name, shard in zip(names, shards, strict=True):
-        header = metadata if name == names[0] else {"format": "pt"}
-        atomic_write(out / name, lambda tmp, shard=shard, header=header: save_file(shard, tmp, metadata=header))
-    written = set(names)
-    if count > 1:
-        index = {
-            "metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
-            "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
-        }
-        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        atomic_write(out / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(text))
-        written.add("model.safetensors.index.json")
-    for stale in out.iterdir():  # weights of an earlier save to the same folder would shadow or confuse these
-        if _WEIGHT_FILES.fullmatch(stale.name) and stale.name not in written:
-            stale.unlink()

@@ -1,4 +1,5 @@
-"""Reading a ``save_pretrained`` folder with ``mq.load``: one format, two layouts.
+"""Reading a ``save_pretrained`` / ``quantize_checkpoint`` folder (or one file of that layout) with ``mq.load``:
+one format, two layouts.
 
 The folder's first shard carries mono-quant's metadata document (as ``mq.save`` files do), whose layer entries
 say how ``save_pretrained`` changed each layer's tensors for compressed-tensors; this module undoes it
@@ -26,16 +27,21 @@ Spec = tuple[torch.dtype, tuple[int, ...]]
 def open_hf_dir(
     path: Path, parse_metadata: Callable[[Path, Any], dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[str]], dict[str, torch.Tensor]]]:
-    """``(metadata, specs, read)`` of a ``save_pretrained`` folder in mono-quant's file layout."""
+    """``(metadata, specs, read)`` of a ``save_pretrained`` folder (or single file) in mono-quant's file layout."""
     from mono_quant.file_write import METADATA_KEY
     from mono_quant.shards import open_source
 
     source = open_source(path)
-    text = None
-    for shard in source.shards:
+    documents = []
+    for shard in source.shards:  # the first file holds the whole document; folders written before: one per shard
         with safe_open(str(shard), framework="pt") as handle:
-            text = (handle.metadata() or {}).get(METADATA_KEY, text)
-    metadata = parse_metadata(path, text)
+            text = (handle.metadata() or {}).get(METADATA_KEY)
+        if text is not None:
+            documents.append(parse_metadata(shard, text))
+    metadata = documents[0] if documents else parse_metadata(path, None)
+    for other in documents[1:]:
+        metadata["layers"].update(other["layers"])
+        metadata.setdefault("skipped", {}).update(other.get("skipped") or {})
     layers = metadata["layers"]
     raw = {name: (info.dtype, info.shape) for name, info in source.tensors.items()}
     specs = dict(raw)

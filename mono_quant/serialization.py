@@ -97,6 +97,7 @@ def load(
     for name in buffers:  # what a state_dict leaves out: a meta-device skeleton would have no values
         owner, _, attribute = name.rpartition(".")
         q_model.get_submodule(owner)._buffers[attribute] = tensors[name]
+    _check_nothing_meta(path, q_model)
     if dequantize:
         q_model = dequantize_in_place(q_model)
     q_model = q_model.to(map_location).eval()
@@ -136,18 +137,32 @@ def _is_meta(module: nn.Module | None) -> bool:
 def _non_persistent_specs(
     path: Path, model: nn.Module, metadata: dict[str, Any], specs: dict[str, Spec]
 ) -> dict[str, Spec]:
-    """The file's non-persistent buffers that ``model`` also has, with their specs. Others are left unread:
-    they are derived values (rotary frequencies, masks), not weights, so a skeleton without them loads."""
+    """The file's tensors that are non-persistent buffers of ``model`` (written by ``mq.save``, or kept by a
+    checkpoint from a library version that saved them: transformers' ``embeddings.position_ids``), with the
+    spec the model expects. The file's other non-persistent buffers are left unread: they are derived values
+    (rotary frequencies, masks), not weights, so a skeleton without them loads."""
     found = {}
-    for name in metadata.get("non_persistent") or []:
+    for name in specs:
         owner, _, attribute = name.rpartition(".")
         try:
             module = model.get_submodule(owner)
         except AttributeError:
-            module = None
-        if name in specs and module is not None and attribute in module._non_persistent_buffers_set:
-            found[name] = specs[name]
+            continue
+        if attribute in module._non_persistent_buffers_set:
+            value = module._buffers.get(attribute)
+            found[name] = specs[name] if value is None else (value.dtype, tuple(value.shape))
     return found
+
+
+def _check_nothing_meta(path: Path, model: nn.Module) -> None:
+    """A meta-device skeleton's tensors that the file did not fill would fail later as a raw torch error."""
+    left = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if left is not None:
+        raise SerializationError(
+            f"cannot load {path}: tensor {left!r} of the given model is on the meta device and the file does not "
+            "hold it (a buffer the model computes when built, such as rotary frequencies); build the model on "
+            "the CPU, or write the file with mq.save(q_model), which stores such buffers"
+        )
 
 
 def _check_against_metadata(path: Path, layers: dict[str, dict[str, Any]], specs: dict[str, Spec]) -> None:

@@ -1,12 +1,10 @@
-"""Safetensors checkpoints on disk, one tensor at a time: the source layout and a streaming shard writer.
+"""Safetensors checkpoints on disk, one tensor at a time: the source layout (the writer is ``hf_write.py``).
 
 The Hugging Face layout is ``<prefix>-0000K-of-0000N.safetensors`` shards plus
 ``<prefix>.safetensors.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map": {tensor: shard}}``);
 a small checkpoint is one ``*.safetensors`` file. ``open_source`` validates the index against every
 shard's header (no tensor data is read); ``SourceCheckpoint.read`` returns one tensor backed by the
-file's memory map (its pages count as resident only while the tensor lives). ``ShardWriter`` appends
-tensors to spill files (one per alignment, so every tensor stays aligned to its element size) and
-writes the safetensors header followed by the data when closed: memory holds one tensor, not a shard.
+file's memory map (its pages count as resident only while the tensor lives).
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,8 +22,6 @@ from mono_quant.errors import SerializationError
 from mono_quant.file_read import ST_DTYPES
 
 INDEX_SUFFIX = ".safetensors.index.json"
-_ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
-_COPY_CHUNK = 8 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,60 +155,3 @@ def _header(shard: Path) -> dict[str, TensorInfo]:
     except Exception as err:  # safetensors raises several types for corrupt input
         detail = " ".join(str(err).split()) or type(err).__name__
         raise SerializationError(f"cannot read {shard}: not a readable safetensors file ({detail})") from err
-
-
-class ShardWriter:
-    """Streams tensors into one safetensors file; ``close(metadata)`` writes header and data.
-
-    Example:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "s.safetensors"
-        >>> writer = ShardWriter(path)
-        >>> writer.add("a", torch.arange(3, dtype=torch.int8)); writer.add("b", torch.ones(2))
-        >>> writer.close({"format": "pt"})
-        >>> from safetensors.torch import load_file
-        >>> load_file(path)["a"].tolist(), writer.nbytes
-        ([0, 1, 2], 11)
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.nbytes = 0
-        self.names: list[str] = []
-        self._entries: dict[int, list[tuple[str, str, list[int], int]]] = {}
-        self._spills: dict[int, Path] = {}
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Append ``tensor`` (any device/layout; written as contiguous CPU bytes)."""
-        kind = _ST_NAMES.get(tensor.dtype)
-        if kind is None:
-            raise SerializationError(f"cannot write tensor {name!r} to {self.path}: dtype {tensor.dtype} unsupported")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        align = tensor.dtype.itemsize
-        spill = self._spills.setdefault(align, self.path.with_name(f".{self.path.name}.{align}.spill"))
-        with open(spill, "ab") as handle:
-            handle.write(data.numpy().data)
-        self._entries.setdefault(align, []).append((name, kind, list(tensor.shape), data.numel()))
-        self.names.append(name)
-        self.nbytes += data.numel()
-
-    def close(self, metadata: dict[str, str]) -> None:
-        """Write the file: header (padded to 8 bytes), then the spills, largest alignment first."""
-        header: dict[str, object] = {"__metadata__": metadata}
-        offset = 0
-        order = sorted(self._entries, reverse=True)
-        for align in order:
-            for name, kind, shape, size in self._entries[align]:
-                header[name] = {"dtype": kind, "shape": shape, "data_offsets": [offset, offset + size]}
-                offset += size
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        with open(self.path, "wb") as out:
-            out.write(len(text).to_bytes(8, "little"))
-            out.write(text)
-            for align in order:
-                with open(self._spills[align], "rb") as spill:
-                    shutil.copyfileobj(spill, out, _COPY_CHUNK)
-                self._spills[align].unlink()
-            out.flush()
-            os.fsync(out.fileno())

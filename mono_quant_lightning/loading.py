@@ -8,7 +8,7 @@ from pathlib import Path
 from lightning.pytorch import LightningModule
 
 import mono_quant as mq
-from mono_quant_lightning.checkpoint_io import sidecar_path
+from mono_quant_lightning.checkpoint_io import SIDECAR_SUFFIX, sidecar_path
 
 
 def load_quantized(
@@ -31,6 +31,13 @@ def load_quantized(
     import torch
 
     ckpt_path = Path(ckpt_path)
+    if ckpt_path.suffix == ".safetensors":  # Lightning never writes one: the user passed the quantized file
+        beside = ckpt_path.with_name(ckpt_path.name.removesuffix(SIDECAR_SUFFIX).removesuffix(".safetensors") + ".ckpt")
+        raise mq.ConfigError(
+            f"load_quantized(ckpt_path={str(ckpt_path)!r}): that is a quantized file, not a Lightning checkpoint; "
+            f"pass the checkpoint it was written beside ({str(beside)!r}), whose hyperparameters rebuild "
+            f"{module_class.__name__}, or load the file with mq.load(path, {module_class.__name__}(...))"
+        )
     path = Path(quantized_path) if quantized_path is not None else sidecar_path(ckpt_path)
     if not ckpt_path.is_file():
         raise mq.SerializationError(f"cannot load {ckpt_path}: no such checkpoint")

@@ -182,3 +182,55 @@ def test_convert_requantizes_a_mono_quant_file(tmp_path) -> None:
     assert main(["quantize", str(int8_path), "-o", str(int4_path), "--dtype", "int4", "--convert", "-q"]) == 0
     state, metadata = mq.load(int4_path)
     assert metadata["layers"]["fc"]["bits"] == 4 and state["fc.weight_packed"].dtype == torch.int32
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "mono_quant", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bert_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A transformers folder whose model.safetensors holds the ``embeddings.position_ids`` buffer (as MiniLM's
+    does: older transformers saved it; the model built today keeps it non-persistent)."""
+    transformers = pytest.importorskip("transformers")
+    base = tmp_path_factory.mktemp("bert_base")
+    config = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=32)  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    model.config.save_pretrained(base)
+    state = {**model.state_dict(), "embeddings.position_ids": model.embeddings.position_ids}
+    save_file(state, base / "model.safetensors")
+    return base
+
+
+def digests(*folders: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for folder in folders for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_quantize_then_export_a_checkpoint_holding_buffers(bert_base: Path, tmp_path: Path) -> None:
+    pytest.importorskip("compressed_tensors")
+    done = cli("quantize", str(bert_base / "model.safetensors"), "-o", str(tmp_path / "q.safetensors"), "-q")
+    assert done.returncode == 0, done.stderr
+    done = cli("export", str(tmp_path / "q.safetensors"), "--base", str(bert_base), "--format", "hf", "-o",
+               str(tmp_path / "hf"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "embeddings.position_ids" in mq.load(tmp_path / "q.safetensors")[0]  # the buffer is in the file
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_export_never_writes_over_its_input_or_base(bert_base: Path, tmp_path: Path) -> None:
+    done = cli("quantize", str(bert_base / "model.safetensors"), "-o", str(tmp_path / "model.safetensors"), "-q")
+    assert done.returncode == 0, done.stderr
+    before = digests(bert_base, tmp_path)
+    q = str(tmp_path / "model.safetensors")
+    cases = [
+        (["--format", "hf", "-o", str(bert_base)], "is the --base folder"),
+        (["--format", "hf", "-o", str(tmp_path)], "holds the input file 'model.safetensors'"),
+        (["--format", "onnx", "-o", q], "is the input file"),
+    ]
+    for extra, message in cases:
+        done = cli("export", q, "--base", str(bert_base), *extra)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    assert digests(bert_base, tmp_path) == before

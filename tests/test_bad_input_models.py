@@ -280,3 +280,94 @@ def test_load_returns_eval_mode(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     mq.quantize(model()).save(str(path))
     assert not mq.load(path, model().train()).training
+
+
+class Gain(nn.Module):
+    """A user layer for the plugin case: y = x * w."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def test_plugin_without_dequantize_is_named(tmp_path: Path) -> None:
+    from mono_quant.modules import QUANTIZED_CLASSES, REGISTRY
+
+    @mq.register(Gain)
+    class Int8GainNoDequantize(nn.Module, mq.QuantizedLayer):  # implements everything but dequantize()
+        dtypes, bits, weight_ranks = (mq.QuantDtype.INT8,), 8, (1,)
+
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.register_buffer("weight", torch.zeros(n, dtype=torch.int8))
+            self.register_buffer("weight_scale", torch.ones(()))
+
+        @classmethod
+        def from_float(cls, module: nn.Module, config: Any, activation: Any = None) -> nn.Module:
+            layer = cls(module.weight.numel())
+            layer.weight_scale = module.weight.detach().abs().max() / 127
+            layer.weight = torch.round(module.weight.detach() / layer.weight_scale).to(torch.int8)
+            return layer
+
+        @classmethod
+        def from_metadata(cls, module: nn.Module, metadata: dict) -> nn.Module:
+            return cls(metadata["shape"][0])
+
+        def metadata(self) -> dict:
+            return {"kind": "Gain", "mode": "weight_only", "bits": 8, "scheme": "symmetric"}
+
+        def dequantized_weight(self) -> torch.Tensor:
+            return self.weight.float() * self.weight_scale
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.dequantized_weight()
+
+    try:
+        q, _ = mq.dynamic_quantize(nn.Sequential(Gain(8)))
+        mq.save(q, tmp_path / "gain.safetensors")
+        assert type(mq.load(tmp_path / "gain.safetensors", nn.Sequential(Gain(8)))[0]) is Int8GainNoDequantize
+        with expect(CfgE, "Int8GainNoDequantize does not implement dequantize()"):
+            mq.load(tmp_path / "gain.safetensors", nn.Sequential(Gain(8)), dequantize=True)
+        with expect(CfgE, "layer '0': Int8GainNoDequantize does not implement dequantize()"):
+            mq.dequantize(q)
+        state, _ = mq.load(tmp_path / "gain.safetensors", dequantize=True)  # tensors only: dequantized_weight()
+        assert torch.equal(state["0.weight"], q[0].dequantized_weight())
+    finally:
+        REGISTRY.pop(Gain, None)
+        QUANTIZED_CLASSES.pop("Int8GainNoDequantize", None)
+
+
+class WithBuffer(nn.Module):
+    """A model with a non-persistent buffer (rotary frequencies, transformers' position_ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.register_buffer("freq", torch.arange(32.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.freq
+
+
+def test_state_dict_buffers_load_and_a_meta_skeleton_missing_one_is_named(tmp_path: Path) -> None:
+    float_model = WithBuffer().eval()
+    carried = mq.quantize({**float_model.state_dict(), "freq": float_model.freq * 2})  # a checkpoint keeping it
+    carried.save(tmp_path / "carried.safetensors")
+    loaded = mq.load(tmp_path / "carried.safetensors", WithBuffer())
+    assert torch.equal(loaded.freq, float_model.freq * 2) and type(loaded.fc).__name__ == "Int8Linear"
+    with torch.device("meta"):
+        skeleton = WithBuffer()
+    assert torch.equal(mq.load(tmp_path / "carried.safetensors", skeleton).freq, float_model.freq * 2)
+    wrong = mq.quantize({**float_model.state_dict(), "freq": torch.zeros(3)})
+    wrong.save(tmp_path / "wrong.safetensors")
+    with expect(SE, "tensor 'freq' is float32 [3] in the file but the given model expects float32 [32]"):
+        mq.load(tmp_path / "wrong.safetensors", WithBuffer())
+    plain = mq.quantize(float_model.state_dict())  # no buffer in the file
+    plain.save(tmp_path / "plain.safetensors")
+    with torch.device("meta"):
+        skeleton = WithBuffer()
+    with expect(SE, "tensor 'freq' of the given model is on the meta device and the file does not hold it"):
+        mq.load(tmp_path / "plain.safetensors", skeleton)

@@ -1,6 +1,7 @@
 """Save faults lose nothing: every failure is a ``SerializationError`` with the reason, the destination
 keeps its old bytes, no temporary file survives the next save (even after SIGKILL), modes follow the
-umask, symlinks are written through; a loaded model is independent of its file (checked in a child)."""
+umask, symlinks are written through (``save_pretrained`` replaces them: a shared cache); a loaded model is
+independent of its file (checked in a child); ``quantize_checkpoint`` leaves nothing on failure."""
 
 from __future__ import annotations
 
@@ -232,3 +233,76 @@ def test_truncating_the_file_under_a_loaded_model_in_a_child(mode: str, tmp_path
     mq.save(build(1), path)
     out, _ = proc.communicate("go\n", timeout=120)
     assert proc.returncode == 0 and out.strip() == "same"
+
+
+@pytest.mark.parametrize("shard_size", ["2GB", "40KB"])
+def test_save_pretrained_replaces_links_into_a_shared_cache(shard_size: str, tmp_path: Path) -> None:
+    """The Hugging Face cache layout: snapshot files are links into ../../blobs, shared between revisions."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=32)  # fmt: skip
+    float_model = transformers.BertModel(config).eval()
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    float_model.save_pretrained(blobs)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / name)
+    before = {p.name: p.read_bytes() for p in blobs.iterdir()}
+    mq.save_pretrained(mq.quantize(float_model).model, snapshot, max_shard_size=shard_size)
+    assert {p.name: p.read_bytes() for p in blobs.iterdir()} == before  # the shared blobs are untouched
+    assert not any(p.is_symlink() for p in snapshot.iterdir())  # links replaced (or, sharded, removed)
+    assert (snapshot / "model.safetensors").exists() == (shard_size == "2GB")
+    loaded = mq.load(snapshot, transformers.BertModel(config))
+    assert type(loaded.encoder.layer[0].output.dense).__name__ == "Int8Linear" and temps(snapshot) == []
+
+
+def checkpoint_source(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def test_quantize_checkpoint_on_a_full_disk_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mono_quant.hf_write as hf_write
+
+    tensors = {f"layer{i}.weight": torch.randn(64, 64) for i in range(4)}
+    src = checkpoint_source(tmp_path / "src", tensors)
+    calls, original = [], hf_write.append
+
+    def append(path: Path, data: memoryview) -> None:
+        calls.append(path)
+        if len(calls) > 3:  # some bytes are written first
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(path, data)
+
+    monkeypatch.setattr(hf_write, "append", append)
+    with expect(SE, "no space left on the device"):
+        mq.quantize_checkpoint(src, tmp_path / "q", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no temporary folder
+
+
+BAD_WEIGHTS = [
+    ("float8", torch.randn(16, 64).to(torch.float8_e4m3fn), "float8_e4m3fn weight"),
+    ("zero rows", torch.randn(0, 64), "holds no values"),
+]
+
+
+@pytest.mark.parametrize(("case", "weight", "reason"), BAD_WEIGHTS, ids=[c[0] for c in BAD_WEIGHTS])
+def test_quantize_checkpoint_copies_weights_it_cannot_quantize(case: str, weight: Any, reason: str,
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    src = checkpoint_source(tmp_path / "src", {"odd.weight": weight, "fc.weight": torch.randn(64, 64)})
+    result = mq.quantize_checkpoint(src, tmp_path / "q", progress=False)
+    assert reason in result.report.skipped["odd"] and [row.name for row in result.report.layers] == ["fc"]
+    state, metadata = mq.load(tmp_path / "q" / "model.safetensors")
+    assert state["odd.weight"].dtype == weight.dtype and state["odd.weight"].view(torch.uint8).equal(
+        weight.view(torch.uint8))  # fmt: skip
+    assert reason in metadata["skipped"]["odd"]
+
+
+def test_quantize_checkpoint_refuses_an_empty_layer_name(tmp_path: Path) -> None:
+    src = checkpoint_source(tmp_path / "src", {".weight": torch.randn(64, 64)})
+    with expect(SE, "tensor '.weight' has an empty part in its name"):
+        mq.quantize_checkpoint(src, tmp_path / "q", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

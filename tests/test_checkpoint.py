@@ -87,10 +87,13 @@ def test_tensors_equal_quantize_of_the_state_dict(source: tuple[Path, dict], tmp
     before = digest(folder)
     result = mq.quantize_checkpoint(folder, tmp_path / "q", progress=False, **options)
     expected = mq.quantize(state, **options)
-    got = read_folder(tmp_path / "q")
-    assert sorted(got) == sorted(expected.model)
+    got, metadata = mq.load(tmp_path / "q")  # the compressed-tensors layout undone: mono-quant's tensors
+    assert sorted(got) == sorted(expected.model) and metadata["layout"] == "compressed-tensors"
     for name, tensor in expected.model.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    stored = read_folder(tmp_path / "q")  # as save_pretrained writes it: [out, 1] int8 scales, int4 groups
+    scale = stored["model.layers.0.mlp.up_proj.weight_scale"]
+    assert tuple(scale.shape) == ((512, 1) if options["dtype"] == "int8" else (512, 2))
     rows = sorted((r.name, r.bits, r.sqnr_db, r.bytes_after) for r in result.report.layers)
     assert rows == sorted((r.name, r.bits, r.sqnr_db, r.bytes_after) for r in expected.report.layers)
     assert digest(folder) == before  # the source is never modified
@@ -112,8 +115,9 @@ def test_index_and_shards_follow_the_source_layout(source: tuple[Path, dict], tm
     # the q_proj weight, its scale and its bias stay together, in the weight's shard
     q = "model.layers.0.self_attn.q_proj"
     assert len({index["weight_map"][f"{q}.{leaf}"] for leaf in ("weight", "weight_scale", "bias")}) == 1
-    info = inspect_file(out / index["weight_map"][f"{q}.weight"])  # each shard is a mono-quant file
-    assert q in {row["name"] for row in info["layers"]} and all(row["bits"] == 8 for row in info["layers"])
+    info = inspect_file(out)  # the folder is one mono-quant file: its first shard describes every layer
+    assert len(info["layers"]) == 16 and all(row["bits"] == 8 for row in info["layers"])
+    assert info["file_bytes"] == sum(p.stat().st_size for p in out.glob("*.safetensors"))
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama"
     groups = config["quantization_config"]["config_groups"]
@@ -216,16 +220,16 @@ def test_bad_arguments(source: tuple[Path, dict], tmp_path: Path) -> None:
 
 _CHILD = """
 import os, signal, sys
-import mono_quant.shards as shards
+import mono_quant.hf_write as hf_write
 added = 0
-original = shards.ShardWriter.add
+original = hf_write.ShardWriter.add
 def add(self, name, tensor):
     global added
     added += 1
     if added == int(sys.argv[3]):
         os.kill(os.getpid(), signal.SIGKILL)
     original(self, name, tensor)
-shards.ShardWriter.add = add
+hf_write.ShardWriter.add = add
 import mono_quant as mq
 mq.quantize_checkpoint(sys.argv[1], sys.argv[2], progress=False)
 """

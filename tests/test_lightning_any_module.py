@@ -272,6 +272,9 @@ def test_load_quantized_rebuilds_from_hyperparameters(tmp_path, digits):
         torch.testing.assert_close(q(x), mq.load(tmp_path / "ckpt" / "last.quant.safetensors", Classifier(48))(x))
     with pytest.raises(mq.SerializationError, match="no quantized file beside"):
         load_quantized(checkpoint.last_model_path, Classifier, quantized_path=tmp_path / "none.safetensors")
+    with pytest.raises(mq.ConfigError, match=r"safetensors'\): that is a quantized file.*last\.ckpt'") as err:
+        load_quantized(tmp_path / "ckpt" / "last.quant.safetensors", Classifier)  # the sidecar, not the checkpoint
+    assert ".quant.quant" not in str(err.value)
 
 
 class FrozenNorm(Classifier):
