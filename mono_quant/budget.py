@@ -148,10 +148,15 @@ def _check_options(
 
 
 def _rung_config(config: QuantizationConfig, rung: str) -> QuantizationConfig:
-    """``config`` at one rung's dtype; int4 is weight-only, so a static config becomes weight-only there."""
+    """``config`` at one rung's dtype; int4 is weight-only, so a static config becomes weight-only there.
+
+    The search itself moves layers between rungs by the user's metric, so ``quantize``'s output floors only
+    measure here (``min_output_sqnr_db=-inf``) unless the config sets one.
+    """
     dtype = QuantDtype(rung)
     mode = Mode.WEIGHT_ONLY if dtype is QuantDtype.INT4 and config.mode is Mode.STATIC else config.mode
-    return config.replace(dtype=dtype, mode=mode)
+    floor = -math.inf if config.min_output_sqnr_db is None else config.min_output_sqnr_db
+    return config.replace(dtype=dtype, mode=mode, min_output_sqnr_db=floor)
 
 
 def _layer_rungs(

@@ -30,9 +30,10 @@ from mono_quant.calibration import default_forward
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig
 from mono_quant.kernels import check
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for
+from mono_quant.modules.base import float_weight
 from mono_quant.modules.recurrent_core import QuantizedRecurrent
 from mono_quant.modules.registry import layer_config
-from mono_quant.qparams import sqnr_db
+from mono_quant.qparams import weight_sqnr_db
 
 OUTPUT_FLOORS_DB = {QuantDtype.INT8: 25.0, QuantDtype.INT4: 12.0, QuantDtype.FP16: 30.0, QuantDtype.BF16: 30.0}
 _FINEST_INT4_GROUP = 32
@@ -48,6 +49,7 @@ class OutputCheck:
 
     sqnr_db: float | None
     note: str = ""
+    weight_sqnr_db: float | None = None  # of the layer that was kept
 
 
 def floor_db(config: QuantizationConfig) -> float:
@@ -108,6 +110,7 @@ def capture_inputs(model: nn.Module, names: list[str], batch: Any, forward_fn: A
 
 
 def build_checked(
+    name: str,
     float_module: nn.Module,
     cls: type[QuantizedLayer],
     config: QuantizationConfig,
@@ -116,23 +119,26 @@ def build_checked(
 ) -> tuple[QuantizedLayer | None, OutputCheck]:
     """The quantized layer for ``float_module`` that meets its output floor on ``x`` (or a probe), climbing the
     precision ladder; ``(None, check)`` when no rung does (the layer stays float, ``check.note`` says why).
+    A weight that quantizes to Inf/NaN raises ``QuantizationError`` naming layer ``name``.
 
     Example:
         >>> from mono_quant.modules import Int8Linear
-        >>> layer, result = build_checked(nn.Linear(64, 32), Int8Linear, QuantizationConfig(), None, None)
-        >>> type(layer).__name__, result.sqnr_db > 30
-        ('Int8Linear', True)
+        >>> layer, result = build_checked("fc", nn.Linear(64, 32), Int8Linear, QuantizationConfig(), None, None)
+        >>> type(layer).__name__, result.sqnr_db > 30, result.weight_sqnr_db > 40
+        ('Int8Linear', True, True)
     """
     tried, kernel_notes = [], []
+    reference = float_weight(float_module)
     for label, build, rung_config in _ladder(float_module, cls, config):
         failures_before = len(check.failures())
         layer = build(float_module, rung_config, activation if rung_config.mode is Mode.STATIC else None)
-        measured = _output_sqnr(float_module, layer, x)
+        weight_db = weight_sqnr_db(name, reference, layer.dequantized_weight().reshape(reference.shape))
+        measured = _output_sqnr(float_module, layer, x, activation)
         kernel_notes += [str(f) for f in check.failures()[failures_before:]]
         floor = floor_db(rung_config)
         if measured >= floor:
             moved = f"moved to {label}: " + "; ".join(tried) if tried else ""
-            return layer, OutputCheck(measured, "; ".join(filter(None, [moved, *kernel_notes])))
+            return layer, OutputCheck(measured, "; ".join(filter(None, [moved, *kernel_notes])), weight_db)
         tried.append(f"{label} {measured:.1f} dB < {floor:g} dB floor")
     note = "kept float: output SQNR against float under the floor at every precision tried (" + "; ".join(tried) + ")"
     return None, OutputCheck(None, "; ".join([note, *kernel_notes]))
@@ -167,10 +173,12 @@ def _label(config: QuantizationConfig) -> str:
     return config.dtype.value
 
 
-def _output_sqnr(float_module: nn.Module, layer: nn.Module, x: torch.Tensor | None) -> float:
+def _output_sqnr(
+    float_module: nn.Module, layer: nn.Module, x: torch.Tensor | None, activation: ActivationQParams | None
+) -> float:
     """Output SQNR of ``layer`` against ``float_module`` on ``x`` and, where ``x`` gives fewer than
-    ``_MIN_OUTPUT_VALUES`` outputs (or none fits), on a seeded probe too: an SQNR over a handful of values
-    is decided by chance cancellations in them."""
+    ``_MIN_OUTPUT_VALUES`` outputs (or none fits), on a seeded probe too (within the calibrated input range
+    where there is one): an SQNR over a handful of values is decided by chance cancellations in them."""
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         if x is not None:
@@ -178,14 +186,23 @@ def _output_sqnr(float_module: nn.Module, layer: nn.Module, x: torch.Tensor | No
             with contextlib.suppress(RuntimeError, ValueError, TypeError, IndexError):
                 pairs.append((_first_tensor(float_module(x)), _first_tensor(layer(x))))
         if sum(expected.numel() for expected, _ in pairs) < _MIN_OUTPUT_VALUES:
-            probe = _probe(float_module)
+            probe = _probe(float_module, activation)
             if probe is not None:
                 pairs.append((_first_tensor(float_module(probe)), _first_tensor(layer(probe))))
     if not pairs:
         return math.inf  # nothing to run it on: no check
     expected = torch.cat([e.detach().float().flatten() for e, _ in pairs])
     got = torch.cat([g.detach().float().flatten() for _, g in pairs])
-    return sqnr_db(expected, got) if torch.isfinite(got).all() else -math.inf
+    judged = torch.isfinite(expected)  # where float itself overflows there is nothing to compare with
+    if not torch.isfinite(got[judged]).all():
+        return -math.inf
+    if not judged.any():
+        return math.inf
+    signal = torch.linalg.vector_norm(expected[judged].double())  # float64: 1e30-scale outputs square past float32
+    noise = torch.linalg.vector_norm((expected[judged] - got[judged]).double())
+    if noise == 0:
+        return math.inf
+    return -math.inf if signal == 0 else float(20 * torch.log10(signal / noise))
 
 
 def _first_tensor(value: Any) -> torch.Tensor:
@@ -196,8 +213,9 @@ def _first_tensor(value: Any) -> torch.Tensor:
     return value
 
 
-def _probe(module: nn.Module) -> torch.Tensor | None:
-    """A seeded random input for ``module`` (a float Linear, Conv2d, Embedding or recurrent layer)."""
+def _probe(module: nn.Module, activation: ActivationQParams | None = None) -> torch.Tensor | None:
+    """A seeded random input for ``module`` (a float Linear, Conv2d, Embedding or recurrent layer): standard
+    normal, or uniform over the calibrated range of ``activation`` (a static layer's input)."""
     generator = torch.Generator().manual_seed(0)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     if isinstance(module, nn.Embedding):
@@ -214,4 +232,8 @@ def _probe(module: nn.Module) -> torch.Tensor | None:
     else:
         return None
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    if activation is None:
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    scale, zero = float(activation.scale), float(activation.zero_point)
+    low, high = scale * (-128 - zero), scale * (127 - zero)
+    return (torch.rand(shape, generator=generator) * (high - low) + low).to(device=device, dtype=dtype)

@@ -109,7 +109,9 @@ def quantize(
         module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
         attachment = selection.attached.get(name)
         float_module = proxy_module(module, attachment) if attachment else module
-        quantized, checked = build_checked(float_module, cls, config, activations.get(name), inputs.pop(name, None))
+        quantized, checked = build_checked(
+            name, float_module, cls, config, activations.get(name), inputs.pop(name, None)
+        )
         if quantized is None:
             selection.skipped[name] = checked.note
             continue
@@ -233,10 +235,12 @@ def _module_bytes(module: nn.Module) -> int:
 def layer_report(
     name: str, float_module: nn.Module, quantized: QuantizedLayer, checked: OutputCheck | None = None
 ) -> LayerReport:
-    reference = float_weight(float_module)  # the noise is computed in place: one float copy at a time
-    sqnr = weight_sqnr_db(name, reference, quantized.dequantized_weight().reshape(reference.shape))
-    meta = quantized.metadata()
     checked = checked or OutputCheck(None)
+    sqnr = checked.weight_sqnr_db
+    if sqnr is None:
+        reference = float_weight(float_module)  # the noise is computed in place: one float copy at a time
+        sqnr = weight_sqnr_db(name, reference, quantized.dequantized_weight().reshape(reference.shape))
+    meta = quantized.metadata()
     return LayerReport(
         name, meta["kind"], meta["mode"], meta["bits"], sqnr, _module_bytes(float_module), _module_bytes(quantized),
         checked.sqnr_db, checked.note,

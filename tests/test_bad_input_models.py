@@ -49,7 +49,6 @@ def test_finite_weights_that_quantize_to_non_finite_values(case: str, value: flo
     ("value", "options"),
     [
         (3.4e38, {"dtype": "int8"}),
-        (6e4, {"dtype": "fp16"}),
         (1e30, {"dtype": "bf16"}),
         (1e30, {"dtype": "int4", "group_size": 32}),
     ],
@@ -57,6 +56,14 @@ def test_finite_weights_that_quantize_to_non_finite_values(case: str, value: flo
 def test_extreme_but_representable_weights_still_quantize(value: float, options: dict) -> None:
     result = mq.quantize(with_weight(value), **options)
     assert result.report.layers[0].name == "0" and torch.isfinite(result.model[0].dequantized_weight()).all()
+
+
+def test_a_half_layer_whose_outputs_overflow_stays_float_with_the_reason() -> None:
+    # 6e4 fits fp16, but the layer's outputs (about 6e4 x the inputs) do not: the output check keeps it float
+    with pytest.warns(mq.errors.OutputCheckWarning):
+        result = mq.quantize(with_weight(6e4), dtype="fp16")
+    assert type(result.model[0]) is nn.Linear
+    assert result.report.skipped["0"].startswith("kept float") and "fp16 -inf dB" in result.report.skipped["0"]
 
 
 @pytest.mark.parametrize(
