@@ -72,7 +72,6 @@ _DTYPE_ALIASES: dict[Any, QuantDtype] = {
 }
 
 
-
 def parse_enum(enum_type: type[Enum], value: Any, argument: str) -> Any:
     """Return ``value`` as a member of ``enum_type`` or raise a ``ConfigError`` naming ``argument``.
 
