@@ -8,6 +8,7 @@ Example:
     torch.Size([2, 10])
 """
 
+from mono_quant._version import __version__
 from mono_quant.budget import FLOAT, BudgetResult, parse_ladder, quantize_with_budget
 from mono_quant.calibration import TARGET_KEYS, Calibrator
 from mono_quant.checkpoint import CheckpointResult, quantize_checkpoint
@@ -41,8 +42,6 @@ from mono_quant.quantize import QuantizationResult, dynamic_quantize, quantize, 
 from mono_quant.report import LayerReport, QuantizationReport
 from mono_quant.selection import Selection, calibrated_layers, select_layers
 from mono_quant.serialization import load, save
-
-__version__ = "0.1.0"
 
 __all__ = [
     "FLOAT",

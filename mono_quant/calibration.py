@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from mono_quant.config import QuantizationConfig, Scheme
 from mono_quant.copying import eval_mode
-from mono_quant.errors import CalibrationError
+from mono_quant.errors import CalibrationError, ConfigError
 from mono_quant.observers import Observer, Reduce, make_observer
 from mono_quant.qparams import ActivationQParams
 
@@ -214,14 +214,15 @@ class Calibrator:
                 f"calibration data never reached layer(s) {unreached}; check forward_fn or the include/exclude patterns"
             )
         scheme = scheme or self.config.activation_scheme
-        out = {name: obs.qparams(scheme) for name, obs in self.observers.items()}
-        for name, params in out.items():
-            scale = params.scale.float()
-            if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+        out = {}
+        for name, observer in self.observers.items():
+            try:  # ActivationQParams refuses a scale that is not finite and positive (a range beyond float32)
+                out[name] = observer.qparams(scheme)
+            except ConfigError as err:
                 raise CalibrationError(
-                    f"layer {name!r}: the calibrated input scale is {scale.item()} (the activations' range "
-                    "overflows float32); check the calibration data and the layers before this one"
-                )
+                    f"layer {name!r}: the calibrated {err} (its activations' range overflows float32); check the "
+                    "calibration data and the layers before this one"
+                ) from None
         return out
 
     def merge(self, other: Calibrator) -> None:

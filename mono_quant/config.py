@@ -7,10 +7,9 @@ enums below at construction, so the rest of the library compares enums, never st
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.config_file import read_options, short_repr
 from mono_quant.errors import ConfigError
 
 
@@ -73,7 +73,6 @@ _DTYPE_ALIASES: dict[Any, QuantDtype] = {
 }
 
 
-
 def parse_enum(enum_type: type[Enum], value: Any, argument: str) -> Any:
     """Return ``value`` as a member of ``enum_type`` or raise a ``ConfigError`` naming ``argument``.
 
@@ -83,11 +82,13 @@ def parse_enum(enum_type: type[Enum], value: Any, argument: str) -> Any:
     """
     if isinstance(value, enum_type):
         return value
+    choices = ", ".join(repr(m.value) for m in enum_type)
+    if not isinstance(value, str):
+        raise ConfigError(f"{argument}={short_repr(value)} is not supported; expected one of {choices}")
     try:
-        return enum_type(str(value).lower())
+        return enum_type(value.lower())
     except ValueError:
-        choices = ", ".join(repr(m.value) for m in enum_type)
-        raise ConfigError(f"{argument}={value!r} is not supported; expected one of {choices}") from None
+        raise ConfigError(f"{argument}={short_repr(value)} is not supported; expected one of {choices}") from None
 
 
 def parse_dtype(value: Any) -> QuantDtype:
@@ -100,7 +101,7 @@ def parse_dtype(value: Any) -> QuantDtype:
     if isinstance(value, QuantDtype):
         return value
     key = value.lower() if isinstance(value, str) else value
-    if key in _DTYPE_ALIASES:
+    if isinstance(key, (str, torch.dtype)) and key in _DTYPE_ALIASES:
         return _DTYPE_ALIASES[key]
     return parse_enum(QuantDtype, value, "dtype")
 
@@ -157,25 +158,33 @@ class QuantizationConfig:
         put("histogram_method", parse_enum(HistogramMethod, self.histogram_method, "histogram_method"))
         put("activation_scheme", parse_enum(Scheme, self.activation_scheme, "activation_scheme"))
         if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
-            raise ConfigError(f"group_size={self.group_size!r} must be an even integer >= 2")
-        if not 50.0 < float(self.percentile) <= 100.0:
-            raise ConfigError(f"percentile={self.percentile!r} must be in (50, 100]")
+            raise ConfigError(f"group_size={short_repr(self.group_size)} must be an even integer >= 2")
+        percentile = self.percentile
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
+            raise ConfigError(f"percentile={short_repr(percentile)} must be a number in (50, 100]")
+        put("percentile", float(percentile))
         if not isinstance(self.min_numel, int) or self.min_numel < 0:
-            raise ConfigError(f"min_numel={self.min_numel!r} must be a non-negative integer")
+            raise ConfigError(f"min_numel={short_repr(self.min_numel)} must be a non-negative integer")
         if not isinstance(self.fold_batchnorm, bool):
-            raise ConfigError(f"fold_batchnorm={self.fold_batchnorm!r} must be True or False")
+            raise ConfigError(f"fold_batchnorm={short_repr(self.fold_batchnorm)} must be True or False")
         batches = self.calibration_batches
         if batches is not None and (type(batches) is not int or batches < 1):
-            raise ConfigError(f"calibration_batches={batches!r} must be a positive integer or None (no limit)")
+            raise ConfigError(
+                f"calibration_batches={short_repr(batches)} must be a positive integer or None (no limit)"
+            )
         floor = self.min_output_sqnr_db
         if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int | float) or math.isnan(floor)):
-            raise ConfigError(f"min_output_sqnr_db={floor!r} must be a number of dB or None (the per-dtype floor)")
+            raise ConfigError(
+                f"min_output_sqnr_db={short_repr(floor)} must be a number of dB or None (the per-dtype floor)"
+            )
         put("include", _patterns(self.include, "include"))
         put("exclude", _patterns(self.exclude, "exclude") or ())
         if self.layer_types is not None:
             types = tuple(self.layer_types)
             if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-                raise ConfigError(f"layer_types={self.layer_types!r} must be a non-empty tuple of nn.Module classes")
+                raise ConfigError(
+                    f"layer_types={short_repr(self.layer_types)} must be a non-empty tuple of nn.Module classes"
+                )
             put("layer_types", types)
 
     @classmethod
@@ -194,11 +203,11 @@ class QuantizationConfig:
             (<QuantDtype.INT4: 'int4'>, 32, ('head',))
         """
         path = Path(path)
-        data = _read_options(path)
+        data = read_options(path)
         allowed = {f.name for f in dataclasses.fields(cls)} - {"layer_types"}
-        unknown = sorted(set(data) - allowed)
+        unknown = sorted(set(data) - allowed, key=str)
         if unknown:
-            raise ConfigError(f"{path}: unknown option {unknown[0]!r}; expected some of {sorted(allowed)}")
+            raise ConfigError(f"{path}: unknown option {short_repr(unknown[0])}; expected some of {sorted(allowed)}")
         try:
             return cls(**{**data, **overrides})
         except ConfigError as err:
@@ -239,42 +248,11 @@ class QuantizationConfig:
         return out
 
 
-def _read_options(path: Path) -> dict[str, Any]:
-    """The mapping in a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(path.read_text())
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(path.read_text())
-        elif suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
-            raise ConfigError(f"config file {path}: unknown extension {suffix!r}; expected .toml, .yaml, .yml or .json")
-    except ImportError as err:
-        raise ConfigError(f"config file {path}: reading {suffix} needs {err.name} (pip install pyyaml)") from None
-    except ValueError as err:  # TOML, YAML (via its own errors below) and JSON syntax
-        raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {err}") from None
-    except Exception as err:  # yaml.YAMLError
-        if type(err).__module__.startswith("yaml"):
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        raise
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of options, not {type(data).__name__}")
-    return data
-
-
 def _patterns(value: Any, argument: str) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
         return (value,)
-    if not isinstance(value, Iterable) or not all(isinstance(p, str) for p in value):
-        raise ConfigError(f"{argument}={value!r} must be a glob pattern or a sequence of them")
+    if isinstance(value, Mapping) or not isinstance(value, Iterable) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{argument}={short_repr(value)} must be a glob pattern or a sequence of them")
     return tuple(value)

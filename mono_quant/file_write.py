@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from mono_quant._version import __version__
 from mono_quant.config import QuantizationConfig
 from mono_quant.errors import SerializationError
 from mono_quant.file_io import atomic_write
@@ -185,8 +186,6 @@ def file_metadata(
         >>> file_metadata({}, None, None, {}, {"head.weight": "emb.weight"})["tied"]
         {'head.weight': 'emb.weight'}
     """
-    import mono_quant
-
     if report is not None:
         for row in report.layers:
             if row.name in layers:
@@ -194,7 +193,7 @@ def file_metadata(
     return {
         "format": "mono-quant",
         "format_version": FORMAT_VERSION,
-        "mono_quant_version": mono_quant.__version__,
+        "mono_quant_version": __version__,
         "quantization_config": compressed_tensors_config(layers, config, report),
         "config": None if config is None else config.to_dict(),
         "layers": layers,

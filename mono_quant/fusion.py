@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.calibration import ForwardFn, default_forward
+from mono_quant.calibration import ForwardFn, default_forward, describe_batch
 from mono_quant.copying import eval_mode
+from mono_quant.errors import CalibrationError
 from mono_quant.modules.folded_batchnorm import FoldedBatchNorm, fold_pair
 from mono_quant.qparams import sqnr_db
 
@@ -114,8 +115,7 @@ def fold_batchnorm_notes(model: nn.Module, example: Any = None, forward_fn: Forw
     feed = forward_fn or default_forward
     reference = None
     if example is not None:
-        with torch.no_grad(), eval_mode(model):
-            reference = _flat_outputs(feed(model, example))
+        reference = _flat_outputs(_probe(model, example, forward_fn))
     saved = {
         name: (module.weight, module.bias) if isinstance(module, nn.Conv2d) else module
         for name, module in model.named_modules()
@@ -133,6 +133,54 @@ def fold_batchnorm_notes(model: nn.Module, example: Any = None, forward_fn: Forw
         bn: (_WAS_TRAINING if bn in was_training else "folded into {conv}").format(conv=conv)
         for bn, (conv, _) in notes.items()
     }
+
+
+def _probe(model: nn.Module, example: Any, forward_fn: ForwardFn | None) -> Any:
+    """The model's output on ``example`` (calibration batch 0); a batch the model cannot take is a
+    ``CalibrationError`` naming the batch and the innermost layer that was running when it failed.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+        >>> try:
+        ...     _probe(model, torch.zeros(1, 5, 8, 8), None)
+        ... except CalibrationError as err:
+        ...     print(str(err)[:107])
+        calibration batch 0 (a tensor of shape [1, 5, 8, 8]) does not fit the model's forward in layer '0' (Conv2d)
+    """
+    running: list[str] = []  # names of the modules whose forward has begun and not yet returned
+
+    def enter(name: str) -> Callable:
+        def hook(_module: nn.Module, _args: Any) -> None:
+            running.append(name)
+
+        return hook
+
+    def leave(_module: nn.Module, _args: Any, _output: Any) -> None:
+        running.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            return (forward_fn or default_forward)(model, example)
+    except CalibrationError as err:  # a batch default_forward cannot feed
+        raise CalibrationError(f"calibration batch 0: {err}") from None
+    except Exception as err:
+        layer = running[-1] if running and running[-1] else None
+        where = f" in layer {layer!r} ({type(model.get_submodule(layer)).__name__})" if layer else ""
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        if forward_fn is not None:
+            message = f"forward_fn failed on calibration batch 0 ({describe_batch(example)}){where}: {detail}"
+        else:
+            message = (
+                f"calibration batch 0 ({describe_batch(example)}) does not fit the model's forward{where}: {detail}; "
+                "pass forward_fn=lambda model, batch: model(...) to feed batches of this form"
+            )
+        raise CalibrationError(message) from err
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _fold(

@@ -34,9 +34,11 @@ import torch
 from torch import nn
 
 from mono_quant.config import Mode
+from mono_quant.copying import eval_mode
 from mono_quant.errors import ConfigError, SerializationError
 from mono_quant.file_io import atomic_write
 from mono_quant.modules import Int8Conv2d, Int8Embedding, Int8Linear, quantized_layers
+from mono_quant.onnx_checks import checked_export, tracer_lines
 
 OPSET = 17
 _UINT8, _FLOAT = 2, 1  # ONNX TensorProto data types
@@ -58,6 +60,11 @@ def export_onnx(
     inputs with more than one axis whose second axis is not the channel axis of an image, the second a
     dynamic ``sequence`` (2-D integer inputs such as token ids); pass ``dynamic_axes`` to choose. ``opset``
     must be at least 17. Returns ``path``.
+
+    The trace is checked before anything is written (``mono_quant.onnx_checks``): ONNX Runtime must give
+    q_model's outputs on inputs of other values, and on inputs resized along each dynamic axis; a default axis
+    that fails is fixed at the example's size with a warning naming it, an axis given in ``dynamic_axes``
+    that fails, or a Python branch on tensor values the trace froze, is a ``SerializationError`` naming it.
 
     Example:
         >>> import tempfile, mono_quant as mq
@@ -81,30 +88,38 @@ def export_onnx(
             f"with float weights: {', '.join(fallback[:8])}{' ...' if len(fallback) > 8 else ''}",
             stacklevel=2,
         )
-    buffer = io.BytesIO()
-    was_training = q_model.training
-    q_model.eval()
-    try:
-        with _export_forwards(list(layers.values())), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            wrapper = _Positional(q_model, list(kwargs))
-            output_names = wrapper.output_names([*args, *kwargs.values()])
+    tensors = [*args, *kwargs.values()]
+    wrapper = _Positional(q_model, list(kwargs))
+
+    def export(chosen_axes: dict[str, dict[int, str]]) -> tuple[bytes, list[str]]:
+        buffer = io.BytesIO()
+        with _export_forwards(list(layers.values())), warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always")
             torch.onnx.export(
                 wrapper,
-                (*args, *kwargs.values()),
+                tuple(tensors),
                 buffer,
                 dynamo=False,
                 opset_version=opset,
                 input_names=names,
-                output_names=output_names,
-                dynamic_axes=axes,
+                output_names=wrapper.output_names(tensors),
+                dynamic_axes=chosen_axes,
                 do_constant_folding=True,
             )
+        return buffer.getvalue(), tracer_lines(recorded)
+
+    def eager(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return wrapper(*inputs)
+
+    try:
+        with eval_mode(q_model):  # every submodule's own mode comes back afterwards
+            wrapper.eval()  # torch's exporter gives the wrapper its mode back after each trace, recursively
+            data = checked_export(export, eager, tensors, names, axes, axes_given=dynamic_axes is not None)
+    except SerializationError:
+        raise
     except Exception as err:
         raise SerializationError(f"export_onnx: cannot trace q_model to ONNX: {type(err).__name__}: {err}") from err
-    finally:
-        q_model.train(was_training)
-    data = buffer.getvalue()
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return Path(path)
 

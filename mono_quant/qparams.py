@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,11 +20,45 @@ from mono_quant.errors import ConfigError, QuantizationError
 _EPS = torch.finfo(torch.float32).eps
 
 
-class ActivationQParams(NamedTuple):
-    """Calibrated per-tensor int8 parameters of a layer's input: ``x ~= (q - zero_point) * scale``."""
-
+class _ActivationFields(NamedTuple):
     scale: torch.Tensor  # float32 scalar
     zero_point: torch.Tensor  # int8 scalar (0 when symmetric)
+
+
+class ActivationQParams(_ActivationFields):
+    """Calibrated per-tensor int8 parameters of a layer's input: ``x ~= (q - zero_point) * scale``.
+
+    Checked when made (also from numbers, also by ``_replace``): ``scale`` one finite positive number,
+    ``zero_point`` one integer in [-128, 127]; anything else is a ``ConfigError`` naming the value.
+
+    Example:
+        >>> ActivationQParams(0.05, 3)
+        ActivationQParams(scale=tensor(0.0500), zero_point=tensor(3, dtype=torch.int8))
+        >>> ActivationQParams(float("nan"), 0)
+        Traceback (most recent call last):
+        ...
+        mono_quant.errors.ConfigError: input scale nan is not a finite positive number
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, scale: torch.Tensor | float, zero_point: torch.Tensor | int) -> ActivationQParams:
+        for name, value in (("scale", scale), ("zero point", zero_point)):
+            if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):
+                raise ConfigError(f"input {name} of type {type(value).__name__}: expected a number or a tensor")
+        scale = torch.as_tensor(scale, dtype=torch.float32) if not isinstance(scale, torch.Tensor) else scale
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise ConfigError(f"input scale of shape {list(scale.shape)} ({scale.dtype}): expected one float")
+        if not (math.isfinite(value := scale.item()) and value > 0):
+            raise ConfigError(f"input scale {value} is not a finite positive number")
+        point = torch.as_tensor(zero_point) if not isinstance(zero_point, torch.Tensor) else zero_point
+        if point.numel() != 1 or point.is_complex() or not (-128 <= point.item() <= 127) or point.item() % 1:
+            raise ConfigError(f"input zero point {point.tolist()} is not one integer in [-128, 127]")
+        return super().__new__(cls, scale, point if point.dtype == torch.int8 else point.to(torch.int8))
+
+    @classmethod
+    def _make(cls, iterable: Any) -> ActivationQParams:  # what _replace calls: checked as well
+        return cls(*iterable)
 
 
 class QuantizedWeight(NamedTuple):

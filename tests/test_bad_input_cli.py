@@ -158,6 +158,20 @@ def test_version(capsys: Any) -> None:
     assert code == 0 and out.strip() == f"mono-quant {mq.__version__}"
 
 
+def test_version_is_2_or_later_from_one_place_in_a_real_process() -> None:
+    """The index serves an unrelated mono-quant 1.x: this project is 2.x, with one version string that
+    pyproject, the package and ``python -m mono_quant --version`` all read."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    from mono_quant._version import __version__
+
+    assert int(__version__.split(".")[0]) >= 2 and mq.__version__ == __version__
+    assert read_configuration(ROOT / "pyproject.toml")["project"]["version"] == __version__
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "mono_quant", "--version"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"mono-quant {__version__}"
+
+
 def test_pickled_model_in_a_real_process_has_no_escape_codes(folder: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FORCE_COLOR": "1", "TERM": "xterm-256color"}
     command = [sys.executable, "-m", "mono_quant", "quantize", str(folder / "whole.pt"), "-o", str(folder / "w.pt")]
