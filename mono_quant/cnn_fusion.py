@@ -184,6 +184,7 @@ class FusedForward:
             or torch.jit.is_tracing()  # ONNX export traces the eager layers
             or not isinstance(first, torch.Tensor)
             or first.device.type != "cpu"
+            or not first.is_floating_point()  # the eager layers refuse it as the float model does
         )
         if not eager and not self._current():
             self.graph = fuse_static_convs(self.model)

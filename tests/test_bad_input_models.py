@@ -229,13 +229,12 @@ UINT8_CASES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the int8 module change")
 @pytest.mark.parametrize(("case", "make", "shape", "options"), UINT8_CASES, ids=[c[0] for c in UINT8_CASES])
 def test_a_uint8_input_is_refused_like_the_float_layer_refuses_it(
     case: str, make: Any, shape: tuple, options: dict
 ) -> None:
-    """The float layer refuses uint8 (a RuntimeError from torch); today the int8 Linear casts its output back to
-    uint8 (negative values wrap) and the int8 conv answers in float32."""
+    """The float layer refuses uint8 (a RuntimeError from torch); so does the quantized one (it used to cast its
+    output back to uint8, negative values wrapping, or answer in float32 through the fused CNN graph)."""
     torch.manual_seed(0)
     float_model = make().eval()
     x = torch.randint(0, 256, shape, dtype=torch.uint8)

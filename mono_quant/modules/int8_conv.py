@@ -100,6 +100,8 @@ class Int8Conv2d(Int8Linear):
         grouped convolution with 16 input channels per group returns noise); else im2col through the
         (checked) ``Int8Linear`` path.
         """
+        if not x.is_floating_point():
+            raise RuntimeError(f"Int8Conv2d expects a floating-point input, got {x.dtype} (as nn.Conv2d)")
         onednn = self.mode is not Mode.WEIGHT_ONLY and self.weight_zero_point is None
         if onednn and kernels.use_onednn_conv(x):
             out = self._onednn_forward(x, bias)

@@ -166,6 +166,8 @@ class Int8Linear(nn.Module, QuantizedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the hot path: keep Python work and op count minimal (batch 1 is dominated by per-op overhead)
+        if not x.is_floating_point():
+            raise RuntimeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype} (as nn.Linear)")
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
