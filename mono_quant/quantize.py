@@ -192,6 +192,12 @@ def _static_activations(
         missing = sorted(set(calibrated) - set(given))
         if missing:
             raise CalibrationError(f"activation_qparams has no entry for layer(s) {missing}")
+        wrong = next((name for name in calibrated if not isinstance(given[name], ActivationQParams)), None)
+        if wrong is not None:
+            raise ConfigError(
+                f"activation_qparams[{wrong!r}] is a {type(given[wrong]).__name__}; expected "
+                "mq.ActivationQParams(scale, zero_point) (from a Calibrator's qparams())"
+            )
         return dict(given)
     if calibration_data is None:
         raise CalibrationError("mode='static' needs calibration_data (or use mode='dynamic')")

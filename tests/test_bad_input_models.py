@@ -411,3 +411,8 @@ def test_state_dict_buffers_load_and_a_meta_skeleton_missing_one_is_named(tmp_pa
         skeleton = WithBuffer()
     with expect(SE, "tensor 'freq' of the given model is on the meta device and the file does not hold it"):
         mq.load(tmp_path / "plain.safetensors", skeleton)
+
+
+def test_activation_qparams_that_are_plain_tuples_are_named() -> None:
+    with expect(CfgE, "activation_qparams['0'] is a tuple; expected mq.ActivationQParams"):
+        mq.quantize(nn.Sequential(nn.Linear(8, 4)), mode="static", activation_qparams={"0": (0.1, 0)})
