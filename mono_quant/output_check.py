@@ -37,6 +37,7 @@ from mono_quant.qparams import weight_sqnr_db
 
 OUTPUT_FLOORS_DB = {QuantDtype.INT8: 25.0, QuantDtype.INT4: 12.0, QuantDtype.FP16: 30.0, QuantDtype.BF16: 30.0}
 _FINEST_INT4_GROUP = 32
+NEGLIGIBLE_RMS = 1e-6  # a layer whose float output is this small (vanishing activations) is not judged
 _PROBE_ROWS = 64
 _MIN_OUTPUT_VALUES = 256
 
@@ -133,12 +134,15 @@ def build_checked(
         failures_before = len(check.failures())
         layer = build(float_module, rung_config, activation if rung_config.mode is Mode.STATIC else None)
         weight_db = weight_sqnr_db(name, reference, layer.dequantized_weight().reshape(reference.shape))
-        measured = _output_sqnr(float_module, layer, x, activation)
+        measured, rms = _output_sqnr(float_module, layer, x, activation)
         kernel_notes += [str(f) for f in check.failures()[failures_before:]]
         floor = floor_db(rung_config)
-        if measured >= floor:
+        negligible = rms < NEGLIGIBLE_RMS
+        if measured >= floor or negligible:
             moved = f"moved to {label}: " + "; ".join(tried) if tried else ""
-            return layer, OutputCheck(measured, "; ".join(filter(None, [moved, *kernel_notes])), weight_db)
+            unjudged = f"float output RMS {rms:.1e} is below {NEGLIGIBLE_RMS:g}: not judged" if negligible else ""
+            notes = filter(None, [moved, unjudged, *kernel_notes])
+            return layer, OutputCheck(measured, "; ".join(notes), weight_db)
         tried.append(f"{label} {measured:.1f} dB < {floor:g} dB floor")
     note = "kept float: output SQNR against float under the floor at every precision tried (" + "; ".join(tried) + ")"
     return None, OutputCheck(None, "; ".join([note, *kernel_notes]))
@@ -175,10 +179,11 @@ def _label(config: QuantizationConfig) -> str:
 
 def _output_sqnr(
     float_module: nn.Module, layer: nn.Module, x: torch.Tensor | None, activation: ActivationQParams | None
-) -> float:
+) -> tuple[float, float]:
     """Output SQNR of ``layer`` against ``float_module`` on ``x`` and, where ``x`` gives fewer than
     ``_MIN_OUTPUT_VALUES`` outputs (or none fits), on a seeded probe too (within the calibrated input range
-    where there is one): an SQNR over a handful of values is decided by chance cancellations in them."""
+    where there is one): an SQNR over a handful of values is decided by chance cancellations in them.
+    Returns ``(sqnr_db, rms of the float output)``."""
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         if x is not None:
@@ -190,19 +195,20 @@ def _output_sqnr(
             if probe is not None:
                 pairs.append((_first_tensor(float_module(probe)), _first_tensor(layer(probe))))
     if not pairs:
-        return math.inf  # nothing to run it on: no check
+        return math.inf, math.inf  # nothing to run it on: no check
     expected = torch.cat([e.detach().float().flatten() for e, _ in pairs])
     got = torch.cat([g.detach().float().flatten() for _, g in pairs])
     judged = torch.isfinite(expected)  # where float itself overflows there is nothing to compare with
-    if not torch.isfinite(got[judged]).all():
-        return -math.inf
     if not judged.any():
-        return math.inf
+        return math.inf, math.inf
     signal = torch.linalg.vector_norm(expected[judged].double())  # float64: 1e30-scale outputs square past float32
+    rms = float(signal / math.sqrt(int(judged.sum())))
+    if not torch.isfinite(got[judged]).all():
+        return -math.inf, rms
     noise = torch.linalg.vector_norm((expected[judged] - got[judged]).double())
     if noise == 0:
-        return math.inf
-    return -math.inf if signal == 0 else float(20 * torch.log10(signal / noise))
+        return math.inf, rms
+    return (-math.inf if signal == 0 else float(20 * torch.log10(signal / noise))), rms
 
 
 def _first_tensor(value: Any) -> torch.Tensor:

@@ -124,3 +124,12 @@ def test_a_floor_nothing_can_meet_keeps_the_layer_float_with_the_reason() -> Non
 def test_min_output_sqnr_db_is_validated() -> None:
     with pytest.raises(mq.ConfigError, match="min_output_sqnr_db"):
         mq.QuantizationConfig(min_output_sqnr_db="high")
+
+
+def test_vanishing_activations_are_not_judged_against_the_floor() -> None:
+    # random-weight CNNs can shrink activations to 1e-10: static scales stop at float32's eps, so the layer's
+    # own SQNR means nothing; it stays quantized and the report says why it was not judged
+    model = nn.Sequential(nn.Linear(16, 8))
+    result = mq.quantize(model, mode="static", calibration_data=[torch.randn(32, 16) * 1e-9])
+    row = result.report.layers[0]
+    assert row.mode == "static" and "not judged" in row.note

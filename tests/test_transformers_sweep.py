@@ -15,6 +15,7 @@ import torch
 import transformers_zoo
 
 import mono_quant as mq
+from mono_quant.errors import KernelCheckWarning, OutputCheckWarning
 from mono_quant.modules import quantized_layers
 from mono_quant.qparams import sqnr_db
 from mono_quant.selection import matmul_weight_numel
@@ -44,6 +45,8 @@ def test_architecture_quantizes_runs_and_round_trips(arch: str, mode: str, tmp_p
         reference = transformers_zoo.output(model(**inputs))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # "under half quantized" would fail the test
+        warnings.simplefilter("ignore", OutputCheckWarning)  # a layer moved up a precision: in the report
+        warnings.simplefilter("ignore", KernelCheckWarning)  # AMX's grouped conv (wav2vec2): im2col serves
         result = mq.quantize(model, calibration_data=calibration if mode == "int8-static" else None, **MODES[mode])
     assert quantized_share(model, result.model) >= 0.8, result.report.skipped
     with torch.inference_mode():
