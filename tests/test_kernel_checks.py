@@ -129,7 +129,7 @@ def test_min_output_sqnr_db_is_validated() -> None:
 def test_vanishing_activations_are_not_judged_against_the_floor() -> None:
     # random-weight CNNs can shrink activations to 1e-10: static scales stop at float32's eps, so the layer's
     # own SQNR means nothing; it stays quantized and the report says why it was not judged
-    model = nn.Sequential(nn.Linear(16, 8))
+    model = nn.Sequential(nn.Linear(16, 8, bias=False))
     result = mq.quantize(model, mode="static", calibration_data=[torch.randn(32, 16) * 1e-9])
     row = result.report.layers[0]
     assert row.mode == "static" and "not judged" in row.note
