@@ -143,8 +143,8 @@ def _timed(fn, unchecked: bool = False) -> tuple[float, object]:
     the difference)."""
     import math
 
-    from mono_quant import output_check
-    from mono_quant import quantize as engine
+    from mono_quant.engine import output_check
+    from mono_quant.engine import quantize as engine
 
     saved = output_check._output_sqnr, engine.capture_inputs
     if unchecked:

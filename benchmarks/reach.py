@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import transformers_zoo as zoo
 
 import mono_quant as mq
-from mono_quant.selection import matmul_weight_numel
+from mono_quant.engine.selection import matmul_weight_numel
 
 MODES = {"int8 dynamic": {"mode": "dynamic"}, "int8 static": {"mode": "static"},
          "int4 (g32)": {"dtype": "int4", "group_size": 32}}  # fmt: skip

@@ -9,9 +9,7 @@ Example:
 """
 
 from mono_quant._version import __version__
-from mono_quant.budget import FLOAT, BudgetResult, parse_ladder, quantize_with_budget
-from mono_quant.calibration import TARGET_KEYS, Calibrator
-from mono_quant.checkpoint import CheckpointResult, quantize_checkpoint
+from mono_quant.budget.entry import FLOAT, BudgetResult, parse_ladder, quantize_with_budget
 from mono_quant.config import (
     Granularity,
     HistogramMethod,
@@ -23,11 +21,18 @@ from mono_quant.config import (
     parse_dtype,
     parse_enum,
 )
-from mono_quant.dequantize import dequantize
+from mono_quant.engine.calibration import TARGET_KEYS, Calibrator
+from mono_quant.engine.dequantize import dequantize
+from mono_quant.engine.fidelity import FidelityReport, compare, output_tensor
+from mono_quant.engine.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize
+from mono_quant.engine.report import LayerReport, QuantizationReport
+from mono_quant.engine.selection import Selection, calibrated_layers, select_layers
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError, SerializationError
-from mono_quant.fidelity import FidelityReport, compare, output_tensor
-from mono_quant.fusion import fold_batchnorm
-from mono_quant.hf_export import save_pretrained
+from mono_quant.graph.folding import fold_batchnorm
+from mono_quant.io.hf_export import save_pretrained
+from mono_quant.io.load import load, save
+from mono_quant.io.onnx import export_onnx
+from mono_quant.io.stream import CheckpointResult, quantize_checkpoint
 from mono_quant.kernels.choice import kernel_choice, set_kernel_choice
 from mono_quant.modules import (
     ActivationQParams,
@@ -37,11 +42,6 @@ from mono_quant.modules import (
     register,
 )
 from mono_quant.observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
-from mono_quant.onnx_export import export_onnx
-from mono_quant.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize
-from mono_quant.report import LayerReport, QuantizationReport
-from mono_quant.selection import Selection, calibrated_layers, select_layers
-from mono_quant.serialization import load, save
 
 __all__ = [
     "FLOAT",

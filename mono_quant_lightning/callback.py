@@ -41,7 +41,7 @@ class QuantizationCallback(Callback):
     ``validation_step`` run on the float module and on the quantized copy, so any batch format works.
 
     Lightning hands the callback a train-mode module: it quantizes an eval-mode copy, so BatchNorms fold as in
-    ``mono_quant.quantize`` of the eval model (the report says so), and never changes the module or its mode.
+    ``mono_quant.engine.quantize`` of the eval model (the report says so), and never changes the module or its mode.
     Under ``fast_dev_run`` it quantizes and measures, but writes and removes no file (like Lightning's checkpoints).
 
     Args:

@@ -15,7 +15,7 @@ from bad_input_kit import layer_edit, model, rewrite, top_edit, write_file
 from safetensors.torch import save_file
 
 import mono_quant as mq
-from mono_quant.cli import main
+from mono_quant.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def test_convert_requantizes_a_mono_quant_file(tmp_path) -> None:
     import torch
 
     import mono_quant as mq
-    from mono_quant.cli import main
+    from mono_quant.cli.main import main
 
     torch.manual_seed(0)
     float_path, int8_path, int4_path = tmp_path / "f.safetensors", tmp_path / "q8.safetensors", tmp_path / "q4.pt"

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import mono_quant as mq
-from mono_quant.serialization import read_header
+from mono_quant.io.load import read_header
 
 SE = mq.SerializationError
 

@@ -123,7 +123,7 @@ def endless() -> Any:
 
 
 def test_endless_calibration_stops_at_the_default_limit() -> None:
-    from mono_quant.calibration import DEFAULT_BATCH_LIMIT, Calibrator
+    from mono_quant.engine.calibration import DEFAULT_BATCH_LIMIT, Calibrator
 
     net = model()
     calibrator = Calibrator({"0": net[0]}, mq.QuantizationConfig(mode="static"))
@@ -134,7 +134,7 @@ def test_endless_calibration_stops_at_the_default_limit() -> None:
 
 @pytest.mark.parametrize("limit", [1, 3, 17])
 def test_calibration_limit_is_overridable(limit: int) -> None:
-    from mono_quant.calibration import Calibrator
+    from mono_quant.engine.calibration import Calibrator
 
     net, seen = model(), []
     calibrator = Calibrator({"0": net[0]}, mq.QuantizationConfig(mode="static", calibration_batches=limit))
@@ -143,7 +143,7 @@ def test_calibration_limit_is_overridable(limit: int) -> None:
 
 
 def test_no_limit_reads_every_batch() -> None:
-    from mono_quant.calibration import Calibrator
+    from mono_quant.engine.calibration import Calibrator
 
     net = model()
     calibrator = Calibrator({"0": net[0]}, mq.QuantizationConfig(mode="static", calibration_batches=None))

@@ -23,7 +23,7 @@ from bad_input_kit import expect, model
 from safetensors import SafetensorError
 
 import mono_quant as mq
-from mono_quant.file_io import TMP_PREFIX, stale_temp_files, temp_name
+from mono_quant.io.disk import TMP_PREFIX, stale_temp_files, temp_name
 
 SE = mq.SerializationError
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_injected_write_faults(
         Path(args[1]).write_bytes(b"partial")  # what a writer leaves when the disk fills up
         raise error
 
-    monkeypatch.setattr("mono_quant.file_write.save_file" if suffix == ".safetensors" else "torch.save", fail)
+    monkeypatch.setattr("mono_quant.io.save.save_file" if suffix == ".safetensors" else "torch.save", fail)
     with expect(SE, word):
         mq.save(quantized_model(1), path)
     assert path.read_bytes() == before and temps(tmp_path) == []
@@ -265,7 +265,7 @@ def checkpoint_source(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 
 def test_quantize_checkpoint_on_a_full_disk_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mono_quant.hf_write as hf_write
+    import mono_quant.io.hf_write as hf_write
 
     tensors = {f"layer{i}.weight": torch.randn(64, 64) for i in range(4)}
     src = checkpoint_source(tmp_path / "src", tensors)

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mono_quant as mq
-from mono_quant.cli import main
-from mono_quant.cli_inspect import inspect_file
+from mono_quant.cli.inspect import inspect_file
+from mono_quant.cli.main import main
 
 INDEX = "model.safetensors.index.json"
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(mq.__file__).parents[1])}  # the children import this mono_quant
@@ -220,7 +220,7 @@ def test_bad_arguments(source: tuple[Path, dict], tmp_path: Path) -> None:
 
 _CHILD = """
 import os, signal, sys
-import mono_quant.hf_write as hf_write
+import mono_quant.io.hf_write as hf_write
 added = 0
 original = hf_write.ShardWriter.add
 def add(self, name, tensor):

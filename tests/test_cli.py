@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from test_serialization import inputs, skeleton
 
 import mono_quant as mq
-from mono_quant.cli import _progress_printer, main
+from mono_quant.cli.main import _progress_printer, main
 
 
 def run(*args: str, console_script: bool = False) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import mono_quant as mq
-from mono_quant import cnn_fusion
+from mono_quant.graph import fused_graph as cnn_fusion
 from mono_quant.qparams import sqnr_db
 
 pytestmark = pytest.mark.skipif(not cnn_fusion.kernels.use_onednn_conv(torch.empty(0)), reason="needs oneDNN")

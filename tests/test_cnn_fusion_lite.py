@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import mono_quant as mq
-from mono_quant import cnn_fusion
+from mono_quant.graph import fused_graph as cnn_fusion
 from mono_quant.qparams import sqnr_db
 
 pytestmark = [

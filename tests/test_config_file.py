@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import mono_quant as mq
-from mono_quant.cli import main
+from mono_quant.cli.main import main
 from mono_quant.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

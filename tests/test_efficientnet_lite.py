@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import mono_quant as mq
-from mono_quant.selection import matmul_weight_numel
+from mono_quant.engine.selection import matmul_weight_numel
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mono_quant as mq
-from mono_quant.fusion import conv_bn_pairs
+from mono_quant.graph.folding import conv_bn_pairs
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ from torch import nn
 
 import mono_quant as mq
 from mono_quant.errors import ConfigError
-from mono_quant.hf_export import hf_tensors, save_pretrained, shard_limit
+from mono_quant.io.hf_export import hf_tensors, save_pretrained, shard_limit
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
@@ -178,7 +178,7 @@ def test_minilm_int8_loads_in_transformers(tmp_path: Path, minilm) -> None:
 def test_cli_export_writes_both_formats(tmp_path: Path, capsys) -> None:
     from safetensors.torch import load_file
 
-    from mono_quant.cli import main
+    from mono_quant.cli.main import main
 
     model = tiny_bert()
     model.config.save_pretrained(tmp_path / "base")

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mono_quant as mq
-from mono_quant.output_check import OUTPUT_FLOORS_DB
+from mono_quant.engine.output_check import OUTPUT_FLOORS_DB
 from mono_quant.qparams import sqnr_db
 
 pytestmark = pytest.mark.numerics

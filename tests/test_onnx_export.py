@@ -12,8 +12,8 @@ from torch import nn
 
 import mono_quant as mq
 from mono_quant.errors import ConfigError
+from mono_quant.io.onnx import export_onnx
 from mono_quant.modules import Int8Linear
-from mono_quant.onnx_export import export_onnx
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import mono_quant as mq
-from mono_quant.onnx_export import export_onnx
+from mono_quant.io.onnx import export_onnx
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

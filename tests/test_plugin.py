@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import mono_quant as mq
-from mono_quant.cli_inspect import inspect_file
+from mono_quant.cli.inspect import inspect_file
 from mono_quant.modules import QUANTIZED_CLASSES, REGISTRY
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import mono_quant as mq
+from mono_quant.engine.selection import matmul_weight_numel
 from mono_quant.modules import Int8Conv2d, Int8Linear, QuantizedTensor
 from mono_quant.qparams import sqnr_db
-from mono_quant.selection import matmul_weight_numel
 
 
 class SamePadConv(nn.Conv2d):

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mono_quant as mq
+from mono_quant.io.load import read_header
 from mono_quant.modules import quantized_layers
-from mono_quant.serialization import read_header
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -449,7 +449,7 @@ def test_interrupted_write_never_leaves_a_partial_file(
         Path(path).write_bytes(b"half a file")
         raise error
 
-    monkeypatch.setattr("mono_quant.file_write.save_file", crash)
+    monkeypatch.setattr("mono_quant.io.save.save_file", crash)
     with pytest.raises(mq.SerializationError if isinstance(error, OSError) else KeyboardInterrupt):
         mq.save(skeleton(3), good_file)
     assert good_file.read_bytes() == original  # the previous file is intact

@@ -15,10 +15,10 @@ import torch
 import transformers_zoo
 
 import mono_quant as mq
+from mono_quant.engine.selection import matmul_weight_numel
 from mono_quant.errors import KernelCheckWarning, OutputCheckWarning
 from mono_quant.modules import quantized_layers
 from mono_quant.qparams import sqnr_db
-from mono_quant.selection import matmul_weight_numel
 
 pytestmark = pytest.mark.slow
 

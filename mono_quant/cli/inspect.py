@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mono_quant.checkpoint_read import read_state_dict, same_file
+from mono_quant.io.float_checkpoint import read_state_dict, same_file
 
 # -------------------------------------------------------------------------------------- inspect
 
@@ -26,7 +26,7 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
         >>> info["layers"][0]["class"], info["layers"][0]["bytes"]
         ('Int8Linear', 96)
     """
-    from mono_quant.serialization import read_header
+    from mono_quant.io.load import read_header
 
     metadata, specs = read_header(path)
     nbytes = {name: math.prod(shape) * dtype.itemsize for name, (dtype, shape) in specs.items()}
@@ -102,10 +102,10 @@ def compare_files(
         >>> result["layers"][0]["sqnr_db"] > 35
         True
     """
-    from mono_quant.cli import UsageError  # exit code 2 (the CLI imports this module)
+    from mono_quant.cli.main import UsageError  # exit code 2 (the CLI imports this module)
     from mono_quant.errors import SerializationError
+    from mono_quant.io.load import load
     from mono_quant.qparams import sqnr_db
-    from mono_quant.serialization import load
 
     if same_file(float_file, quant_file):
         raise UsageError(f"FLOAT_FILE and QUANT_FILE are the same file ({quant_file}); pass the float original")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.budget_report import FLOAT
+from mono_quant.budget.report import FLOAT
 from mono_quant.config import parse_dtype
 from mono_quant.errors import ConfigError, QuantizationError
 

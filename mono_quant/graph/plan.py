@@ -1,4 +1,4 @@
-"""Which convolutions of a traced graph fuse with what (``cnn_fusion.py`` rewrites the graph from this plan).
+"""Which convolutions of a traced graph fuse with what (``graph/fused_graph.py`` rewrites the graph from this plan).
 
 A plan per quantized convolution node: the activation after it (ReLU, ReLU6/Hardtanh, Hardswish,
 SiLU as oneDNN post-ops), or the residual add whose other operand becomes the accumulator (then
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from mono_quant.cnn_fused_conv import Unary, input_qparams
 from mono_quant.config import Mode
+from mono_quant.graph.fused_conv import Unary, input_qparams
 from mono_quant.kernels.numerics import uint8_high
 from mono_quant.modules.int8_conv import Int8Conv2d
 from mono_quant.modules.weight_tensor import QuantizedTensor

@@ -1,4 +1,4 @@
-"""Safetensors checkpoints on disk, one tensor at a time: the source layout (the writer is ``hf_write.py``).
+"""Safetensors checkpoints on disk, one tensor at a time: the source layout (the writer is ``io/hf_write.py``).
 
 The Hugging Face layout is ``<prefix>-0000K-of-0000N.safetensors`` shards plus
 ``<prefix>.safetensors.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map": {tensor: shard}}``);
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from mono_quant.errors import SerializationError
-from mono_quant.file_read import ST_DTYPES
+from mono_quant.io.read import ST_DTYPES
 
 INDEX_SUFFIX = ".safetensors.index.json"
 

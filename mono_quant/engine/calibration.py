@@ -18,7 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mono_quant.config import QuantizationConfig, Scheme
-from mono_quant.copying import eval_mode
+from mono_quant.engine.copying import eval_mode
 from mono_quant.errors import CalibrationError, ConfigError
 from mono_quant.observers import Observer, Reduce, make_observer
 from mono_quant.qparams import ActivationQParams

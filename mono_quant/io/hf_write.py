@@ -4,7 +4,7 @@ A folder holds ``model.safetensors`` (or ``<prefix>-0000K-of-0000N.safetensors``
 ``<prefix>.safetensors.index.json``) and ``config.json`` with the ``quantization_config``. Quantized layers are
 stored in compressed-tensors layouts (``to_compressed_tensors``); the first file's header also carries
 mono-quant's metadata document for the whole folder, marked ``"layout": "compressed-tensors"``, from which
-``mq.load`` undoes the layout (``hf_read.py``).
+``mq.load`` undoes the layout (``io/hf_read.py``).
 
 ``FolderWriter`` streams: each tensor is appended to a spill file as it comes (``ShardWriter``: memory holds one
 tensor, not a shard); the shards are assembled when the whole folder is known, under temporary names, and
@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 from mono_quant.errors import SerializationError
-from mono_quant.file_io import atomic_write, describe_os_error, sweep_stale_temps, temp_name
-from mono_quant.file_read import ST_DTYPES
-from mono_quant.file_write import METADATA_KEY
+from mono_quant.io.disk import atomic_write, describe_os_error, sweep_stale_temps, temp_name
+from mono_quant.io.read import ST_DTYPES
+from mono_quant.io.save import METADATA_KEY
+from mono_quant.io.shards import INDEX_SUFFIX
 from mono_quant.modules import class_for_kind
 from mono_quant.qparams import unpack_int4_words
-from mono_quant.shards import INDEX_SUFFIX
 
 LAYOUT = "compressed-tensors"  # metadata["layout"] of files written here
 _ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
+from mono_quant.engine.quantize import QuantizationResult, speed_notes
+from mono_quant.engine.report import LayerReport, QuantizationReport
+from mono_quant.engine.selection import coverage_warning, matmul_weight_numel
 from mono_quant.modules import tensor_bytes
-from mono_quant.quantize import QuantizationResult, speed_notes
-from mono_quant.report import LayerReport, QuantizationReport
-from mono_quant.selection import coverage_warning, matmul_weight_numel
 
 FLOAT = "float"  # the ladder's top rung: the layer stays in float
 

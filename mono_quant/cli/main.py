@@ -1,5 +1,5 @@
 """``mono-quant quantize | inspect | compare | export``: quantize a state_dict file, look inside a checkpoint,
-compare, export (``cli_export.py``).
+compare, export (``cli/export.py``).
 
 Exit codes: 0 success, 2 bad usage (argparse errors, invalid options, an output that is the input), 1 a
 failed operation (unreadable or mismatched file, nothing to quantize, ...). Errors are one line on stderr
@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from mono_quant.checkpoint_read import read_state_dict, same_file
-from mono_quant.cli_inspect import cmd_compare, cmd_inspect
+from mono_quant.cli.inspect import cmd_compare, cmd_inspect
 from mono_quant.errors import ConfigError, QuantizationError
+from mono_quant.io.float_checkpoint import read_state_dict, same_file
 from mono_quant.modules.int4_weight import group_sizes
 
 PROG = "mono-quant"
@@ -128,14 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(run=cmd_compare)
 
-    from mono_quant.cli_export import add_export_parser
+    from mono_quant.cli.export import add_export_parser
 
     add_export_parser(commands, common, _cmd_export)
     return parser
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mono_quant.cli_export import run_export
+    from mono_quant.cli.export import run_export
 
     print(f"wrote {run_export(args)}")
     return 0
@@ -146,7 +146,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from mono_quant.config import QuantizationConfig
-    from mono_quant.serialization import save_state_dict
+    from mono_quant.io.load import save_state_dict
 
     names = ("dtype", "mode", "scheme", "granularity", "group_size", "include", "exclude", "min_numel")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}  # flags > file > defaults
@@ -163,7 +163,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if same_file(source, output):
         raise UsageError(f"--output={str(output)!r} is the input file {str(source)!r}; choose another output path")
     if checkpoint:
-        from mono_quant.checkpoint import quantize_checkpoint
+        from mono_quant.io.stream import quantize_checkpoint
 
         result = quantize_checkpoint(source, output, config, progress=False if args.quiet else None)
         if not args.quiet:
@@ -192,7 +192,7 @@ def _weight_names(state: dict[str, Any]) -> list[str]:
 
 def _check_include(state: dict[str, Any], include: list[str] | None) -> None:
     """Every ``--include`` pattern must match some layer (a typo would otherwise quantize nothing)."""
-    from mono_quant.selection import matches
+    from mono_quant.engine.selection import matches
 
     names = _weight_names(state)
     unmatched = [p for p in include or () if not any(matches(name, (p,)) for name in names)]
@@ -235,9 +235,9 @@ def quantize_state_dict(
         >>> out["fc.weight"].dtype, shapes
         (torch.int8, {'fc': (4, 8)})
     """
+    from mono_quant.engine.quantize import quantize
+    from mono_quant.engine.report import QuantizationReport
     from mono_quant.modules import tensor_bytes
-    from mono_quant.quantize import quantize
-    from mono_quant.report import QuantizationReport
 
     names = _weight_names(state)
     out, rows, skipped, used = {}, [], {}, set()

@@ -58,8 +58,8 @@ def check_output(source: Path, base: Path, output: Path, fmt: str) -> None:
         ...     print(err)
         --output='q.safetensors' is the input file 'q.safetensors'; choose another output path
     """
-    from mono_quant.checkpoint_read import same_file
     from mono_quant.errors import ConfigError
+    from mono_quant.io.float_checkpoint import same_file
 
     if same_file(source, output):
         raise ConfigError(f"--output={str(output)!r} is the input file {str(source)!r}; choose another output path")

@@ -14,19 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.calibration import Calibrator, ForwardFn, first_batch
-from mono_quant.cnn_fusion import enable_fused_forward
 from mono_quant.config import Mode, QuantizationConfig
-from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
+from mono_quant.engine.calibration import Calibrator, ForwardFn, first_batch
+from mono_quant.engine.copying import bake_parametrized_weights, copy_model, reject_meta_model
+from mono_quant.engine.output_check import OutputCheck, build_checked, capture_inputs, recording_inputs
+from mono_quant.engine.report import LayerReport, QuantizationReport
+from mono_quant.engine.selection import calibrated_layers, coverage_warning, matches, select_layers
 from mono_quant.errors import CalibrationError, ConfigError, OutputCheckWarning, QuantizationError
-from mono_quant.fusion import fold_batchnorm_notes
+from mono_quant.graph.folding import fold_batchnorm_notes
+from mono_quant.graph.fused_graph import enable_fused_forward
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
 from mono_quant.modules.attach import install, proxy_module
 from mono_quant.modules.base import float_weight
-from mono_quant.output_check import OutputCheck, build_checked, capture_inputs, recording_inputs
 from mono_quant.qparams import all_finite, weight_sqnr_db
-from mono_quant.report import LayerReport, QuantizationReport
-from mono_quant.selection import calibrated_layers, coverage_warning, matches, select_layers
 
 
 @dataclasses.dataclass
@@ -40,7 +40,7 @@ class QuantizationResult:
 
     def save(self, path: str) -> None:
         """Write the quantized model to ``path`` (``.safetensors`` or ``.pt``); see ``mono_quant.save``."""
-        from mono_quant.serialization import save
+        from mono_quant.io.load import save
 
         save(self.model, path, config=self.config, report=self.report)
 

@@ -1,4 +1,4 @@
-"""The nodes of a fused CNN graph (``cnn_fusion.py``): a quantized convolution with its epilogue, and a quantizer.
+"""The nodes of a fused CNN graph (``fused_graph.py``): a quantized convolution with its epilogue, and a quantizer.
 
 ``FusedConv`` runs one int8 ``nn.Conv2d`` (or subclass) as one oneDNN call: uint8 (or float) in; an
 activation post-op (ReLU, ReLU6/Hardtanh, Hardswish, SiLU), a residual sum (float32 or uint8

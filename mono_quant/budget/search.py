@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.budget_report import FLOAT, BudgetReport, BudgetResult, BudgetStep, SensitivityRow
-from mono_quant.budget_rules import (
+from mono_quant.budget.report import FLOAT, BudgetReport, BudgetResult, BudgetStep, SensitivityRow
+from mono_quant.budget.rules import (
     SENSITIVITY_ITEMS,
     SENSITIVITY_POOL,
     EvalFn,
@@ -24,14 +24,14 @@ from mono_quant.budget_rules import (
     pick_items,
     take,
 )
-from mono_quant.calibration import ForwardFn, default_forward, iterate_batches
 from mono_quant.config import QuantizationConfig
-from mono_quant.copying import eval_mode
+from mono_quant.engine.calibration import ForwardFn, default_forward, iterate_batches
+from mono_quant.engine.copying import eval_mode
+from mono_quant.engine.fidelity import output_tensor
+from mono_quant.engine.quantize import quantize
+from mono_quant.engine.report import LayerReport
 from mono_quant.errors import CalibrationError, QuantizationError
-from mono_quant.fidelity import output_tensor
 from mono_quant.qparams import ActivationQParams
-from mono_quant.quantize import quantize
-from mono_quant.report import LayerReport
 
 
 class Search:

@@ -17,9 +17,9 @@ import torch
 from safetensors import safe_open
 
 from mono_quant.errors import SerializationError
-from mono_quant.file_checks import validate_metadata
-from mono_quant.file_io import read_safetensors
-from mono_quant.file_write import FORMAT_VERSION, METADATA_KEY
+from mono_quant.io.disk import read_safetensors
+from mono_quant.io.save import FORMAT_VERSION, METADATA_KEY
+from mono_quant.io.validate import validate_metadata
 from mono_quant.modules import QUANTIZED_CLASSES
 
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -34,7 +34,7 @@ Spec = tuple[torch.dtype, tuple[int, ...]]
 def open_file(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[str]], dict[str, torch.Tensor]]]:
     """Parse a file's metadata and tensor specs; the returned reader loads tensors by name."""
     if path.is_dir() and any(path.glob("*.safetensors*")):  # a save_pretrained folder
-        from mono_quant.hf_read import open_hf_dir
+        from mono_quant.io.hf_read import open_hf_dir
 
         return _with_ties(path, *open_hf_dir(path, _parse_metadata))
     if not path.is_file():
@@ -104,7 +104,7 @@ def _open_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Call
             specs[name] = (dtype, tuple(piece.get_shape()))
     metadata = _parse_metadata(path, header.get(METADATA_KEY))
     if metadata.get("layout") == "compressed-tensors":  # one file of a quantize_checkpoint / save_pretrained folder
-        from mono_quant.hf_read import open_hf_dir
+        from mono_quant.io.hf_read import open_hf_dir
 
         return open_hf_dir(path, _parse_metadata)
     dtypes = {name: dtype for name, (dtype, _) in specs.items()}

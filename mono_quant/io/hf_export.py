@@ -17,7 +17,7 @@ layouts, sharded with an index above ``max_shard_size``:
 
 mono-quant's own files keep per-channel scales ``[out]`` (what the kernels use, and what every file written
 so far holds: no format change, no version bump); only this export reshapes, and ``mq.load`` undoes it
-(``hf_read.py``). Layers compressed-tensors cannot represent (convolutions,
+(``io/hf_read.py``). Layers compressed-tensors cannot represent (convolutions,
 transposed ``Conv1D`` and ``MultiheadAttention`` weights, fp16/bf16 layers) are written as float weights,
 listed in ``ignore``, with a warning naming them.
 """
@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from mono_quant.errors import ConfigError, SerializationError
-from mono_quant.file_write import compressed_tensors_config, file_metadata, model_layers
-from mono_quant.fusion import FoldedBatchNorm
-from mono_quant.hf_write import FolderWriter, to_compressed_tensors
+from mono_quant.graph.folding import FoldedBatchNorm
+from mono_quant.io.hf_write import FolderWriter, to_compressed_tensors
+from mono_quant.io.save import compressed_tensors_config, file_metadata, model_layers
 from mono_quant.modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, quantized_layers
 from mono_quant.modules.attach import attached_tensors, expected_keys
 

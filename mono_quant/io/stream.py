@@ -7,7 +7,7 @@ tensors) is copied as is, and so are float weights that cannot be quantized, wit
 ``skipped``: 4-D (convolution) weights, which compressed-tensors has no layout for, other float dtypes
 (float8) and empty weights. A tensor name with an empty part (``.weight``) is refused.
 
-The output is the folder ``save_pretrained`` writes, by the same writer (``hf_write.py``): compressed-tensors
+The output is the folder ``save_pretrained`` writes, by the same writer (``io/hf_write.py``): compressed-tensors
 layouts, mono-quant's metadata for the whole folder in the first file, ``config.json`` with the
 ``quantization_config``; it loads with ``transformers.AutoModel.from_pretrained`` and with
 ``mq.load(dst, skeleton)``, and ``mono-quant inspect dst`` describes it.
@@ -39,13 +39,13 @@ from typing import Any, TextIO
 import torch
 
 from mono_quant.config import Mode, QuantizationConfig
+from mono_quant.engine.quantize import quantize
+from mono_quant.engine.report import LayerReport, QuantizationReport
 from mono_quant.errors import ConfigError, QuantizationError, SerializationError
-from mono_quant.file_io import process_alive
-from mono_quant.file_write import file_metadata, state_dict_layers
-from mono_quant.hf_write import FolderWriter, as_embedding, embedding_layers, to_compressed_tensors
-from mono_quant.quantize import quantize
-from mono_quant.report import LayerReport, QuantizationReport
-from mono_quant.shards import INDEX_SUFFIX, SourceCheckpoint, TensorInfo, open_source
+from mono_quant.io.disk import process_alive
+from mono_quant.io.hf_write import FolderWriter, as_embedding, embedding_layers, to_compressed_tensors
+from mono_quant.io.save import file_metadata, state_dict_layers
+from mono_quant.io.shards import INDEX_SUFFIX, SourceCheckpoint, TensorInfo, open_source
 
 _EXTRA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")  # tokenizer / generation files
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -150,7 +150,7 @@ def _quantize_into(
             produced = dict(result.model)
             shape = {layer: tuple(tensors[f"{layer}.weight"].shape)}
             entries = state_dict_layers(produced, config, result.report, shape)
-            for name, entry in entries.items():  # the layout save_pretrained writes (one writer: hf_write.py)
+            for name, entry in entries.items():  # the layout save_pretrained writes (one writer: io/hf_write.py)
                 if name in embeddings:
                     as_embedding(entry)
                 to_compressed_tensors(produced, {key: f"{name}.{key}" for key in _LAYER_KEYS}, entry)

@@ -1,5 +1,5 @@
 """Writing quantized checkpoints: ``save`` / ``save_state_dict`` build the metadata document (see
-``mono_quant.serialization``) and write ``.safetensors`` or ``.pt`` atomically (``file_io.atomic_write``).
+``mono_quant.io.load``) and write ``.safetensors`` or ``.pt`` atomically (``file_io.atomic_write``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from torch import nn
 from mono_quant._version import __version__
 from mono_quant.config import QuantizationConfig
 from mono_quant.errors import SerializationError
-from mono_quant.file_io import atomic_write
+from mono_quant.io.disk import atomic_write
 from mono_quant.modules import QuantizedLayer, class_for_kind
 from mono_quant.modules.attach import attached_tensors
 from mono_quant.modules.folded_batchnorm import FoldedBatchNorm
 
 if TYPE_CHECKING:  # the file format reads reports; it does not depend on the engine that makes them
-    from mono_quant.report import QuantizationReport
+    from mono_quant.engine.report import QuantizationReport
 
 FORMAT_VERSION = 1
 METADATA_KEY = "mono_quant"

@@ -14,7 +14,7 @@ CNN's time). Where ``torch.fx`` can trace the model, ``fuse_static_convs`` rewri
   channels-last, so the next convolution reads it directly: no float round trip between them;
 - each float value feeding quantized convolutions is quantized once, however many read it.
 
-``cnn_plan.py`` decides (from the traced graph itself, never module order) and ``cnn_fused_conv.py``
+``graph/plan.py`` decides (from the traced graph itself, never module order) and ``graph/fused_conv.py``
 holds the nodes. ``nn.Conv2d`` subclasses (TF "same" padding computed in their ``forward``) are
 leaves of the tracer, so they do not stop the rest of the model from tracing; each runs its own
 ``forward`` with its ``conv2d`` routed to the fused kernel. Models that do not trace keep today's path.
@@ -35,9 +35,9 @@ import torch
 from torch import fx, nn
 
 from mono_quant import kernels
-from mono_quant.cnn_fused_conv import FusedConv, Quantize, input_qparams
-from mono_quant.cnn_plan import fusable, plan_convs
 from mono_quant.config import Mode
+from mono_quant.graph.fused_conv import FusedConv, Quantize, input_qparams
+from mono_quant.graph.plan import fusable, plan_convs
 from mono_quant.modules.base import QuantizedLayer
 from mono_quant.modules.weight_tensor import QuantizedTensor
 

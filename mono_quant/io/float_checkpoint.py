@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mono_quant.errors import SerializationError
-from mono_quant.file_write import METADATA_KEY
+from mono_quant.io.save import METADATA_KEY
 
 WEIGHT_KEYS = ("state_dict", "model", "module")
 
@@ -35,7 +35,7 @@ def read_state_dict(
         >>> list(read_state_dict(path))
         ['fc.weight']
     """
-    from mono_quant.serialization import sniff
+    from mono_quant.io.load import sniff
 
     path = Path(path)
     if not path.is_file():
@@ -59,7 +59,7 @@ def read_state_dict(
             f"cannot read {path}: not a readable checkpoint (truncated or corrupt?): {detail}"
         ) from err
     if quantized and convert:
-        from mono_quant.serialization import load
+        from mono_quant.io.load import load
 
         return load(path, dequantize=True)[0]
     if quantized:

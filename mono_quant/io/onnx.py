@@ -34,11 +34,11 @@ import torch
 from torch import nn
 
 from mono_quant.config import Mode
-from mono_quant.copying import eval_mode
+from mono_quant.engine.copying import eval_mode
 from mono_quant.errors import ConfigError, SerializationError
-from mono_quant.file_io import atomic_write
+from mono_quant.io.disk import atomic_write
+from mono_quant.io.onnx_checks import checked_export, tracer_lines
 from mono_quant.modules import Int8Conv2d, Int8Embedding, Int8Linear, quantized_layers
-from mono_quant.onnx_checks import checked_export, tracer_lines
 
 OPSET = 17
 _UINT8, _FLOAT = 2, 1  # ONNX TensorProto data types
@@ -61,7 +61,7 @@ def export_onnx(
     dynamic ``sequence`` (2-D integer inputs such as token ids); pass ``dynamic_axes`` to choose. ``opset``
     must be at least 17. Returns ``path``.
 
-    The trace is checked before anything is written (``mono_quant.onnx_checks``): ONNX Runtime must give
+    The trace is checked before anything is written (``mono_quant.io.onnx_checks``): ONNX Runtime must give
     q_model's outputs on inputs of other values, and on inputs resized along each dynamic axis; a default axis
     that fails is fixed at the example's size with a warning naming it, an axis given in ``dynamic_axes``
     that fails, or a Python branch on tensor values the trace froze, is a ``SerializationError`` naming it.
