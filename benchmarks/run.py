@@ -488,7 +488,7 @@ def checkpoint_rows(sizes: tuple[int, ...], repeats: int) -> list[str]:
         lines.append(f"| float32 | {float_size:,} | 1.000 | {float_ms:.1f} | 1.00 |")
         for dtype in ("int8", "int4"):
             path = os.path.join(folder, f"{dtype}.safetensors")
-            mq.quantize(model, dtype=dtype).save(path)
+            mq.save(mq.quantize(model, dtype=dtype), path)
             ms = median_ms(lambda p=path: mq.load(p, model=skeleton), repeats, warmup=1)
             size = os.path.getsize(path)
             lines.append(f"| {dtype} | {size:,} | {size / float_size:.3f} | {ms:.1f} | {ms / float_ms:.2f} |")

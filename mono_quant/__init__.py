@@ -9,6 +9,7 @@ Example:
 """
 
 from mono_quant._version import __version__
+from mono_quant.batches import TARGET_KEYS
 from mono_quant.budget.entry import FLOAT, BudgetResult, parse_ladder, quantize_with_budget
 from mono_quant.config import (
     Granularity,
@@ -21,7 +22,7 @@ from mono_quant.config import (
     parse_dtype,
     parse_enum,
 )
-from mono_quant.engine.calibration import TARGET_KEYS, Calibrator
+from mono_quant.engine.calibration import Calibrator
 from mono_quant.engine.dequantize import dequantize
 from mono_quant.engine.fidelity import FidelityReport, compare, output_tensor
 from mono_quant.engine.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize

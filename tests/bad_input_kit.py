@@ -49,7 +49,7 @@ def quantized(mode: str, seed: int = 0) -> mq.QuantizationResult:
 
 def write_file(folder: Path, mode: str, suffix: str = ".safetensors", seed: int = 0) -> Path:
     path = folder / f"{mode}{suffix}"
-    quantized(mode, seed).save(str(path))
+    mq.save(quantized(mode, seed), str(path))
     return path
 
 

@@ -273,7 +273,7 @@ LOAD_CASES = [
 @pytest.mark.parametrize(("case", "make", "word"), LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
 def test_load_into_the_wrong_model(case: str, make: Any, word: str, tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
-    mq.quantize(model()).save(str(path))
+    mq.save(mq.quantize(model()), str(path))
     with expect(SE, word):
         mq.load(path, make())
 
@@ -318,7 +318,7 @@ def test_tied_weights_stay_one_tensor() -> None:
 
 def test_load_returns_eval_mode(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
-    mq.quantize(model()).save(str(path))
+    mq.save(mq.quantize(model()), str(path))
     assert not mq.load(path, model().train()).training
 
 
@@ -395,18 +395,18 @@ class WithBuffer(nn.Module):
 def test_state_dict_buffers_load_and_a_meta_skeleton_missing_one_is_named(tmp_path: Path) -> None:
     float_model = WithBuffer().eval()
     carried = mq.quantize({**float_model.state_dict(), "freq": float_model.freq * 2})  # a checkpoint keeping it
-    carried.save(tmp_path / "carried.safetensors")
+    mq.save(carried, tmp_path / "carried.safetensors")
     loaded = mq.load(tmp_path / "carried.safetensors", WithBuffer())
     assert torch.equal(loaded.freq, float_model.freq * 2) and type(loaded.fc).__name__ == "Int8Linear"
     with torch.device("meta"):
         skeleton = WithBuffer()
     assert torch.equal(mq.load(tmp_path / "carried.safetensors", skeleton).freq, float_model.freq * 2)
     wrong = mq.quantize({**float_model.state_dict(), "freq": torch.zeros(3)})
-    wrong.save(tmp_path / "wrong.safetensors")
+    mq.save(wrong, tmp_path / "wrong.safetensors")
     with expect(SE, "tensor 'freq' is float32 [3] in the file but the given model expects float32 [32]"):
         mq.load(tmp_path / "wrong.safetensors", WithBuffer())
     plain = mq.quantize(float_model.state_dict())  # no buffer in the file
-    plain.save(tmp_path / "plain.safetensors")
+    mq.save(plain, tmp_path / "plain.safetensors")
     with torch.device("meta"):
         skeleton = WithBuffer()
     with expect(SE, "tensor 'freq' of the given model is on the meta device and the file does not hold it"):

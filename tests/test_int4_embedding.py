@@ -98,7 +98,7 @@ def test_file_round_trip(suffix: str, tmp_path: Path) -> None:
     model = nn.Sequential(nn.Embedding(200, 64), nn.Linear(64, 16))
     result = mq.quantize(model, dtype="int4", group_size=32, scheme="asymmetric")
     path = tmp_path / f"m{suffix}"
-    result.save(str(path))
+    mq.save(result, str(path))
     x = torch.randint(0, 200, (3, 5))
     loaded = mq.load(path, model=nn.Sequential(nn.Embedding(200, 64), nn.Linear(64, 16)))
     assert type(loaded[0]) is Int4Embedding and loaded[0].scheme.value == "asymmetric"
@@ -115,7 +115,7 @@ def test_state_dict_quantized_as_linear_loads_into_an_embedding(tmp_path: Path) 
     model = nn.Sequential(nn.Embedding(64, 32))
     result = mq.quantize(model.state_dict(), dtype="int4", group_size=32)
     path = tmp_path / "sd.safetensors"
-    result.save(str(path))
+    mq.save(result, str(path))
     loaded = mq.load(path, model=nn.Sequential(nn.Embedding(64, 32)))
     x = torch.arange(64)
     assert type(loaded[0]) is Int4Embedding

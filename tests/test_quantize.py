@@ -84,7 +84,7 @@ def test_int4_takes_the_largest_group_that_divides_else_int8(tmp_path):
     assert type(result.model[2]) is Int8Linear and (result.model[3].group_size, result.model[4].group_size) == (32, 128)
     x = torch.randn(4, 1, 8, 8)
     path = tmp_path / "q.safetensors"
-    result.save(path)
+    mq.save(result, path)
     fresh = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 1568), nn.Linear(1568, 256), nn.Linear(256, 10)
     )

@@ -106,7 +106,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict]]
         for suffix in (".safetensors", ".pt") if name in ("static", "mixed") else (".safetensors",):
             path = str(folder / f"{name}{suffix}")
             if result is not None:
-                result.save(path)
+                mq.save(result, path)
             else:
                 mq.save(model, path)
             xs = [inputs(16), inputs(1, seed=3)]
@@ -275,7 +275,7 @@ def test_size_ratios_and_load_times_on_digits_classifier(digits_classifier: tupl
     assert float_accuracy > 0.85
     for dtype, limit, max_drop in (("int8", 0.27, 0.02), ("int4", 0.16, 0.05)):
         path = tmp_path / f"{dtype}.safetensors"
-        mq.quantize(model, dtype=dtype, group_size=128).save(path)
+        mq.save(mq.quantize(model, dtype=dtype, group_size=128), path)
         ratio = path.stat().st_size / float_path.stat().st_size
         assert ratio <= limit, f"{dtype} file is {ratio:.1%} of float"
         loaded = mq.load(path, model=digits_mlp())
@@ -304,7 +304,7 @@ def best_time(fn, repeats: int = 5) -> float:
 @pytest.fixture()
 def good_file(tmp_path: Path) -> Path:
     path = tmp_path / "good.safetensors"
-    mq.quantize(skeleton(0), dtype="int8").save(path)
+    mq.save(mq.quantize(skeleton(0), dtype="int8"), path)
     return path
 
 
@@ -327,7 +327,7 @@ def assert_fails(path: Path, match: str, model: nn.Module | None = None) -> None
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_truncated_file(suffix: str, tmp_path: Path) -> None:
     path = tmp_path / f"m{suffix}"
-    mq.quantize(skeleton(0), dtype="int8").save(path)
+    mq.save(mq.quantize(skeleton(0), dtype="int8"), path)
     data = path.read_bytes()
     for cut in (len(data) // 2, 20):
         path.write_bytes(data[:cut])
@@ -461,7 +461,7 @@ def test_quantized_state_dict_round_trip(tmp_path: Path) -> None:
     float_model = skeleton(0)
     result = mq.quantize(float_model.state_dict(), dtype="int8")
     path = tmp_path / "sd.safetensors"
-    result.save(path)
+    mq.save(result, path)
     state, meta = mq.load(path)
     assert set(state) == set(result.model) and meta["layers"]["fc1"]["class"] == "Int8Linear"
     loaded = mq.load(path, model=skeleton(9))
@@ -488,7 +488,7 @@ def test_int4_embedding_round_trip(scheme: str, tmp_path: Path) -> None:
     result = mq.quantize(model, dtype="int4", scheme=scheme, group_size=32, include=("emb", "fc1"))
     assert type(result.model.emb).__name__ == "Int4Embedding"
     path = tmp_path / "int4_emb.safetensors"
-    result.save(path)
+    mq.save(result, path)
     metadata, specs = read_header(path)
     assert metadata["layers"]["emb"]["class"] == "Int4Embedding" and metadata["layers"]["emb"]["group_size"] == 32
     assert specs["emb.weight_packed"] == (torch.int32, (17, 16)) and specs["emb.weight_scale"][1] == (17, 4)

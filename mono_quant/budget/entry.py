@@ -31,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from mono_quant.batches import ForwardFn
 from mono_quant.budget.report import FLOAT, BudgetResult
 from mono_quant.budget.rules import (
     EvalFn,
@@ -38,8 +39,8 @@ from mono_quant.budget.rules import (
 )
 from mono_quant.budget.search import Search
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig
-from mono_quant.engine.calibration import Calibrator, ForwardFn
-from mono_quant.engine.copying import eval_mode
+from mono_quant.copying import eval_mode
+from mono_quant.engine.calibration import Calibrator
 from mono_quant.engine.selection import calibrated_layers, select_layers
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
 from mono_quant.modules import ActivationQParams

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.batches import ForwardFn, default_forward, iterate_batches
 from mono_quant.budget.report import FLOAT, BudgetReport, BudgetResult, BudgetStep, SensitivityRow
 from mono_quant.budget.rules import (
     SENSITIVITY_ITEMS,
@@ -25,8 +26,7 @@ from mono_quant.budget.rules import (
     take,
 )
 from mono_quant.config import QuantizationConfig
-from mono_quant.engine.calibration import ForwardFn, default_forward, iterate_batches
-from mono_quant.engine.copying import eval_mode
+from mono_quant.copying import eval_mode
 from mono_quant.engine.fidelity import output_tensor
 from mono_quant.engine.quantize import quantize
 from mono_quant.engine.report import LayerReport

@@ -12,6 +12,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mono_quant.errors import ConfigError
+from mono_quant.io.float_checkpoint import same_file
+from mono_quant.io.hf_export import save_pretrained
+from mono_quant.io.load import load
+from mono_quant.io.onnx import export_onnx
+
 _HF_FILES = re.compile(r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")  # save_pretrained's
 EPILOG = """examples:
   mono-quant export minilm.int8.safetensors --base ./all-MiniLM-L6-v2 --format hf -o minilm-int8/
@@ -58,9 +66,6 @@ def check_output(source: Path, base: Path, output: Path, fmt: str) -> None:
         ...     print(err)
         --output='q.safetensors' is the input file 'q.safetensors'; choose another output path
     """
-    from mono_quant.errors import ConfigError
-    from mono_quant.io.float_checkpoint import same_file
-
     if same_file(source, output):
         raise ConfigError(f"--output={str(output)!r} is the input file {str(source)!r}; choose another output path")
     if fmt == "onnx" and output.suffix != ".onnx":
@@ -79,11 +84,6 @@ def check_output(source: Path, base: Path, output: Path, fmt: str) -> None:
 
 def run_export(args: argparse.Namespace) -> Path:
     """Build the model from ``--base``, load MODEL_FILE into it, write the export; returns the output path."""
-    import torch
-
-    import mono_quant as mq
-    from mono_quant.errors import ConfigError
-
     try:
         from transformers import AutoConfig, AutoModel
     except ImportError as err:
@@ -99,8 +99,8 @@ def run_export(args: argparse.Namespace) -> Path:
         output = Path(args.output) if args.output else source.with_suffix(".onnx")
     check_output(source, Path(args.base), output, args.format)
     skeleton = AutoModel.from_config(AutoConfig.from_pretrained(args.base)).eval()
-    q_model = mq.load(source, skeleton)
+    q_model = load(source, skeleton)
     if args.format == "hf":
-        return mq.save_pretrained(q_model, output, max_shard_size=args.max_shard_size)
+        return save_pretrained(q_model, output, max_shard_size=args.max_shard_size)
     ids = torch.ones(1, args.sequence_length, dtype=torch.long)
-    return mq.export_onnx(q_model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, output, opset=args.opset)
+    return export_onnx(q_model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, output, opset=args.opset)

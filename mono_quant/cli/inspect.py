@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mono_quant.cli.errors import UsageError
 from mono_quant.io.float_checkpoint import read_state_dict, same_file
 
 # -------------------------------------------------------------------------------------- inspect
@@ -102,7 +103,6 @@ def compare_files(
         >>> result["layers"][0]["sqnr_db"] > 35
         True
     """
-    from mono_quant.cli.main import UsageError  # exit code 2 (the CLI imports this module)
     from mono_quant.errors import SerializationError
     from mono_quant.io.load import load
     from mono_quant.qparams import sqnr_db

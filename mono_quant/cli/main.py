@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from mono_quant.cli.errors import UsageError
+from mono_quant.cli.export import add_export_parser, run_export
 from mono_quant.cli.inspect import cmd_compare, cmd_inspect
 from mono_quant.errors import ConfigError, QuantizationError
 from mono_quant.io.float_checkpoint import read_state_dict, same_file
@@ -25,10 +27,6 @@ from mono_quant.modules.int4_weight import group_sizes
 PROG = "mono-quant"
 _OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
-
-
-class UsageError(Exception):
-    """Bad command-line usage found after parsing (exit code 2)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,14 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(run=cmd_compare)
 
-    from mono_quant.cli.export import add_export_parser
 
     add_export_parser(commands, common, _cmd_export)
     return parser
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mono_quant.cli.export import run_export
 
     print(f"wrote {run_export(args)}")
     return 0

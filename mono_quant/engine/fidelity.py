@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.engine.calibration import ForwardFn, default_forward, iterate_batches
-from mono_quant.engine.copying import eval_mode
+from mono_quant.batches import ForwardFn, default_forward, iterate_batches
+from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError
 
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.batches import default_forward
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig
-from mono_quant.engine.calibration import default_forward
 from mono_quant.kernels import check
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for
 from mono_quant.modules.base import float_weight

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.batches import ForwardFn, first_batch
 from mono_quant.config import Mode, QuantizationConfig
-from mono_quant.engine.calibration import Calibrator, ForwardFn, first_batch
-from mono_quant.engine.copying import bake_parametrized_weights, copy_model, reject_meta_model
+from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
+from mono_quant.engine.calibration import Calibrator
 from mono_quant.engine.output_check import OutputCheck, build_checked, capture_inputs, recording_inputs
 from mono_quant.engine.report import LayerReport, QuantizationReport
 from mono_quant.engine.selection import calibrated_layers, coverage_warning, matches, select_layers
@@ -37,12 +38,6 @@ class QuantizationResult:
     skipped: list[str]
     report: QuantizationReport
     config: QuantizationConfig
-
-    def save(self, path: str) -> None:
-        """Write the quantized model to ``path`` (``.safetensors`` or ``.pt``); see ``mono_quant.save``."""
-        from mono_quant.io.load import save
-
-        save(self.model, path, config=self.config, report=self.report)
 
 
 def quantize(

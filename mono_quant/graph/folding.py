@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.engine.calibration import ForwardFn, default_forward, describe_batch
-from mono_quant.engine.copying import eval_mode
+from mono_quant.batches import ForwardFn, default_forward, describe_batch
+from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError
 from mono_quant.modules.folded_batchnorm import FoldedBatchNorm, fold_pair
 from mono_quant.qparams import sqnr_db

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mono_quant.errors import SerializationError
-from mono_quant.io.save import METADATA_KEY
+from mono_quant.io.format import METADATA_KEY
 
 WEIGHT_KEYS = ("state_dict", "model", "module")
 

@@ -19,6 +19,8 @@ from safetensors import safe_open
 
 from mono_quant.errors import SerializationError
 from mono_quant.io.disk import read_safetensors
+from mono_quant.io.format import METADATA_KEY
+from mono_quant.io.shards import open_source
 from mono_quant.qparams import pack_int4_words
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
@@ -28,9 +30,6 @@ def open_hf_dir(
     path: Path, parse_metadata: Callable[[Path, Any], dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[str]], dict[str, torch.Tensor]]]:
     """``(metadata, specs, read)`` of a ``save_pretrained`` folder (or single file) in mono-quant's file layout."""
-    from mono_quant.io.save import METADATA_KEY
-    from mono_quant.io.shards import open_source
-
     source = open_source(path)
     documents = []
     for shard in source.shards:  # the first file holds the whole document; folders written before: one per shard

@@ -27,8 +27,7 @@ import torch
 
 from mono_quant.errors import SerializationError
 from mono_quant.io.disk import atomic_write, describe_os_error, sweep_stale_temps, temp_name
-from mono_quant.io.read import ST_DTYPES
-from mono_quant.io.save import METADATA_KEY
+from mono_quant.io.format import METADATA_KEY, ST_DTYPES
 from mono_quant.io.shards import INDEX_SUFFIX
 from mono_quant.modules import class_for_kind
 from mono_quant.qparams import unpack_int4_words

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.engine.copying import bake_parametrized_weights
+from mono_quant.copying import bake_parametrized_weights
 from mono_quant.engine.dequantize import dequantize, dequantize_in_place, dequantize_tensors, meta_float_module
 from mono_quant.errors import SerializationError
 from mono_quant.graph.fused_graph import enable_fused_forward
+from mono_quant.io.format import FORMAT_VERSION
 from mono_quant.io.read import Spec, open_file, sniff
-from mono_quant.io.save import FORMAT_VERSION, save, save_state_dict
+from mono_quant.io.save import save, save_state_dict
 from mono_quant.io.validate import check_values
 from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
 from mono_quant.modules.attach import Attachment, expected_keys, install, proxy_module

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from mono_quant.config import Mode
-from mono_quant.engine.copying import eval_mode
+from mono_quant.copying import eval_mode
 from mono_quant.errors import ConfigError, SerializationError
 from mono_quant.io.disk import atomic_write
 from mono_quant.io.onnx_checks import checked_export, tracer_lines

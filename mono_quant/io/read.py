@@ -18,15 +18,10 @@ from safetensors import safe_open
 
 from mono_quant.errors import SerializationError
 from mono_quant.io.disk import read_safetensors
-from mono_quant.io.save import FORMAT_VERSION, METADATA_KEY
+from mono_quant.io.format import FORMAT_VERSION, METADATA_KEY, ST_DTYPES
+from mono_quant.io.hf_read import open_hf_dir
 from mono_quant.io.validate import validate_metadata
 from mono_quant.modules import QUANTIZED_CLASSES
-
-ST_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
@@ -34,7 +29,6 @@ Spec = tuple[torch.dtype, tuple[int, ...]]
 def open_file(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Callable[[list[str]], dict[str, torch.Tensor]]]:
     """Parse a file's metadata and tensor specs; the returned reader loads tensors by name."""
     if path.is_dir() and any(path.glob("*.safetensors*")):  # a save_pretrained folder
-        from mono_quant.io.hf_read import open_hf_dir
 
         return _with_ties(path, *open_hf_dir(path, _parse_metadata))
     if not path.is_file():
@@ -104,7 +98,6 @@ def _open_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Spec], Call
             specs[name] = (dtype, tuple(piece.get_shape()))
     metadata = _parse_metadata(path, header.get(METADATA_KEY))
     if metadata.get("layout") == "compressed-tensors":  # one file of a quantize_checkpoint / save_pretrained folder
-        from mono_quant.io.hf_read import open_hf_dir
 
         return open_hf_dir(path, _parse_metadata)
     dtypes = {name: dtype for name, (dtype, _) in specs.items()}

@@ -19,6 +19,7 @@ from mono_quant._version import __version__
 from mono_quant.config import QuantizationConfig
 from mono_quant.errors import SerializationError
 from mono_quant.io.disk import atomic_write
+from mono_quant.io.format import FORMAT_VERSION, METADATA_KEY, TORCH_SUFFIXES
 from mono_quant.modules import QuantizedLayer, class_for_kind
 from mono_quant.modules.attach import attached_tensors
 from mono_quant.modules.folded_batchnorm import FoldedBatchNorm
@@ -26,9 +27,6 @@ from mono_quant.modules.folded_batchnorm import FoldedBatchNorm
 if TYPE_CHECKING:  # the file format reads reports; it does not depend on the engine that makes them
     from mono_quant.engine.report import QuantizationReport
 
-FORMAT_VERSION = 1
-METADATA_KEY = "mono_quant"
-TORCH_SUFFIXES = (".pt", ".pth")
 
 
 def save(
@@ -38,7 +36,8 @@ def save(
     config: QuantizationConfig | None = None,
     report: QuantizationReport | None = None,
 ) -> None:
-    """Write a quantized model (or the state_dict ``quantize`` returns for a state_dict) to ``path``.
+    """Write a quantized model (or the state_dict ``quantize`` returns for a state_dict, or the whole
+    ``QuantizationResult`` with its config and report) to ``path``.
 
     The format follows the suffix: ``.safetensors``, or ``.pt``/``.pth``. The write is atomic: a
     temporary file in the same directory is renamed over ``path`` only once complete. ``config`` and
@@ -52,6 +51,10 @@ def save(
         >>> mq.load(path)[1]["layers"]["0"]["class"]
         'Int8Linear'
     """
+    if _is_result(model_or_state_dict):  # a QuantizationResult: its model, with its config and report
+        result = model_or_state_dict
+        save(result.model, path, config=config or result.config, report=report or result.report)
+        return
     if isinstance(model_or_state_dict, nn.Module):
         layers = model_layers(model_or_state_dict)
         folded = {name: m.into for name, m in model_or_state_dict.named_modules() if isinstance(m, FoldedBatchNorm)}
@@ -64,6 +67,12 @@ def save(
             f"cannot save {type(model_or_state_dict).__name__} to {os.fspath(path)}; "
             "expected a torch.nn.Module or a state_dict"
         )
+
+
+def _is_result(value: Any) -> bool:
+    """Whether ``value`` is a ``QuantizationResult`` (told by its fields: the file format does not import the
+    engine that makes them)."""
+    return all(hasattr(value, field) for field in ("model", "report", "config", "skipped"))
 
 
 def save_state_dict(

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from mono_quant.errors import SerializationError
-from mono_quant.io.read import ST_DTYPES
+from mono_quant.io.format import ST_DTYPES
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
