@@ -231,3 +231,17 @@ def test_nan_activations_during_calibration_name_the_layer():
     data = [torch.tensor([[float("nan"), 1.0, 2.0, 3.0]])]
     with pytest.raises(CalibrationError, match="layer '0' received NaN"):
         mq.static_quantize(mlp(4, 4), data)
+
+
+def test_skip_reasons_carry_a_kind_code_can_test() -> None:
+    import pickle
+
+    from mono_quant.skips import SkipKind, kind_of
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    result = mq.quantize(model, exclude=("2",))
+    kinds = {name: kind_of(reason) for name, reason in result.report.skipped.items()}
+    assert kinds == {"1": SkipKind.UNSUPPORTED, "2": SkipKind.EXCLUDED}
+    assert result.report.skipped["2"] == "excluded by pattern '2'"  # still the message for people
+    copied = pickle.loads(pickle.dumps(result.report.skipped))
+    assert kind_of(copied["2"]) is SkipKind.EXCLUDED and copied["2"] == "excluded by pattern '2'"

@@ -11,6 +11,7 @@ from mono_quant.engine.quantize import QuantizationResult, speed_notes
 from mono_quant.engine.report import LayerReport, QuantizationReport
 from mono_quant.engine.selection import coverage_warning, matmul_weight_numel
 from mono_quant.modules import tensor_bytes
+from mono_quant.skips import Skip, SkipKind
 
 FLOAT = "float"  # the ladder's top rung: the layer stays in float
 
@@ -181,7 +182,7 @@ class BudgetResult:
             ({'0': 'float'}, [('2', 8)], 'kept in float by the accuracy budget')
         """
         skipped = {name: why for name, why in base.report.skipped.items() if name not in self.precisions}
-        kept = "kept in float by the accuracy budget"
+        kept = Skip(SkipKind.BUDGET, "kept in float by the accuracy budget")
         skipped.update({name: kept for name, rung in self.precisions.items() if rung == FLOAT})
         order = {name: i for i, name in enumerate(self.precisions)}
         rows = sorted(self.layer_reports, key=lambda row: order.get(row.name, len(order)))

@@ -45,8 +45,7 @@ def dequantize_in_place(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLayer):
             plain = _ask(module, "dequantize", name).train(module.training)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, plain)
+            model.set_submodule(name, plain)
     return model
 
 

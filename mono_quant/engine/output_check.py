@@ -51,6 +51,7 @@ class OutputCheck:
     sqnr_db: float | None
     note: str = ""
     weight_sqnr_db: float | None = None  # of the layer that was kept
+    moved: bool = False  # whether the layer kept is a higher precision than requested
 
 
 def floor_db(config: QuantizationConfig) -> float:
@@ -142,7 +143,7 @@ def build_checked(
             moved = f"moved to {label}: " + "; ".join(tried) if tried else ""
             unjudged = f"float output RMS {rms:.1e} is below {NEGLIGIBLE_RMS:g}: not judged" if negligible else ""
             notes = filter(None, [moved, unjudged, *kernel_notes])
-            return layer, OutputCheck(measured, "; ".join(notes), weight_db)
+            return layer, OutputCheck(measured, "; ".join(notes), weight_db, moved=bool(tried))
         tried.append(f"{label} {measured:.1f} dB < {floor:g} dB floor")
     note = "kept float: output SQNR against float under the floor at every precision tried (" + "; ".join(tried) + ")"
     return None, OutputCheck(None, "; ".join([note, *kernel_notes]))

@@ -28,6 +28,7 @@ from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_clas
 from mono_quant.modules.attach import install, proxy_module
 from mono_quant.modules.base import float_weight
 from mono_quant.qparams import all_finite, weight_sqnr_db
+from mono_quant.skips import Skip, SkipKind, kind_of
 
 
 @dataclasses.dataclass
@@ -100,6 +101,7 @@ def quantize(
     inputs = dict(inputs) or capture_inputs(q_model, list(selection.chosen), example, forward_fn)
     rows, quantized_numel = [], 0
     by_weight: dict[int, QuantizedLayer] = {}  # float weight -> its quantized layer (tied weights)
+    moved_layers: dict[str, bool] = {}  # layer -> whether the output check moved it up a precision
     for name, cls in selection.chosen.items():
         module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
         attachment = selection.attached.get(name)
@@ -108,21 +110,24 @@ def quantize(
             name, float_module, cls, config, activations.get(name), inputs.pop(name, None)
         )
         if quantized is None:
-            selection.skipped[name] = checked.note
+            selection.skipped[name] = Skip(SkipKind.OUTPUT_FLOOR, checked.note)
             continue
         weight_id = id(getattr(module, attachment.attribute if attachment else "weight", module))
         if weight_id in by_weight:
             share_tied_tensors(by_weight[weight_id], quantized)
         by_weight.setdefault(weight_id, quantized)
         rows.append(layer_report(name, float_module, quantized, checked))
+        moved_layers[name] = checked.moved
         quantized_numel += float_weight(float_module).numel()
         if attachment:
             install(module, attachment, quantized)
         else:
-            _set_submodule(q_model, name, quantized)
+            if not name:
+                raise QuantizationError("the model itself is a single layer; wrap it in nn.Sequential to quantize it")
+            q_model.set_submodule(name, quantized)
         del float_module, module
     enable_fused_forward(q_model)  # int8 conv+ReLU/add chains on CPU from a traced graph (load does the same)
-    warn_moved_layers(rows, selection.skipped)
+    warn_moved_layers([name for name, moved in moved_layers.items() if moved], selection.skipped)
     warning = coverage_warning(q_model, quantized_numel, selection.skipped)
     after = _module_bytes(q_model)
     report = QuantizationReport(rows, selection.skipped, bytes_before, after, warning, speed_notes(rows))
@@ -248,10 +253,9 @@ def layer_report(
     )  # fmt: skip
 
 
-def warn_moved_layers(rows: list[LayerReport], skipped: dict[str, str]) -> None:
+def warn_moved_layers(moved: list[str], skipped: dict[str, str]) -> None:
     """One ``OutputCheckWarning`` naming the layers the output checks moved or kept float (report: why)."""
-    moved = [r.name for r in rows if r.note.startswith("moved")]
-    kept = [name for name, reason in skipped.items() if reason.startswith("kept float: output SQNR")]
+    kept = [name for name, reason in skipped.items() if kind_of(reason) is SkipKind.OUTPUT_FLOOR]
     if moved or kept:
         warnings.warn(
             f"mono-quant: {len(moved) + len(kept)} layer(s) missed their output floor against float: moved to a "
@@ -277,13 +281,6 @@ def speed_notes(rows: list[LayerReport]) -> list[str]:
         "batch 1 on CPU costs about what the int8 convolution saves (measured 0.9-1.3x float latency); "
         "mode='static' with calibration_data is faster at every batch size"
     ]
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    if not name:
-        raise QuantizationError("the model itself is a single layer; wrap it in nn.Sequential to quantize it")
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name), child, module)
 
 
 def _quantize_state_dict(state: Mapping[str, torch.Tensor], config: QuantizationConfig) -> QuantizationResult:

@@ -13,6 +13,7 @@ from mono_quant.config import Mode, QuantizationConfig
 from mono_quant.modules import QuantizedLayer, QuantizedTensor, quantized_class_for, swapped_types
 from mono_quant.modules.attach import Attachment, attachment_for, proxy_module
 from mono_quant.modules.base import float_weight
+from mono_quant.skips import Skip, SkipKind, kind_of
 
 
 class Selection(NamedTuple):
@@ -51,7 +52,7 @@ def select_layers(model: nn.Module, config: QuantizationConfig) -> Selection:
     attached: dict[str, Attachment] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLayer) or any(isinstance(b, QuantizedTensor) for b in module._buffers.values()):
-            skipped[name] = "already quantized"
+            skipped[name] = Skip(SkipKind.ALREADY_QUANTIZED, "already quantized")
             continue
         owns_parameters = any(True for _ in module.parameters(recurse=False))
         attachment = attachment_for(module)
@@ -60,29 +61,30 @@ def select_layers(model: nn.Module, config: QuantizationConfig) -> Selection:
         if types is not None and not isinstance(module, types) and not linear_like:
             if owns_parameters:
                 supported = attachment is not None or type(module) in swapped_types()
-                skipped[name] = f"{type(module).__name__} is " + (
+                kind = SkipKind.NOT_IN_LAYER_TYPES if supported else SkipKind.UNSUPPORTED
+                skipped[name] = Skip(kind, f"{type(module).__name__} is " + (
                     "not in layer_types" if supported else "not a supported layer type"
-                )
+                ))
             continue
         if attachment is None and type(module) not in swapped_types():
             if owns_parameters:
-                skipped[name] = f"{type(module).__name__} is not a supported layer type"
+                skipped[name] = Skip(SkipKind.UNSUPPORTED, f"{type(module).__name__} is not a supported layer type")
             continue
         weight = getattr(module, attachment.attribute, None) if attachment else float_weight(module)
         if config.include is not None and not matches(name, config.include):
-            skipped[name] = f"not matched by include={list(config.include)}"
+            skipped[name] = Skip(SkipKind.NOT_INCLUDED, f"not matched by include={list(config.include)}")
         elif pattern := matches(name, config.exclude):
-            skipped[name] = f"excluded by pattern {pattern!r}"
+            skipped[name] = Skip(SkipKind.EXCLUDED, f"excluded by pattern {pattern!r}")
         elif weight is not None and weight.numel() < config.min_numel:
-            skipped[name] = f"{weight.numel()} weights < min_numel={config.min_numel}"
+            skipped[name] = Skip(SkipKind.TOO_SMALL, f"{weight.numel()} weights < min_numel={config.min_numel}")
         elif weight is not None and weight.numel() == 0:
-            skipped[name] = f"{type(module).__name__} has an empty weight {list(weight.shape)}"
+            skipped[name] = Skip(SkipKind.EMPTY, f"{type(module).__name__} has an empty weight {list(weight.shape)}")
         elif weight is not None and weight.is_meta:
-            skipped[name] = "weight is on the meta device (no values to quantize)"
+            skipped[name] = Skip(SkipKind.META, "weight is on the meta device (no values to quantize)")
         else:
             cls, reason = quantized_class_for(proxy_module(module, attachment) if attachment else module, config)
             if cls is None:
-                skipped[name] = reason
+                skipped[name] = Skip(SkipKind.UNSUPPORTED, reason)
             else:
                 chosen[name] = cls
                 if attachment is not None:
@@ -136,11 +138,11 @@ def coverage_warning(model: nn.Module, quantized_numel: int, skipped: dict[str, 
         "no layer was quantized (0% of the matmul weights): 0: excluded by pattern '0'"
     """
     missed = {}
-    chosen_by_user = ("not matched by include=", "excluded by pattern", "< min_numel=", "not in layer_types")
-    if quantized_numel and all(any(k in r for k in chosen_by_user) for r in skipped.values()):
+    by_user = {name for name, reason in skipped.items() if (kind := kind_of(reason)) and kind.chosen_by_user}
+    if quantized_numel and len(by_user) == len(skipped):
         return ""  # the user's own filters left these out
     for name, reason in skipped.items():
-        if quantized_numel and any(key in reason for key in chosen_by_user):
+        if quantized_numel and name in by_user:
             continue
         try:
             numel = matmul_weight_numel(model.get_submodule(name))

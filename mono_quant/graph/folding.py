@@ -28,6 +28,7 @@ from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError
 from mono_quant.modules.folded_batchnorm import FoldedBatchNorm, fold_pair
 from mono_quant.qparams import sqnr_db
+from mono_quant.skips import Skip, SkipKind
 
 _CHECK_SQNR_DB = 60.0  # a float64 fold is exact to float32 rounding (> 100 dB); anything lower is a wrong pair
 
@@ -128,9 +129,9 @@ def fold_batchnorm_notes(model: nn.Module, example: Any = None, forward_fn: Forw
         if reference.numel() == 0 or folded.shape != reference.shape or sqnr_db(reference, folded) < _CHECK_SQNR_DB:
             _unfold(model, notes, saved)
             reason = "not folded into {conv}: the folded model's output differed on calibration data"
-            return {bn: reason.format(conv=conv) for bn, (conv, _) in notes.items()}
+            return {bn: Skip(SkipKind.UNSUPPORTED, reason.format(conv=conv)) for bn, (conv, _) in notes.items()}
     return {
-        bn: (_WAS_TRAINING if bn in was_training else "folded into {conv}").format(conv=conv)
+        bn: Skip(SkipKind.FOLDED, (_WAS_TRAINING if bn in was_training else "folded into {conv}").format(conv=conv))
         for bn, (conv, _) in notes.items()
     }
 
@@ -193,8 +194,7 @@ def _fold(
             notes[bn_name] = (conv_name, False)
             continue
         fold_pair(model.get_submodule(conv_name), bn)
-        parent_name, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, FoldedBatchNorm(conv_name))
+        model.set_submodule(bn_name, FoldedBatchNorm(conv_name))
         notes[bn_name] = (conv_name, True)
     return model, notes
 
@@ -215,8 +215,7 @@ def _unfold(model: nn.Module, notes: dict[str, tuple[str, bool]], saved: dict[st
             continue
         conv = model.get_submodule(conv_name)
         conv.weight, conv.bias = saved[conv_name]
-        parent_name, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, saved[bn_name])
+        model.set_submodule(bn_name, saved[bn_name])
 
 
 def _recorded_pairs(model: nn.Module, example: Any, forward_fn: ForwardFn | None) -> list[tuple[str, str]]:

@@ -264,8 +264,7 @@ def _build_shells(path: Path, model: nn.Module, layers: dict[str, dict[str, Any]
         shell = _shell(path, name, modules[name], {**entry, "class": classes[name].__name__})
         if not name:
             return shell
-        parent, _, child = name.rpartition(".")
-        setattr(q_model.get_submodule(parent), child, shell)
+        q_model.set_submodule(name, shell)
     return q_model
 
 

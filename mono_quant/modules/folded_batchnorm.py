@@ -28,8 +28,7 @@ def fold_pairs(model: nn.Module, pairs: dict[str, str]) -> None:
         if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
             raise ValueError(f"{bn_name!r} -> {conv_name!r} is not a BatchNorm2d folded into a Conv2d in this model")
         fold_pair(conv, bn)
-        parent_name, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, FoldedBatchNorm(conv_name))
+        model.set_submodule(bn_name, FoldedBatchNorm(conv_name))
 
 
 class FoldedBatchNorm(nn.Identity):
