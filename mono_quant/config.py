@@ -115,7 +115,7 @@ class QuantizationConfig:
     ``None`` for no limit) are used. ``granularity`` applies to int8 weights; int4 is always per-group
     with ``group_size``. Each quantized layer's output is checked against float; a layer under
     ``min_output_sqnr_db`` (default per dtype: ``output_check.OUTPUT_FLOORS_DB``; ``float("-inf")`` never
-    moves a layer) moves to the next precision (README, "What is checked").
+    moves a layer) moves to the next precision (docs/kernels.md, "What is checked").
 
     Example:
         >>> cfg = QuantizationConfig(dtype="int8", mode="static", observer="histogram", exclude=("head",))
