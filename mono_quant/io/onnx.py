@@ -16,8 +16,9 @@ weight ever enters the file and ORT needs no QDQ fusion to find the int8 path. P
 - int8 Embedding: ``Gather`` of the int8 table and of the row scales, ``Mul``.
 - int8 weight-only Linear (and asymmetric-weight Linear): ``DequantizeLinear`` (per channel) on the int8
   ``[in, out]`` initializer, ``MatMul``; weight-only or asymmetric-weight convolutions: float ``Conv``.
-Int4 layers and fp16/bf16 layers have no ONNX integer form here: they are exported dequantized (float
-initializers), with a warning naming them.
+Each class builds its own graph from these operators (``QuantizedLayer.onnx_forward(ops, x, bias)`` with
+``ops`` an ``OnnxOps``); classes without one (int4, fp16/bf16, plugin layers by default) are exported through
+their ``dequantize()`` (float initializers), with a warning naming them.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.config import Mode
 from mono_quant.copying import eval_mode
 from mono_quant.errors import ConfigError, SerializationError
 from mono_quant.io.disk import atomic_write
 from mono_quant.io.onnx_checks import checked_export, tracer_lines
-from mono_quant.modules import Int8Conv2d, Int8Embedding, Int8Linear, quantized_layers
+from mono_quant.modules import QuantizedLayer, quantized_layers
+from mono_quant.modules.base import implements, require
 
 OPSET = 17
 _UINT8, _FLOAT = 2, 1  # ONNX TensorProto data types
@@ -81,7 +82,10 @@ def export_onnx(
     args, kwargs, names = _inputs(example_inputs, input_names)
     axes = dynamic_axes if dynamic_axes is not None else _default_axes(names, [*args, *kwargs.values()])
     layers = quantized_layers(q_model)
-    fallback = [name for name, layer in layers.items() if not isinstance(layer, _INTEGER)]
+    fallback = [name for name, layer in layers.items() if not implements(layer, "onnx_forward")]
+    for name in fallback:  # a clear error now, not a tracer's error later
+        if not implements(layers[name], "dequantize"):
+            require(layers[name], "onnx_forward", f"export_onnx: layer {name!r} (and it has no dequantize() either)")
     if fallback:
         warnings.warn(
             f"export_onnx: {len(fallback)} layer(s) have no ONNX integer form (int4, fp16/bf16) and are exported "
@@ -197,10 +201,10 @@ def _export_forwards(layers: list[nn.Module]) -> Iterator[None]:
     classes = {type(layer) for layer in layers}
     saved = {cls: cls.__dict__.get("forward") for cls in classes}
     try:
-        floats = [layer for layer in layers if not isinstance(layer, _INTEGER)]
+        floats = [layer for layer in layers if not implements(layer, "onnx_forward")]
         _FLOAT_TWINS.update({id(layer): layer.dequantize().requires_grad_(False) for layer in floats})
         for cls in classes:
-            cls.forward = _export_forward if issubclass(cls, _INTEGER) else _float_forward
+            cls.forward = _export_forward if implements(cls, "onnx_forward") else _float_forward
         yield
     finally:
         _FLOAT_TWINS.clear()
@@ -222,35 +226,86 @@ def _float_forward(self: nn.Module, x: torch.Tensor, bias: torch.Tensor | None =
     return out if bias is None else out + bias.reshape(-1, *([1] * (out.dim() - 2)))
 
 
-_INTEGER = (Int8Linear, Int8Conv2d, Int8Embedding)
-
-
-def _export_forward(self: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _export_forward(self: QuantizedLayer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``bias`` is an attached conv owner's bias (``Int8Conv2d.fuses_bias``); the layer's own is then None."""
-    if isinstance(self, Int8Embedding):
-        return _Embedding.apply(x, self.weight, self.weight_scale)
-    if isinstance(self, Int8Conv2d):
-        if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
-            return _float_forward(self, x, bias)  # float activations / per-channel weight zero points: float conv
-        weight = self.weight.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+    return self.onnx_forward(OPS, x, bias)
+
+
+class OnnxOps:
+    """The integer ONNX operators a class's ``onnx_forward`` builds its graph from (each traced as one node
+    group by its ``symbolic``). Weights are int8; ``weight_scale`` per output channel; ``input_qparams`` the
+    layer's stored static ``(scale, int8 zero point)``, or ``None`` for dynamic activations.
+
+    Example:
+        >>> from mono_quant.config import QuantizationConfig
+        >>> from mono_quant.modules import Int8Linear
+        >>> layer = Int8Linear.from_float(nn.Linear(8, 4), QuantizationConfig())
+        >>> layer.onnx_forward(OPS, torch.randn(2, 8)).shape  # eager: the float value of the same graph
+        torch.Size([2, 4])
+    """
+
+    @staticmethod
+    def linear(
+        x: torch.Tensor,
+        w_t: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        input_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``x @ w_t`` (int8 ``[in, out]``) as ``MatMulInteger`` on per-row dynamic or static uint8 codes."""
+        return _Linear.apply(x, w_t, weight_scale, bias, *_static(input_qparams, weight_scale))
+
+    @staticmethod
+    def weight_only_linear(
+        x: torch.Tensor,
+        w_t: torch.Tensor,
+        weight_scale: torch.Tensor,
+        weight_zero_point: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        dequantized: torch.Tensor,
+    ) -> torch.Tensor:
+        """``DequantizeLinear`` (per channel) on ``w_t`` and a float ``MatMul``; ``dequantized`` is the eager value."""
+        return _WeightOnlyLinear.apply(x, w_t, weight_scale, weight_zero_point, bias, dequantized)
+
+    @staticmethod
+    def conv(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        input_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+        geometry: tuple[Any, Any, Any, int],
+    ) -> torch.Tensor:
+        """``ConvInteger`` with int8 ``weight`` ``[out, in/groups, kh, kw]``; ``geometry``: stride, padding,
+        dilation, groups."""
         unsigned = (weight.to(torch.int16) + 128).to(torch.uint8)  # ORT's ConvInteger: uint8 weights
-        geometry = (self.stride, self.padding, self.dilation, self.groups)
-        layer_bias = self.bias if bias is None else bias
-        return _Conv.apply(x, unsigned, self._weight_scale_n, layer_bias, *_static(self), geometry)
-    if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
-        return _WeightOnlyLinear.apply(x, self.weight.t().contiguous(), self.weight_scale, self.weight_zero_point,
-                                       self.bias, self.dequantized_weight())  # fmt: skip
-    return _Linear.apply(x, self.weight.t().contiguous(), self._weight_scale_n, self.bias, *_static(self))
+        return _Conv.apply(x, unsigned, weight_scale, bias, *_static(input_qparams, weight_scale), geometry)
+
+    @staticmethod
+    def embedding(indices: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+        """``Gather`` of int8 rows and of their scales, ``Mul``."""
+        return _Embedding.apply(indices, weight, weight_scale)
+
+    @staticmethod
+    def float_layer(layer: QuantizedLayer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's dequantized float module (float initializers), plus an owner's ``bias``."""
+        return _float_forward(layer, x, bias)
 
 
-def _static(layer: Int8Linear) -> tuple[torch.Tensor | None, ...]:
+OPS = OnnxOps()
+
+
+def _static(
+    input_qparams: tuple[torch.Tensor, torch.Tensor] | None, weight_scale: torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
     """``(1 / input scale, uint8 zero point as float, uint8 zero point, input scale x weight scales)``, or
-    four ``None`` in dynamic mode."""
-    if layer.mode is not Mode.STATIC:
+    four ``None`` for dynamic activations."""
+    if input_qparams is None:
         return None, None, None, None
-    zero_point = layer.input_zero_point.to(torch.int16).reshape(()) + 128
-    scale = layer.input_scale.float().reshape(())
-    return 1.0 / scale, zero_point.float(), zero_point.to(torch.uint8), scale * layer._weight_scale_n
+    scale, zero_point = input_qparams
+    zero_point = zero_point.to(torch.int16).reshape(()) + 128
+    scale = scale.float().reshape(())
+    return 1.0 / scale, zero_point.float(), zero_point.to(torch.uint8), scale * weight_scale
 
 
 def _const(g: Any, value: Any) -> Any:
