@@ -16,7 +16,7 @@ Required (the defaults raise; callers ask through ``require`` so a missing one i
 - ``hf_exportable``: the state_dict is a compressed-tensors layout ``save_pretrained`` writes (default
   False: written as float weights from ``dequantize``/``dequantized_weight``).
 - ``onnx_forward(ops, x, bias)``: the forward traced by ``export_onnx``, built from ``ops`` (integer ONNX
-  operators, see ``mono_quant.io.onnx.OnnxOps``); default: none, the layer is exported through ``dequantize``.
+  operators, see ``mono_quant.io.onnx_ops.OnnxOps``); default: none, the layer is exported through ``dequantize``.
 - ``fused_conv_params()``: what the fused CNN graph needs (``FusedConvParams``), or ``None`` (the default)
   where the layer cannot be fused.
 
