@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.errors import ConfigError
 from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
 from mono_quant.modules.attach import attached_tensors, expected_keys
+from mono_quant.modules.base import require
 
 
 def meta_float_module(entry: dict[str, Any]) -> nn.Module | None:
@@ -77,10 +77,4 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict[
 
 def _ask(layer: QuantizedLayer, method: str, name: str) -> Any:
     """``layer.<method>()``; a plugin class that does not implement it gets a ``ConfigError`` naming both."""
-    if getattr(type(layer), method) is getattr(QuantizedLayer, method):
-        raise ConfigError(
-            f"cannot dequantize layer {name!r}: {type(layer).__name__} does not implement {method}(), which a "
-            "registered quantized class must (it returns the float "
-            f"{'module' if method == 'dequantize' else 'weight'} from the quantized one)"
-        )
-    return getattr(layer, method)()
+    return require(layer, method, f"cannot dequantize layer {name!r}")

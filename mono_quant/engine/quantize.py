@@ -224,8 +224,8 @@ def share_tied_tensors(first: nn.Module, second: nn.Module) -> None:
         same = source is not None and source.shape == tensor.shape and source.dtype == tensor.dtype
         if same and torch.equal(source, tensor):
             second.get_submodule(key.rpartition(".")[0])._buffers[key.rpartition(".")[2]] = source
-    if hasattr(second, "_prepare"):
-        second._prepare()
+    if isinstance(second, QuantizedLayer):
+        second.prepare()  # derived kernel state from the shared tensors
 
 
 def _check_finite(name: str, module: nn.Module) -> None:

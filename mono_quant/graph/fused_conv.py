@@ -22,9 +22,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from mono_quant import kernels
-from mono_quant.config import Mode
 from mono_quant.kernels.numerics import uint8_high
-from mono_quant.modules.int8_conv import Int8Conv2d
+from mono_quant.modules.base import FusedConvParams, QuantizedLayer
 
 Unary = tuple[str, list[float]]
 _UNARY_FLOAT = {
@@ -38,9 +37,18 @@ _MAX_SHAPES = 8  # input shapes a convolution keeps a packed weight for (oneDNN'
 _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__, torch.Tensor.ndim.__get__}
 
 
-def input_qparams(layer: Int8Conv2d) -> tuple[float, int]:
-    """The static layer's uint8 input ``(scale, zero_point)`` in this CPU's codes, as Python numbers."""
-    return float(layer._input_scale_k), int(layer._input_zero_k)
+def fused_params(layer: QuantizedLayer) -> FusedConvParams:
+    """What the fused graph needs of a fusable convolution's layer (``QuantizedLayer.fused_conv_params``)."""
+    params = layer.fused_conv_params()
+    if params is None:
+        raise ValueError(f"{type(layer).__name__} layer cannot be fused (fused_conv_params() is None)")
+    return params
+
+
+def input_qparams(layer: QuantizedLayer) -> tuple[float, int] | None:
+    """The static layer's uint8 input ``(scale, zero_point)`` in this CPU's codes, as Python numbers; ``None``
+    in dynamic mode."""
+    return fused_params(layer).input_qparams
 
 
 def dequantize_uint8(q: torch.Tensor, qparams: tuple[float, int]) -> torch.Tensor:
@@ -73,16 +81,16 @@ class FusedConv(nn.Module):
         accum_qparams: tuple[float, int] | None = None,
     ) -> None:
         super().__init__()
-        layer: Int8Conv2d = conv.weight.layer
+        params = self.params = fused_params(conv.weight.layer)
         self.conv, self.unary, self.out_qparams, self.accum_qparams = [conv], unary, out_qparams, accum_qparams
         self.copy_accum = True  # the residual input is written to by oneDNN: copied unless private
-        self.dynamic = layer.mode is Mode.DYNAMIC  # input scale from each call's min/max
-        self.in_qparams = (1.0, 0) if self.dynamic else input_qparams(layer)
+        self.dynamic = params.input_qparams is None  # input scale from each call's min/max
+        self.in_qparams = (1.0, 0) if params.input_qparams is None else params.input_qparams
         self._inv_scale = 1.0 / self.in_qparams[0]
         self.routed = type(conv) is not nn.Conv2d  # a subclass: its own forward, its conv2d routed here
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
-        self.weight_scale, self.groups = layer._weight_scale_n, conv.groups
-        bias = conv.bias if conv.bias is not None else layer.bias
+        self.weight_scale, self.groups = params.weight_scale, conv.groups
+        bias = conv.bias if conv.bias is not None else params.bias
         self.bias = None if bias is None else bias.detach().float()
         self._packs: dict[tuple[str, tuple[int, ...] | None], tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._by_shape: dict[torch.Size, tuple[torch.Tensor, torch.Tensor] | None] = {}  # the hot path's lookup
@@ -98,9 +106,8 @@ class FusedConv(nn.Module):
         if key not in self._packs:
             if shape is not None and len(self._packs) >= _MAX_SHAPES:
                 return self._pack(geometry, None)
-            layer = self.conv[0].weight.layer
             packs = kernels.OneDNNConvWeight().get_conv(
-                layer.weight, layer.kernel_size, self.weight_scale, torch.tensor(self.in_qparams[0]),
+                self.params.weight, self.params.kernel_size, self.weight_scale, torch.tensor(self.in_qparams[0]),
                 torch.tensor(self.in_qparams[1]), geometry, self.groups, None if shape is None else list(shape),
             )  # fmt: skip
             self._packs[key] = packs if shape is None or self._exact(packs, geometry, shape) else None
@@ -108,13 +115,12 @@ class FusedConv(nn.Module):
 
     def _exact(self, packs: tuple[torch.Tensor, torch.Tensor], geometry: Any, shape: tuple[int, ...]) -> bool:
         """Whether oneDNN's convolution with this packing matches the exact reference on seeded random codes."""
-        layer = self.conv[0].weight.layer
         codes = torch.randint(0, self.top + 1, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         codes = codes.contiguous(memory_format=torch.channels_last)
         zero = self.top // 2
         out = kernels.onednn_conv2d_fused(codes, (1.0, zero), *packs[:1], self.weight_scale, packs[1], None,
                                           geometry, self.groups)  # fmt: skip
-        weight = layer.weight.reshape(layer.out_channels, -1, *layer.kernel_size)
+        weight = self.params.weight.reshape(self.params.weight.shape[0], -1, *self.params.kernel_size)
         check = kernels.check
         reference, bound = check.conv_reference(codes, zero, weight, self.weight_scale, None, geometry, self.groups)
         ok, error, limit = check.within(out[: reference.shape[0]], reference, bound)

@@ -35,7 +35,6 @@ import torch
 from torch import fx, nn
 
 from mono_quant import kernels
-from mono_quant.config import Mode
 from mono_quant.graph.fused_conv import FusedConv, Quantize, input_qparams
 from mono_quant.graph.plan import fusable, plan_convs
 from mono_quant.modules.base import QuantizedLayer
@@ -96,8 +95,9 @@ def fuse_static_convs(model: nn.Module) -> fx.GraphModule | None:
         gm.add_submodule(name, FusedConv(conv, plan["unary"], plan["out"], plan["accum_q"]))
         source, accum, tail = node.args[0], plan["accum"], plan["tail"]
         producer_out = by_tail[source]["out"] if source in by_tail else None
-        if conv.weight.layer.mode is Mode.STATIC and producer_out is None:
-            source = uint8_of(source, input_qparams(conv.weight.layer))
+        qparams = input_qparams(conv.weight.layer)  # None: dynamic
+        if qparams is not None and producer_out is None:
+            source = uint8_of(source, qparams)
         while accum in replaced:  # fused since the plan was made
             accum = replaced[accum]
         if plan["accum_q"] is not None and by_tail.get(accum, {}).get("out") is None:

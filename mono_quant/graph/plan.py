@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from mono_quant.config import Mode
 from mono_quant.graph.fused_conv import Unary, input_qparams
 from mono_quant.kernels.numerics import uint8_high
-from mono_quant.modules.int8_conv import Int8Conv2d
 from mono_quant.modules.weight_tensor import QuantizedTensor
 
 _FULL_UINT8 = 255
@@ -43,15 +41,12 @@ def fusable(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     if not isinstance(module, nn.Conv2d) or not isinstance(weight, QuantizedTensor):
         return False
-    layer = weight.layer
+    params = weight.layer.fused_conv_params()  # None: the layer's class cannot fuse (see QuantizedLayer)
     return (
-        isinstance(layer, Int8Conv2d)
-        and layer.mode in (Mode.STATIC, Mode.DYNAMIC)
-        and layer.weight_zero_point is None
+        params is not None
         and module.padding_mode == "zeros"
         and (type(module) is not nn.Conv2d or not isinstance(module.padding, str))
-        and module.groups == layer.groups
-        and layer.weight.device.type == "cpu"
+        and module.groups == params.groups
     )
 
 
@@ -110,7 +105,7 @@ def plan_convs(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[fx.Node, 
 
 
 def _static(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return modules[node.target].weight.layer.mode is Mode.STATIC
+    return input_qparams(modules[node.target].weight.layer) is not None
 
 
 def _assign_uint8(plans: dict[fx.Node, dict[str, Any]], modules: dict[str, nn.Module]) -> None:

@@ -17,9 +17,10 @@ layouts, sharded with an index above ``max_shard_size``:
 
 mono-quant's own files keep per-channel scales ``[out]`` (what the kernels use, and what every file written
 so far holds: no format change, no version bump); only this export reshapes, and ``mq.load`` undoes it
-(``io/hf_read.py``). Layers compressed-tensors cannot represent (convolutions,
-transposed ``Conv1D`` and ``MultiheadAttention`` weights, fp16/bf16 layers) are written as float weights,
-listed in ``ignore``, with a warning naming them.
+(``io/hf_read.py``). Which classes have a compressed-tensors layout is the class's own word
+(``QuantizedLayer.hf_exportable``); the others (convolutions, transposed ``Conv1D`` and ``MultiheadAttention``
+weights, fp16/bf16 layers, plugin layers by default) are written as float weights through their
+``dequantize()``, listed in ``ignore``, with a warning naming them.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from mono_quant.errors import ConfigError, SerializationError
 from mono_quant.graph.folding import FoldedBatchNorm
 from mono_quant.io.hf_write import FolderWriter, to_compressed_tensors
 from mono_quant.io.save import compressed_tensors_config, file_metadata, model_layers
-from mono_quant.modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, quantized_layers
+from mono_quant.modules import quantized_layers
 from mono_quant.modules.attach import attached_tensors, expected_keys
+from mono_quant.modules.base import require
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-_EXPORTABLE = (Int8Linear, Int4Linear, Int8Embedding, Int4Embedding)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -136,16 +137,17 @@ def hf_tensors(q_model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, d
         own = {key: prefix + full for key, full in expected_keys(layer, attachment and attachment.attribute).items()}
         plain = attachment is None or (attachment.attribute == "weight" and not attachment.transposed
                                        and attachment.kind in ("linear", "embedding"))  # fmt: skip
-        if type(layer) in _EXPORTABLE and plain:  # exact classes: Int8Conv2d is an Int8Linear subclass
+        if layer.hf_exportable and plain:  # the class says its state_dict is a compressed-tensors layout
             layers[name] = entries[name]
             to_compressed_tensors(tensors, own, layers[name])
             continue
         for full in own.values():
             tensors.pop(full, None)
+        action = f"save_pretrained: layer {name!r} (no compressed-tensors layout, so written as float)"
         if attachment is None:
-            tensors.update({prefix + k: v for k, v in layer.dequantize().state_dict().items()})
+            tensors.update({prefix + k: v for k, v in require(layer, "dequantize", action).state_dict().items()})
         else:
-            weight = layer.dequantized_weight()
+            weight = require(layer, "dequantized_weight", action)
             original = attached[name][1]
             weight = weight.t() if attachment.transposed else weight
             tensors[prefix + attachment.attribute] = weight.reshape(original.shape).to(original.dtype)

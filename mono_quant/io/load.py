@@ -31,7 +31,7 @@ from mono_quant.io.format import FORMAT_VERSION
 from mono_quant.io.read import Spec, open_file, sniff
 from mono_quant.io.save import save, save_state_dict
 from mono_quant.io.validate import check_values
-from mono_quant.modules import QUANTIZED_CLASSES, QuantizedLayer
+from mono_quant.modules import QUANTIZED_CLASSES, REGISTRY, QuantizedLayer
 from mono_quant.modules.attach import Attachment, expected_keys, install, proxy_module
 from mono_quant.modules.folded_batchnorm import fold_pairs
 
@@ -277,17 +277,12 @@ def _first_weight_shape(module: nn.Module) -> list[int]:
 
 
 def _class_for(module: nn.Module, entry: dict[str, Any]) -> type[QuantizedLayer]:
-    """The entry's class; a 2-D weight quantized from a bare state_dict as a Linear fits an Embedding
-    too (same tensors) when it has no bias and symmetric per-row scales."""
-    name = entry["class"]
-    linear_like = type(module) is nn.Embedding and not entry["bias"] and entry.get("scheme", "symmetric") == "symmetric"
-    if linear_like and name == "Int8Linear" and entry.get("scale_shape") == [module.num_embeddings]:
-        name = "Int8Embedding"
-    elif linear_like and name == "HalfLinear":
-        name = "HalfEmbedding"
-    elif type(module) is nn.Embedding and not entry["bias"] and name == "Int4Linear":
-        name = "Int4Embedding"  # same tensors, either scheme
-    return QUANTIZED_CLASSES[name]
+    """The entry's class, or a class registered for ``module``'s type that loads the entry's tensors
+    (``QuantizedLayer.loads_entry``: a bare state_dict's matrix quantized as a Linear fits an Embedding)."""
+    cls = QUANTIZED_CLASSES[entry["class"]]
+    if type(module) is cls.float_type:
+        return cls
+    return next((other for other in REGISTRY.get(type(module), ()) if other.loads_entry(entry, module)), cls)
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:

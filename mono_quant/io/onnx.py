@@ -1,23 +1,11 @@
 """``export_onnx``: a quantized model as ONNX with int8 weight initializers and integer operators that ONNX
 Runtime's CPU provider runs as int8 kernels (MLAS u8 x s8 GEMM and convolution).
 
-How: the model is traced by torch's TorchScript exporter (``dynamo=False``) while every int8 layer's
-``forward`` is an export-only function whose ``symbolic`` emits the integer graph directly, so no dequantized
-weight ever enters the file and ORT needs no QDQ fusion to find the int8 path. Per layer kind (opset 17):
-
-- int8 Linear, dynamic: per-row (token) symmetric activation quantization exactly as mono-quant computes it
-  (``ReduceMax(Abs)``, ``Round``, ``+128`` to uint8), ``MatMulInteger`` (u8 x s8, ``a_zero_point=128``),
-  ``Cast`` + ``Mul`` by row scale x channel scale, ``Add`` bias.
-- int8 Linear, static: ``Round``/``Clip`` with the calibrated scale and zero point (uint8), ``MatMulInteger``,
-  one ``Mul`` by the combined scale, ``Add`` bias.
-- int8 Conv2d (dynamic or static): ``DynamicQuantizeLinear`` (per-tensor uint8, what mono-quant's CPU path does)
-  or the calibrated uint8 quantization, ``ConvInteger`` (weight stored uint8 = int8 + 128 with
-  ``w_zero_point=128``: ORT's ConvInteger takes uint8 weights only), ``Mul`` per channel, ``Add`` bias.
-- int8 Embedding: ``Gather`` of the int8 table and of the row scales, ``Mul``.
-- int8 weight-only Linear (and asymmetric-weight Linear): ``DequantizeLinear`` (per channel) on the int8
-  ``[in, out]`` initializer, ``MatMul``; weight-only or asymmetric-weight convolutions: float ``Conv``.
-Int4 layers and fp16/bf16 layers have no ONNX integer form here: they are exported dequantized (float
-initializers), with a warning naming them.
+How: the model is traced by torch's TorchScript exporter (``dynamo=False``) while every quantized class's
+``forward`` is an export-only function: its ``onnx_forward``, built from the integer operators of
+``mono_quant.io.onnx_ops`` (whose ``symbolic`` emits the integer graph directly, so no dequantized weight ever
+enters the file and ORT needs no QDQ fusion to find the int8 path), or, for classes without one (int4,
+fp16/bf16, plugin layers by default), the dequantized float layer, with a warning naming them.
 """
 
 from __future__ import annotations
@@ -33,15 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.config import Mode
 from mono_quant.copying import eval_mode
 from mono_quant.errors import ConfigError, SerializationError
 from mono_quant.io.disk import atomic_write
 from mono_quant.io.onnx_checks import checked_export, tracer_lines
-from mono_quant.modules import Int8Conv2d, Int8Embedding, Int8Linear, quantized_layers
+from mono_quant.io.onnx_ops import FLOAT_TWINS, export_forward, float_forward
+from mono_quant.modules import quantized_layers
+from mono_quant.modules.base import implements, require
 
 OPSET = 17
-_UINT8, _FLOAT = 2, 1  # ONNX TensorProto data types
 
 
 def export_onnx(
@@ -81,7 +69,10 @@ def export_onnx(
     args, kwargs, names = _inputs(example_inputs, input_names)
     axes = dynamic_axes if dynamic_axes is not None else _default_axes(names, [*args, *kwargs.values()])
     layers = quantized_layers(q_model)
-    fallback = [name for name, layer in layers.items() if not isinstance(layer, _INTEGER)]
+    fallback = [name for name, layer in layers.items() if not implements(layer, "onnx_forward")]
+    for name in fallback:  # a clear error now, not a tracer's error later
+        if not implements(layers[name], "dequantize"):
+            require(layers[name], "onnx_forward", f"export_onnx: layer {name!r} (and it has no dequantize() either)")
     if fallback:
         warnings.warn(
             f"export_onnx: {len(fallback)} layer(s) have no ONNX integer form (int4, fp16/bf16) and are exported "
@@ -197,148 +188,15 @@ def _export_forwards(layers: list[nn.Module]) -> Iterator[None]:
     classes = {type(layer) for layer in layers}
     saved = {cls: cls.__dict__.get("forward") for cls in classes}
     try:
-        floats = [layer for layer in layers if not isinstance(layer, _INTEGER)]
-        _FLOAT_TWINS.update({id(layer): layer.dequantize().requires_grad_(False) for layer in floats})
+        floats = [layer for layer in layers if not implements(layer, "onnx_forward")]
+        FLOAT_TWINS.update({id(layer): layer.dequantize().requires_grad_(False) for layer in floats})
         for cls in classes:
-            cls.forward = _export_forward if issubclass(cls, _INTEGER) else _float_forward
+            cls.forward = export_forward if implements(cls, "onnx_forward") else float_forward
         yield
     finally:
-        _FLOAT_TWINS.clear()
+        FLOAT_TWINS.clear()
         for cls, forward in saved.items():
             if forward is None:
                 del cls.forward
             else:
                 cls.forward = forward
-
-
-_FLOAT_TWINS: dict[int, nn.Module] = {}  # id(layer) -> its dequantized float layer, during one export
-
-
-def _float_forward(self: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    twin = _FLOAT_TWINS.get(id(self))
-    if twin is None:  # a layer built while tracing (a conv at another geometry): dequantize it now
-        twin = _FLOAT_TWINS[id(self)] = self.dequantize().requires_grad_(False)
-    out = twin(x)
-    return out if bias is None else out + bias.reshape(-1, *([1] * (out.dim() - 2)))
-
-
-_INTEGER = (Int8Linear, Int8Conv2d, Int8Embedding)
-
-
-def _export_forward(self: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``bias`` is an attached conv owner's bias (``Int8Conv2d.fuses_bias``); the layer's own is then None."""
-    if isinstance(self, Int8Embedding):
-        return _Embedding.apply(x, self.weight, self.weight_scale)
-    if isinstance(self, Int8Conv2d):
-        if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
-            return _float_forward(self, x, bias)  # float activations / per-channel weight zero points: float conv
-        weight = self.weight.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        unsigned = (weight.to(torch.int16) + 128).to(torch.uint8)  # ORT's ConvInteger: uint8 weights
-        geometry = (self.stride, self.padding, self.dilation, self.groups)
-        layer_bias = self.bias if bias is None else bias
-        return _Conv.apply(x, unsigned, self._weight_scale_n, layer_bias, *_static(self), geometry)
-    if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
-        return _WeightOnlyLinear.apply(x, self.weight.t().contiguous(), self.weight_scale, self.weight_zero_point,
-                                       self.bias, self.dequantized_weight())  # fmt: skip
-    return _Linear.apply(x, self.weight.t().contiguous(), self._weight_scale_n, self.bias, *_static(self))
-
-
-def _static(layer: Int8Linear) -> tuple[torch.Tensor | None, ...]:
-    """``(1 / input scale, uint8 zero point as float, uint8 zero point, input scale x weight scales)``, or
-    four ``None`` in dynamic mode."""
-    if layer.mode is not Mode.STATIC:
-        return None, None, None, None
-    zero_point = layer.input_zero_point.to(torch.int16).reshape(()) + 128
-    scale = layer.input_scale.float().reshape(())
-    return 1.0 / scale, zero_point.float(), zero_point.to(torch.uint8), scale * layer._weight_scale_n
-
-
-def _const(g: Any, value: Any) -> Any:
-    return g.op("Constant", value_t=torch.as_tensor(value))
-
-
-def _is_none(value: Any) -> bool:
-    return value is None or (hasattr(value, "node") and value.node().mustBeNone())
-
-
-def _quantize(g: Any, x: Any, inv_scale: Any, zero_point: Any, zero_point_u8: Any) -> tuple[Any, Any]:
-    """uint8 activations ``(q, zero point)``: calibrated (static) or ``DynamicQuantizeLinear`` (``inv_scale`` None)."""
-    if _is_none(inv_scale):
-        q, scale, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
-        return q, zp, scale
-    q = g.op("Add", g.op("Round", g.op("Mul", x, inv_scale)), zero_point)
-    return g.op("Cast", g.op("Clip", q, _const(g, 0.0), _const(g, 255.0)), to_i=_UINT8), zero_point_u8, None
-
-
-def _rescale(g: Any, acc: Any, scale: Any, bias: Any, cast: bool = True) -> Any:
-    out = g.op("Mul", g.op("Cast", acc, to_i=_FLOAT) if cast else acc, scale)
-    return out if _is_none(bias) else g.op("Add", out, bias)
-
-
-class _Linear(torch.autograd.Function):
-    """``x @ w_t`` with int8 ``w_t`` ``[in, out]``: dynamic per-row or static uint8 activations, ``MatMulInteger``."""
-
-    @staticmethod
-    def forward(ctx, x, w_t, w_scale, bias, inv_scale, zero_point, zero_point_u8, out_scale):  # type: ignore[override]
-        out = x @ w_t.float() * w_scale
-        return out if bias is None else out + bias
-
-    @staticmethod
-    def symbolic(g, x, w_t, w_scale, bias, inv_scale, zero_point, zero_point_u8, out_scale):  # type: ignore[override]
-        if _is_none(inv_scale):  # mono-quant's per-row dynamic quantization, step by step
-            row_max = g.op("Max", g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1), _const(g, 1e-12))
-            q = g.op("Round", g.op("Mul", x, g.op("Div", _const(g, 127.0), row_max)))
-            q = g.op("Cast", g.op("Add", q, _const(g, 128.0)), to_i=_UINT8)
-            acc = g.op("MatMulInteger", q, w_t, _const(g, torch.tensor(128, dtype=torch.uint8)))
-            # the per-channel scale first: ORT fuses MatMulInteger-Cast-Mul(constant) into MatMulIntegerToFloat,
-            # and (1.32) treats whatever that Mul multiplies by as a per-column scale, wrong for per-row scales
-            out = _rescale(g, acc, g.op("Div", w_scale, _const(g, 127.0)), None)
-            return _rescale(g, out, row_max, bias, cast=False)
-        q, zp, _ = _quantize(g, x, inv_scale, zero_point, zero_point_u8)
-        return _rescale(g, g.op("MatMulInteger", q, w_t, zp), out_scale, bias)
-
-
-class _Conv(torch.autograd.Function):
-    """``ConvInteger`` on uint8 activations (dynamic per tensor or static) and uint8 (+128) weights."""
-
-    @staticmethod
-    def forward(ctx, x, w_u8, w_scale, bias, inv_scale, zero_point, zero_point_u8, out_scale, geometry):  # type: ignore[override]
-        weight = (w_u8.float() - 128) * w_scale.reshape(-1, 1, 1, 1)
-        stride, padding, dilation, groups = geometry
-        return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def symbolic(g, x, w_u8, w_scale, bias, inv_scale, zero_point, zero_point_u8, out_scale, geometry):  # type: ignore[override]
-        stride, padding, dilation, groups = geometry
-        q, zp, dynamic_scale = _quantize(g, x, inv_scale, zero_point, zero_point_u8)
-        acc = g.op("ConvInteger", q, w_u8, zp, _const(g, torch.tensor(128, dtype=torch.uint8)),
-                   strides_i=list(stride), pads_i=[*padding, *padding], dilations_i=list(dilation),
-                   group_i=groups)  # fmt: skip
-        scale = out_scale if dynamic_scale is None else g.op("Mul", dynamic_scale, w_scale)
-        out = g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), g.op("Unsqueeze", scale, _const(g, [1, 2])))
-        return out if _is_none(bias) else g.op("Add", out, g.op("Unsqueeze", bias, _const(g, [1, 2])))
-
-
-class _Embedding(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, indices, weight, scale):  # type: ignore[override]
-        return weight[indices].float() * scale[indices].unsqueeze(-1)
-
-    @staticmethod
-    def symbolic(g, indices, weight, scale):  # type: ignore[override]
-        rows = g.op("Cast", g.op("Gather", weight, indices), to_i=_FLOAT)
-        return g.op("Mul", rows, g.op("Unsqueeze", g.op("Gather", scale, indices), _const(g, [-1])))
-
-
-class _WeightOnlyLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w_t, w_scale, w_zero_point, bias, dequantized):  # type: ignore[override]
-        out = x @ dequantized.t()
-        return out if bias is None else out + bias
-
-    @staticmethod
-    def symbolic(g, x, w_t, w_scale, w_zero_point, bias, dequantized):  # type: ignore[override]
-        args = [w_t, w_scale] if _is_none(w_zero_point) else [w_t, w_scale, w_zero_point]
-        weight = g.op("DequantizeLinear", *args, axis_i=1)
-        out = g.op("MatMul", x, weight)
-        return out if _is_none(bias) else g.op("Add", out, bias)

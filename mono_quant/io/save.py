@@ -22,6 +22,7 @@ from mono_quant.io.disk import atomic_write
 from mono_quant.io.format import FORMAT_VERSION, METADATA_KEY, TORCH_SUFFIXES
 from mono_quant.modules import QuantizedLayer, class_for_kind
 from mono_quant.modules.attach import attached_tensors
+from mono_quant.modules.base import require
 from mono_quant.modules.folded_batchnorm import FoldedBatchNorm
 
 if TYPE_CHECKING:  # the file format reads reports; it does not depend on the engine that makes them
@@ -104,18 +105,6 @@ def save_state_dict(
     _write(path, state_dict, layers, config, report)
 
 
-def _float_shape(module: nn.Module) -> list[int]:
-    if hasattr(module, "float_shape"):  # layers with several matrices say which shape files record
-        return module.float_shape()
-    if hasattr(module, "kernel_size") and hasattr(module, "out_channels"):
-        return [module.out_channels, module.in_channels, *module.kernel_size]
-    if hasattr(module, "in_features"):
-        return [module.out_features, module.in_features]
-    if hasattr(module, "num_embeddings"):
-        return [module.num_embeddings, module.embedding_dim]
-    return list(module.dequantized_weight().shape)
-
-
 def _has_bias(module: nn.Module) -> bool:
     bias = getattr(module, "bias", None)
     return bias is True or isinstance(bias, torch.Tensor)  # recurrent layers hold a flag
@@ -126,7 +115,7 @@ def model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
         name: {
             "class": type(module).__name__,
             **module.metadata(),
-            "shape": _float_shape(module),
+            "shape": module.float_shape(),
             "bias": _has_bias(module),
         }
         for name, module in model.named_modules()
@@ -134,7 +123,7 @@ def model_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     }
     for name, (attachment, tensor) in attached_tensors(model).items():
         layer = tensor.layer
-        entry = {"class": type(layer).__name__, **layer.metadata(), "shape": _float_shape(layer), "bias": False}
+        entry = {"class": type(layer).__name__, **layer.metadata(), "shape": layer.float_shape(), "bias": False}
         layers[name] = {**entry, "attach": {**attachment.to_dict(), "shape": list(tensor.shape)}}
     return layers
 
@@ -153,25 +142,16 @@ def state_dict_layers(
             if key.endswith(".weight_scale"):
                 name = key[: -len(".weight_scale")]
                 kinds[name] = ("Linear", 4 if f"{name}.weight_packed" in tensors else 8)
+    mode = config.mode.value if config is not None else "dynamic"
     layers = {}
     for name, (kind, bits) in kinds.items():
         cls = class_for_kind(kind, bits)
-        weight = tensors.get(f"{name}.weight_packed" if bits == 4 else f"{name}.weight")
-        if cls is None or weight is None:
+        action = f"cannot save layer {name!r} from a state_dict"
+        found = None if cls is None else require(cls, "state_dict_entry", action, tensors, name, mode)
+        if found is None:
             raise SerializationError(f"layer {name!r} ({kind}, {bits} bits) has no matching tensors in the state_dict")
-        entry: dict[str, Any] = {"class": cls.__name__, "kind": kind, "mode": "weight_only", "bits": bits}
-        scale = tensors.get(f"{name}.weight_scale")
-        scheme = "asymmetric" if f"{name}.weight_zero_point" in tensors else "symmetric"
-        shape = list(weight.shape)
-        if bits == 8:
-            static = f"{name}.input_scale" in tensors
-            mode = "static" if static else (config.mode.value if config is not None else "dynamic")
-            entry.update(mode=mode, scheme=scheme, scale_shape=list(scale.shape))
-        elif bits == 4:
-            shape = [int(v) for v in tensors[f"{name}.weight_shape"].tolist()]
-            entry.update(scheme=scheme, group_size=shape[1] // scale.shape[1])
-        else:
-            entry["dtype"] = "fp16" if weight.dtype == torch.float16 else "bf16"
+        shape = found.pop("shape")
+        entry = {"class": cls.__name__, **found}
         entry["shape"] = list(float_shapes.get(name, shape))
         entry["bias"] = f"{name}.bias" in tensors
         layers[name] = entry

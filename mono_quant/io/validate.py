@@ -19,7 +19,6 @@ from mono_quant.errors import SerializationError
 from mono_quant.modules import QUANTIZED_CLASSES
 from mono_quant.qparams import all_finite
 
-_BITS = {QuantDtype.INT8: 8, QuantDtype.INT4: 4, QuantDtype.FP16: 16, QuantDtype.BF16: 16}
 _MODES = {m.value for m in Mode}
 _SCHEMES = {s.value for s in Scheme}
 _HALF = {QuantDtype.FP16.value, QuantDtype.BF16.value}
@@ -84,7 +83,7 @@ def _validate_layer(path: Path, name: str, entry: dict[str, Any]) -> None:
     kind = cls.float_type.__name__
     if entry["kind"] != kind:
         raise bad("kind", f"{kind!r} for class {entry['class']}")
-    bits = sorted({_BITS[d] for d in cls.dtypes})
+    bits = [cls.bits]
     if type(entry["bits"]) is not int or entry["bits"] not in bits:
         raise bad("bits", f"one of {bits} for class {entry['class']}")
     if entry["mode"] not in _MODES:

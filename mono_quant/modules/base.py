@@ -1,20 +1,58 @@
-"""``QuantizedLayer``: the contract every quantized module class fulfils.
+"""``QuantizedLayer``: the contract every quantized module class fulfils, the one place a layer kind's
+knowledge lives (quantize, report, save, load, dequantize, HF and ONNX export and the fused CNN graph ask the
+class; no other module keeps a table of kinds or reads a layer's private attributes).
 
-A class declares which float type and dtypes it covers, says why it cannot take a given module
-(``unsupported_reason``), builds itself from a float module (``from_float``) or as an empty shell
-to load a file into (``from_metadata``), and converts back (``dequantize``). Its ``state_dict`` uses
-the file-format tensor names (``weight``, ``weight_scale``, ``weight_packed``, ``input_scale``...).
+Required (the defaults raise; callers ask through ``require`` so a missing one is a ``ConfigError`` naming it):
+``dtypes``, ``bits``, ``from_float``, ``from_metadata`` (an empty shell to load a file into), ``metadata``
+(the file entry), ``dequantized_weight`` and ``dequantize``. Optional, with their defaults:
+
+- ``float_shape()``: the float weight shape files record (default: read from the layer's public geometry,
+  else ``dequantized_weight()``'s shape); ``meta_float_module``, ``weight_ranks``, ``swap_module``,
+  ``needs_calibration``, ``unsupported_reason``; ``prepare()`` recomputes derived state after tensors are
+  replaced (default: nothing).
+- ``state_dict_entry(tensors, name, mode)``: the file entry of a layer quantized from a bare state_dict,
+  read from its tensors (default: such a layer cannot be saved from a state_dict); ``loads_entry(entry,
+  module)``: whether the class loads an entry written for another class into ``module`` (default False).
+- ``hf_exportable``: the state_dict is a compressed-tensors layout ``save_pretrained`` writes (default
+  False: written as float weights from ``dequantize``/``dequantized_weight``).
+- ``onnx_forward(ops, x, bias)``: the forward traced by ``export_onnx``, built from ``ops`` (integer ONNX
+  operators, see ``mono_quant.io.onnx_ops.OnnxOps``); default: none, the layer is exported through ``dequantize``.
+- ``fused_conv_params()``: what the fused CNN graph needs (``FusedConvParams``), or ``None`` (the default)
+  where the layer cannot be fused.
+
+Its ``state_dict`` uses the file-format tensor names (``weight``, ``weight_scale``, ``weight_packed``,
+``input_scale``...).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mono_quant.config import QuantDtype, QuantizationConfig
+from mono_quant.errors import ConfigError
 from mono_quant.qparams import ActivationQParams
+
+
+@dataclass(frozen=True)
+class FusedConvParams:
+    """What the fused CNN graph (``mono_quant.graph``) needs of an int8 convolution.
+
+    ``weight``: int8 ``[out, in/groups * kh * kw]`` (symmetric); ``weight_scale``: float32 ``[out]``;
+    ``input_qparams``: the static uint8 input ``(scale, zero_point)`` in this CPU's codes, ``None`` in
+    dynamic mode (each call's min/max).
+    """
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+    kernel_size: tuple[int, int]
+    groups: int
+    input_qparams: tuple[float, int] | None
 
 
 class QuantizedLayer:
@@ -28,6 +66,7 @@ class QuantizedLayer:
     swap_module: ClassVar[bool] = True
     weight_ranks: ClassVar[tuple[int, ...]] = (2,)  # ranks a file may record for the float weight's shape
     needs_calibration: ClassVar[bool] = False  # whether static mode calibrates this layer's input
+    hf_exportable: ClassVar[bool] = False  # the state_dict is a compressed-tensors layout (save_pretrained)
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
@@ -54,9 +93,34 @@ class QuantizedLayer:
         """An instance shaped like ``module`` per ``metadata``, ready for ``load_state_dict``."""
         raise NotImplementedError
 
+    @classmethod
+    def state_dict_entry(cls, tensors: Mapping[str, torch.Tensor], name: str, mode: str) -> dict[str, Any] | None:
+        """The file entry (``metadata()`` plus the stored weight ``shape``) of layer ``name`` quantized from a
+        bare state_dict, read from its ``tensors`` (``mode``: the config's, for int8 without ``input_scale``);
+        ``None`` when they are missing."""
+        raise NotImplementedError
+
+    @classmethod
+    def loads_entry(cls, entry: dict[str, Any], module: nn.Module) -> bool:
+        """Whether a file entry written for another class (same tensors) loads into ``module`` as this class."""
+        return False
+
     def metadata(self) -> dict[str, Any]:
         """JSON-able description stored per layer in files (kind, mode, bits, scheme, ...)."""
         raise NotImplementedError
+
+    def float_shape(self) -> list[int]:
+        """The float weight's shape, as files record it."""
+        if hasattr(self, "kernel_size") and hasattr(self, "out_channels"):
+            return [self.out_channels, self.in_channels, *self.kernel_size]
+        if hasattr(self, "in_features"):
+            return [self.out_features, self.in_features]
+        if hasattr(self, "num_embeddings"):
+            return [self.num_embeddings, self.embedding_dim]
+        return list(require(self, "dequantized_weight", "cannot record the float shape").shape)
+
+    def prepare(self) -> None:
+        """Recompute derived (never saved) state from the tensors, after they were replaced."""
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as float32 values, shaped like the float module's weight."""
@@ -65,6 +129,58 @@ class QuantizedLayer:
     def dequantize(self) -> nn.Module:
         """A plain float module (``nn.Linear``/``nn.Conv2d``/``nn.Embedding``) with the dequantized weight."""
         raise NotImplementedError
+
+    def onnx_forward(self, ops: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward ``export_onnx`` traces, built from ``ops``' integer operators."""
+        raise NotImplementedError
+
+    def fused_conv_params(self) -> FusedConvParams | None:
+        """What the fused CNN graph needs, or ``None`` where this layer cannot be fused."""
+        return None
+
+
+_WHY = {
+    "dequantize": "it returns the float module from the quantized one",
+    "dequantized_weight": "it returns the float weight from the quantized one",
+    "state_dict_entry": "it reads a layer's file entry from a bare state_dict's tensors",
+    "onnx_forward": "it builds the layer's ONNX graph",
+}
+
+
+def implements(layer: QuantizedLayer | type[QuantizedLayer], method: str) -> bool:
+    """Whether ``layer``'s class overrides ``QuantizedLayer.<method>`` (optional parts of the contract).
+
+    Example:
+        >>> from mono_quant.modules import Int4Linear, Int8Linear
+        >>> implements(Int8Linear, "onnx_forward"), implements(Int4Linear, "onnx_forward")
+        (True, False)
+    """
+    cls = layer if isinstance(layer, type) else type(layer)
+    owner = next((klass for klass in cls.__mro__ if method in vars(klass)), None)  # classmethods: by definition
+    return owner is not None and owner is not QuantizedLayer
+
+
+def require(layer: QuantizedLayer | type[QuantizedLayer], method: str, action: str, *args: Any) -> Any:
+    """``layer.<method>(*args)``; a class that does not implement it gets a ``ConfigError`` naming it and
+    ``action`` (what needed it).
+
+    Example:
+        >>> class Bare(QuantizedLayer):
+        ...     pass
+        >>> try:
+        ...     require(Bare(), "dequantize", "cannot dequantize layer 'fc'")
+        ... except ConfigError as err:
+        ...     print(err)  # doctest: +ELLIPSIS
+        cannot dequantize layer 'fc': Bare does not implement dequantize(), which a registered ...
+    """
+    cls = layer if isinstance(layer, type) else type(layer)
+    if not implements(cls, method):
+        why = _WHY.get(method, "see mono_quant.modules.base")
+        raise ConfigError(
+            f"{action}: {cls.__name__} does not implement {method}(), which a registered quantized class needs "
+            f"for this ({why})"
+        )
+    return getattr(layer, method)(*args)
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:

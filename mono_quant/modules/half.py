@@ -8,6 +8,7 @@ On CPU this is a storage format (half the bytes); on CUDA it is also an executio
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,6 +36,15 @@ class _HalfMixin(QuantizedLayer):
     @classmethod
     def from_metadata(cls, module: nn.Module, metadata: dict[str, Any]) -> nn.Module:
         return cls.from_float(module, QuantizationConfig(dtype=metadata["dtype"]))
+
+    @classmethod
+    def state_dict_entry(cls, tensors: Mapping[str, torch.Tensor], name: str, mode: str) -> dict[str, Any] | None:
+        weight = tensors.get(f"{name}.weight")
+        if weight is None:
+            return None
+        dtype = QuantDtype.FP16 if weight.dtype == torch.float16 else QuantDtype.BF16
+        kind, shape = cls.float_type.__name__, list(weight.shape)
+        return {"kind": kind, "mode": Mode.WEIGHT_ONLY.value, "bits": 16, "dtype": dtype.value, "shape": shape}
 
     def _cast_call(self, x: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
         x = x.to(self.weight.dtype) if x.is_floating_point() else x
@@ -114,6 +124,12 @@ class HalfEmbedding(_HalfMixin, nn.Embedding):
     @classmethod
     def meta_float_module(cls, entry: dict[str, Any]) -> nn.Module:
         return meta_embedding(entry)
+
+    @classmethod
+    def loads_entry(cls, entry: dict[str, Any], module: nn.Module) -> bool:
+        """A half Linear entry without bias (a bare state_dict's matrix): the same tensor."""
+        symmetric = entry.get("scheme", "symmetric") == "symmetric"
+        return entry["kind"] == "Linear" and entry["bits"] == 16 and not entry["bias"] and symmetric
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return self._cast_call(indices, torch.float32)

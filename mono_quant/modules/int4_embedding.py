@@ -39,6 +39,11 @@ class Int4Embedding(Int4Weight, nn.Module, QuantizedLayer):
     dtypes = (QuantDtype.INT4,)
     bits = 4
 
+    @classmethod
+    def loads_entry(cls, entry: dict[str, Any], module: nn.Module) -> bool:
+        """An int4 Linear entry without bias (a bare state_dict's matrix): the same tensors, either scheme."""
+        return entry["kind"] == "Linear" and entry["bits"] == 4 and not entry["bias"]
+
     def __init__(
         self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, group_size: int, scheme: Scheme
     ) -> None:

@@ -8,6 +8,7 @@ int8 of the same shape when asymmetric, and ``weight_shape`` int64 ``[2]``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -83,6 +84,19 @@ class Int4Weight:
         self.weight_packed = pack_int4_words(qw.data)
         self.weight_scale = qw.scale
         self.weight_zero_point = qw.zero_point
+
+    hf_exportable = True  # compressed-tensors' pack-quantized (naive-quantized where it cannot load packed)
+
+    @classmethod
+    def state_dict_entry(cls: Any, tensors: Mapping[str, torch.Tensor], name: str, mode: str) -> dict[str, Any] | None:
+        """``QuantizedLayer.state_dict_entry``: the scheme and group size read from the tensors."""
+        scale, shape = tensors.get(f"{name}.weight_scale"), tensors.get(f"{name}.weight_shape")
+        if f"{name}.weight_packed" not in tensors or scale is None or shape is None:
+            return None
+        rows, cols = (int(v) for v in shape.tolist())
+        scheme = "asymmetric" if f"{name}.weight_zero_point" in tensors else "symmetric"
+        return {"kind": cls.float_type.__name__, "mode": Mode.WEIGHT_ONLY.value, "bits": 4, "scheme": scheme,
+                "group_size": cols // scale.shape[1], "shape": [rows, cols]}  # fmt: skip
 
     def int4_metadata(self, kind: str) -> dict[str, Any]:
         return {

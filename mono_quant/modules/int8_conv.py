@@ -6,14 +6,15 @@ with the calibrated input scale, dynamic with one asymmetric uint8 scale per cal
 min/max), which oneDNN takes at run time. Grouped and depthwise convolutions take the same path.
 Everything else (weight-only mode, asymmetric weights, other devices, inside ``torch.compile``) uses
 im2col: the input patches (``F.unfold``) form an ``[N*L, C*kh*kw]`` matrix that goes through the
-``Int8Linear`` path (one group at a time). The weight is stored flattened, ``[out, in/groups*kh*kw]``
-int8. String padding and non-zero padding modes of an exact ``nn.Conv2d`` are served through the
-weight-tensor path (``modules/weight_tensor.py``), which pads first.
+shared int8 matrix multiply (``Int8Matmul``, one group at a time). The weight is stored flattened,
+``[out, in/groups*kh*kw]`` int8. String padding and non-zero padding modes of an exact ``nn.Conv2d`` are
+served through the weight-tensor path (``modules/weight_tensor.py``), which pads first.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,17 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mono_quant import kernels
-from mono_quant.config import Mode, QuantizationConfig, Scheme
+from mono_quant.config import Mode, QuantDtype, QuantizationConfig, Scheme
 from mono_quant.kernels import choice
-from mono_quant.modules.base import ActivationQParams, copy_bias, meta_conv2d
-from mono_quant.modules.int8_linear import Int8Linear
+from mono_quant.modules.base import ActivationQParams, FusedConvParams, QuantizedLayer, copy_bias, meta_conv2d
+from mono_quant.modules.int8_matmul import Int8Matmul, int8_state_dict_entry
 from mono_quant.modules.registry import register
 from mono_quant.qparams import quantize_weight
 
 
 @register(nn.Conv2d)
-class Int8Conv2d(Int8Linear):
-    """Drop-in ``nn.Conv2d`` replacement.
+class Int8Conv2d(Int8Matmul, QuantizedLayer):
+    """Drop-in ``nn.Conv2d`` replacement (an ``Int8Matmul`` on im2col patches, not an ``Int8Linear``).
 
     Example:
         >>> conv = Int8Conv2d.from_float(nn.Conv2d(3, 8, 3, padding=1), QuantizationConfig())
@@ -39,6 +40,9 @@ class Int8Conv2d(Int8Linear):
         (torch.Size([2, 8, 16, 16]), torch.Size([8, 27]))
     """
 
+    dtypes = (QuantDtype.INT8,)
+    bits = 8
+    needs_calibration = True  # in static mode
     weight_ranks = (2, 4)
 
     @classmethod
@@ -57,8 +61,8 @@ class Int8Conv2d(Int8Linear):
         self._geometry = (list(self.stride), list(self.padding), list(self.dilation))
         self._onednn_conv = kernels.OneDNNConvWeight()
 
-    def _prepare(self) -> None:
-        super()._prepare()
+    def prepare(self) -> None:
+        super().prepare()
         self._onednn_conv = kernels.OneDNNConvWeight()  # repacked on next use: weight or input scale changed
 
     @classmethod
@@ -76,7 +80,7 @@ class Int8Conv2d(Int8Linear):
         weight = module.weight.detach().reshape(module.out_channels, -1)  # a view: no float copy
         qw = quantize_weight(weight, 8, config.scheme, config.granularity)
         layer = cls(module, config.mode, config.scheme, tuple(qw.scale.shape))
-        layer._set(qw, copy_bias(module), activation)
+        layer.set_quantized(qw, copy_bias(module), activation)
         return layer
 
     @classmethod
@@ -98,7 +102,7 @@ class Int8Conv2d(Int8Linear):
 
         oneDNN serves where it passed its check for this shape on this machine (``kernels.check``: its AMX
         grouped convolution with 16 input channels per group returns noise); else im2col through the
-        (checked) ``Int8Linear`` path.
+        (checked) ``Int8Matmul`` path.
         """
         if not x.is_floating_point():
             raise RuntimeError(f"Int8Conv2d expects a floating-point input, got {x.dtype} (as nn.Conv2d)")
@@ -145,7 +149,7 @@ class Int8Conv2d(Int8Linear):
         return out if x.dim() == 4 else out.squeeze(0)
 
     def _im2col_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Any device and mode: ``F.unfold`` patches through the ``Int8Linear`` path."""
+        """Any device and mode: ``F.unfold`` patches through the ``Int8Matmul`` path."""
         batched = x.dim() == 4
         x4 = x if batched else x.unsqueeze(0)
         out_h, out_w = (
@@ -165,10 +169,10 @@ class Int8Conv2d(Int8Linear):
         out = out.transpose(1, 2).reshape(x4.shape[0], self.out_channels, out_h, out_w)
         return out if batched else out.squeeze(0)
 
-    def _group(self, index: int) -> Int8Linear:
-        """The ``Int8Linear`` of one group's output channels (im2col path of grouped convolutions)."""
+    def _group(self, index: int) -> Int8Matmul:
+        """The ``Int8Matmul`` of one group's output channels (im2col path of grouped convolutions)."""
         rows = slice(index * self.out_channels // self.groups, (index + 1) * self.out_channels // self.groups)
-        part = Int8Linear(
+        part = Int8Matmul(
             self.in_features,
             rows.stop - rows.start,
             self.bias is not None,
@@ -181,11 +185,32 @@ class Int8Conv2d(Int8Linear):
         if self.weight_zero_point is not None:
             part.weight_zero_point = self.weight_zero_point.expand(self.out_channels)[rows]
         part.bias = None if self.bias is None else self.bias[rows]
-        part._prepare()
+        part.prepare()
         return part
 
     def metadata(self) -> dict[str, Any]:
-        return {**super().metadata(), "kind": "Conv2d", "groups": self.groups}
+        return {**self.int8_metadata("Conv2d"), "groups": self.groups}
+
+    @classmethod
+    def state_dict_entry(cls, tensors: Mapping[str, torch.Tensor], name: str, mode: str) -> dict[str, Any] | None:
+        return int8_state_dict_entry(cls.float_type.__name__, tensors, name, mode)
+
+    def fused_conv_params(self) -> FusedConvParams | None:
+        """Symmetric static or dynamic weights on the CPU fuse; weight-only mode and asymmetric weights do not."""
+        if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None or self.weight.device.type != "cpu":
+            return None
+        static = None if self.mode is not Mode.STATIC else (float(self._input_scale_k), int(self._input_zero_k))
+        return FusedConvParams(self.weight, self._weight_scale_n, self.bias, self.kernel_size, self.groups, static)
+
+    def onnx_forward(self, ops: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``ConvInteger``; weight-only mode and asymmetric weights: a float ``Conv``. ``bias`` is an attached
+        conv owner's (``fuses_bias``); the layer's own is then None."""
+        if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
+            return ops.float_layer(self, x, bias)
+        weight = self.weight.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        geometry = (self.stride, self.padding, self.dilation, self.groups)
+        layer_bias = self.bias if bias is None else bias
+        return ops.conv(x, weight, self._weight_scale_n, layer_bias, self.stored_input_qparams(), geometry)
 
     def dequantized_weight(self) -> torch.Tensor:
         return (

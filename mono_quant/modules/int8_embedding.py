@@ -5,6 +5,7 @@ A lookup gathers int8 rows and scales only those rows, so no call touches the wh
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from mono_quant.config import Granularity, Mode, QuantDtype, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, meta_embedding
+from mono_quant.modules.int8_matmul import int8_state_dict_entry
 from mono_quant.modules.registry import register
 from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weight
 
@@ -33,6 +35,18 @@ class Int8Embedding(nn.Module, QuantizedLayer):
 
     dtypes = (QuantDtype.INT8,)
     bits = 8
+    hf_exportable = True
+
+    @classmethod
+    def loads_entry(cls, entry: dict[str, Any], module: nn.Module) -> bool:
+        """An int8 Linear entry with one symmetric scale per row and no bias (a bare state_dict's matrix)."""
+        symmetric = entry.get("scheme", "symmetric") == "symmetric"
+        rows = entry.get("scale_shape") == [module.num_embeddings]
+        return entry["kind"] == "Linear" and entry["bits"] == 8 and not entry["bias"] and symmetric and rows
+
+    @classmethod
+    def state_dict_entry(cls, tensors: Mapping[str, torch.Tensor], name: str, mode: str) -> dict[str, Any] | None:
+        return int8_state_dict_entry("Embedding", tensors, name, mode)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None) -> None:
         super().__init__()
@@ -65,6 +79,10 @@ class Int8Embedding(nn.Module, QuantizedLayer):
 
     def metadata(self) -> dict[str, Any]:
         return {"kind": "Embedding", "mode": Mode.WEIGHT_ONLY.value, "bits": 8, "scheme": Scheme.SYMMETRIC.value}
+
+    def onnx_forward(self, ops: Any, indices: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``Gather`` of the int8 rows and of their scales, ``Mul``."""
+        return ops.embedding(indices, self.weight, self.weight_scale)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_weight(QuantizedWeight(self.weight, self.weight_scale, None))

@@ -1,41 +1,27 @@
-"""``Int8Linear``: int8 per-channel weights; dynamic, static or weight-only activations.
+"""``Int8Linear``: ``nn.Linear`` with int8 per-channel weights; dynamic, static or weight-only activations.
 
-- dynamic: each input row (token) gets its own 8-bit scale at run time (uint8 on CPU, for VNNI's
-  u8 x s8; 7-bit codes on CPUs whose u8 x s8 products saturate, see ``kernels.numerics``). Per-row
-  scales keep transformers accurate (MiniLM embeddings: cosine 0.997 against float; one per-tensor
-  scale for the batch gave 0.981) and make results independent of the batch. Two
-  kernels: ``_int_mm`` with a three-op epilogue, or oneDNN's packed u8 x s8 with activation scale 1 and
-  zero point 128 (64 for 7-bit codes) and the row scales applied after.
-- static: the input is quantized with the calibrated per-tensor scale and zero point; oneDNN's u8 x s8
-  kernel with rescale and bias fused, or ``_int_mm`` with every weight-side term (combined scale,
-  zero-point correction folded into the bias) computed once.
-- weight_only: float activations against int8 weights with the packed int8 kernel (bfloat16 inside).
-On CPU with symmetric weights ``kernels.choice`` picks ``_int_mm`` or oneDNN per (shape, batch bucket) by
-checking both against an exact reference and measuring them once (fixed mode: ``kernels.onednn_default``);
-a kernel that fails its check is never used, and when none passes the layer computes in float. Asymmetric weights, other
-devices, tracing and ``torch.compile`` always take ``_int_mm`` (oneDNN takes symmetric weights only).
+The int8 state and kernels (and how each mode computes) are ``Int8Matmul``'s (``int8_matmul.py``), which
+``Int8Conv2d`` shares; this class is the layer kind: building from ``nn.Linear`` and back, the file entry,
+the Hugging Face layout and the ONNX graph.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mono_quant import kernels
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig, Scheme
-from mono_quant.kernels import choice
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias, float_linear
+from mono_quant.modules.int8_matmul import Int8Matmul, int8_state_dict_entry
 from mono_quant.modules.registry import register
-from mono_quant.qparams import QuantizedWeight, dequantize_weight, quantize_weight
-
-_KERNELS = ("int_mm", "onednn")  # candidates for symmetric weights on CPU; the rest always take _int_mm
+from mono_quant.qparams import quantize_weight
 
 
 @register(nn.Linear)
-class Int8Linear(nn.Module, QuantizedLayer):
+class Int8Linear(Int8Matmul, QuantizedLayer):
     """Drop-in replacement for ``nn.Linear`` holding int8 weights (``[out, in]``) and float scales.
 
     Example:
@@ -47,41 +33,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
     dtypes = (QuantDtype.INT8,)
     bits = 8
     needs_calibration = True  # in static mode
-
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool, mode: Mode, scheme: Scheme, scale_shape: tuple[int, ...]
-    ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.mode, self.scheme = mode, scheme
-        self._shape, self._symmetric = (out_features, in_features), scheme is not Scheme.ASYMMETRIC
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(scale_shape))
-        asymmetric = scheme is Scheme.ASYMMETRIC
-        self.register_buffer("weight_zero_point", torch.zeros(scale_shape, dtype=torch.int8) if asymmetric else None)
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        static = mode is Mode.STATIC
-        self.register_buffer("input_scale", torch.ones(()) if static else None)
-        self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int8) if static else None)
-        derived = (
-            "_weight_scale_n",
-            "_weight_scale_step",
-            "_zero_offset",
-            "_rounding_offset",
-            "_input_scale_k",
-            "_input_zero_k",
-            "_input_inv_scale_k",
-            "_out_scale",
-            "_out_bias",
-            "_static_offset",
-            "_weight_zp_scaled",
-            "_prepared_weight",
-        )
-        for name in derived:
-            self.register_buffer(name, None, persistent=False)
-        self._fmt = kernels.input_format("cpu")
-        self._onednn = kernels.OneDNNWeight()
-        self.register_load_state_dict_post_hook(lambda module, keys: module._prepare())
+    hf_exportable = True
 
     @classmethod
     def from_float(
@@ -96,7 +48,7 @@ class Int8Linear(nn.Module, QuantizedLayer):
             config.scheme,
             tuple(qw.scale.shape),
         )
-        layer._set(qw, copy_bias(module), activation)
+        layer.set_quantized(qw, copy_bias(module), activation)
         return layer
 
     @classmethod
@@ -111,148 +63,24 @@ class Int8Linear(nn.Module, QuantizedLayer):
             scale_shape,
         )
 
-    def _set(self, qw: QuantizedWeight, bias: torch.Tensor | None, activation: ActivationQParams | None) -> None:
-        self.weight, self.weight_scale = qw.data, qw.scale
-        if self.scheme is Scheme.ASYMMETRIC:
-            self.weight_zero_point = qw.zero_point
-        self.bias = bias
-        if self.mode is Mode.STATIC:
-            if activation is None:
-                raise ValueError("Int8Linear in static mode needs calibrated activation parameters")
-            self.input_scale = activation.scale.float().reshape(())
-            self.input_zero_point = activation.zero_point.to(torch.int8).reshape(())
-        self._prepare()
-
-    def _prepare(self) -> None:
-        """Compute every weight-side term once (never per forward), for this device's activation codes."""
-        self._onednn = kernels.OneDNNWeight()
-        fmt = self._fmt = kernels.input_format(self.weight.device)
-        out_scale = self.weight_scale.float().expand(self.out_features).contiguous()
-        self._weight_scale_n = out_scale
-        self._weight_scale_step = out_scale / fmt.half
-        int_colsum = kernels.row_sums(self.weight)
-        # codes around ``fmt.zero`` add zero * colsum(weight) to every output: removed with this constant
-        self._zero_offset = fmt.zero * int_colsum
-        self._rounding_offset = kernels.rounding_offset(self.in_features, fmt.zero, self.weight.device)
-        zp = None if self.weight_zero_point is None else self.weight_zero_point.float().expand(self.out_features)
-        self._weight_zp_scaled = None if zp is None else zp * out_scale
-        self._prepared_weight = None
-        if self.mode is Mode.WEIGHT_ONLY:
-            self._prepared_weight = kernels.prepare_int8_weight_only(self.weight)
-        if self.mode is not Mode.STATIC:
-            return
-        # static: out = s_x * s_w * (sum (q_x - z_x)(q_w - z_w)) + b, expanded so only q_x . q_w and
-        # (for asymmetric weights) rowsum(q_x) depend on the input; s_x, z_x in this device's codes
-        scale, zero = fmt.static_qparams(float(self.input_scale), int(self.input_zero_point))
-        self._input_scale_k = torch.tensor(scale, device=self.weight.device)
-        self._input_zero_k = torch.tensor(zero, dtype=torch.int32, device=self.weight.device)
-        self._input_inv_scale_k = 1.0 / self._input_scale_k
-        combined = self._input_scale_k * out_scale
-        self._static_offset = zero * int_colsum  # exact: symmetric weights' correction
-        correction = -float(zero) * int_colsum.float()
-        if zp is not None:
-            correction = correction + self.in_features * zero * zp
-        bias = torch.zeros_like(combined) if self.bias is None else self.bias.float()
-        self._out_scale = combined.contiguous()
-        self._out_bias = (bias + combined * correction).contiguous()
-        self._weight_zp_scaled = None if zp is None else zp * combined
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
-        out = super()._apply(fn, recurse)
-        moved = not self.weight.is_meta and self._fmt != kernels.input_format(self.weight.device)
-        if moved:  # another device's activation codes
-            self._prepare()
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the hot path: keep Python work and op count minimal (batch 1 is dominated by per-op overhead)
-        if not x.is_floating_point():
-            raise RuntimeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype} (as nn.Linear)")
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
-        out = self._weight_only_forward(x2) if self.mode is Mode.WEIGHT_ONLY else self._run(self._kernel(x2), x2)
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
-
-    def _kernel(self, x: torch.Tensor) -> str:
-        """``"onednn"``, ``"int_mm"`` or ``"float"`` for this call: checked against an exact reference and
-        measured once per shape and batch bucket (see ``choice``)."""
-        candidates = _KERNELS if self._symmetric and kernels.use_onednn(x) else _KERNELS[:1]
-        onednn_first = len(candidates) > 1 and kernels.onednn_default(x.shape[0], self.weight.numel())
-        default = "onednn" if onednn_first else "int_mm"
-        kind = f"int8_linear_{self.mode.value}" + ("" if self._symmetric else "_asymmetric")
-        return choice.pick(
-            kind, self._shape, x, candidates, default, lambda name: self._run(name, x), lambda: self._reference(x)
-        )
-
-    def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
-        """``(codes, zero, scale)``: the integer input of this call, its zero point and scale (per row or one)."""
-        if self.mode is Mode.DYNAMIC:
-            q, row_max = kernels.quantize_per_row(x, self._fmt, self._rounding_offset)
-            return q, self._fmt.zero, row_max / self._fmt.half
-        q = kernels.quantize_static_input(x, self._input_inv_scale_k, self._input_zero_k, self._fmt)
-        return q, self._input_zero_k.double(), self._input_scale_k
-
-    def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact (float64) output of this call's first rows from its integer codes, and the check's bound."""
-        q, zero, scale = self._codes(x)
-        weight = self.weight
-        if self.weight_zero_point is not None:
-            weight = weight.int() - self.weight_zero_point.int().reshape(-1, 1)
-        return kernels.check.matmul_reference(q, zero, weight, scale * self._weight_scale_n, self.bias)
-
-    def _run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
-        if kernel == choice.FALLBACK:  # no integer kernel passed its check on this machine
-            return F.linear(x, self.dequantized_weight(), self.bias)
-        if self.mode is Mode.DYNAMIC:
-            return self._dynamic_forward(kernel, x)
-        q, _, _ = self._codes(x)
-        if kernel == "onednn":  # uint8 codes against oneDNN's packed weight, rescale and bias fused
-            return kernels.onednn_linear(
-                q, self._input_scale_k, self._input_zero_k, self._onednn, self.weight, self._weight_scale_n, self.bias
-            )
-        if self._symmetric:  # oneDNN's order of operations: the same bits whichever kernel serves
-            acc, scale = kernels.int_mm(q, self.weight), self._input_scale_k
-            return kernels.static_rescale(acc, self._static_offset, scale, self._weight_scale_n, self.bias)
-        out = kernels.rescale(kernels.int_mm(q, self.weight), self._out_scale, self._out_bias)
-        return out - q.sum(-1, keepdim=True, dtype=torch.int32) * self._weight_zp_scaled
-
-    def _dynamic_forward(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
-        """Per-row (token) scales at run time; uint8 codes on CPU (VNNI's u8 x s8; 7-bit without VNNI)."""
-        fmt = self._fmt
-        q, row_max = kernels.quantize_per_row(x, fmt, self._rounding_offset)
-        if kernel == "onednn":
-            scale = self._weight_scale_step
-            return kernels.onednn_linear_dynamic(q, row_max, self._onednn, self.weight, scale, self.bias, fmt.zero)
-        acc = kernels.int_mm(q, self.weight)
-        if self.weight_zero_point is not None:  # sum of the signed codes times each row's weight zero point
-            signed_sums = q.sum(-1, keepdim=True, dtype=torch.int32) - self.in_features * fmt.zero
-            acc = acc - signed_sums * self.weight_zero_point.int().reshape(1, -1)
-        offset = self._zero_offset if fmt.zero else None
-        return kernels.dynamic_rescale(acc, offset, row_max, self._weight_scale_step, self.bias)
-
-    def _weight_only_forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernels.int8_weight_only_mm(x, self._prepared_weight, self._weight_scale_n)
-        if self._weight_zp_scaled is not None:
-            out = out - x.sum(-1, keepdim=True) * self._weight_zp_scaled
-        return out if self.bias is None else out + self.bias
+    @classmethod
+    def state_dict_entry(cls, tensors: Mapping[str, torch.Tensor], name: str, mode: str) -> dict[str, Any] | None:
+        return int8_state_dict_entry(cls.float_type.__name__, tensors, name, mode)
 
     def metadata(self) -> dict[str, Any]:
-        return {
-            "kind": "Linear",
-            "mode": self.mode.value,
-            "bits": 8,
-            "scheme": self.scheme.value,
-            "scale_shape": list(self.weight_scale.shape),
-        }
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_weight(QuantizedWeight(self.weight, self.weight_scale, self.weight_zero_point))
+        return self.int8_metadata("Linear")
 
     def dequantize(self) -> nn.Linear:
         return float_linear(self.dequantized_weight(), self.bias)
+
+    def onnx_forward(self, ops: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``MatMulInteger`` on per-row (dynamic) or calibrated (static) uint8 codes; weight-only mode and
+        asymmetric weights: ``DequantizeLinear`` + ``MatMul``."""
+        w_t = self.weight.t().contiguous()
+        if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
+            dequantized = self.dequantized_weight()
+            return ops.weight_only_linear(x, w_t, self.weight_scale, self.weight_zero_point, self.bias, dequantized)
+        return ops.linear(x, w_t, self._weight_scale_n, self.bias, self.stored_input_qparams())
 
     def extra_repr(self) -> str:
         return (

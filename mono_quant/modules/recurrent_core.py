@@ -75,7 +75,7 @@ class QuantizedRecurrent(nn.Module, QuantizedLayer):
             self.register_buffer(f"{name}_scale", torch.ones(shape[0]) if int8 else None)
             for derived in ("_step", "_offset", "_packed"):
                 self.register_buffer(f"_{name}{derived}", None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, keys: module._prepare())
+        self.register_load_state_dict_post_hook(lambda module, keys: module.prepare())
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -101,7 +101,7 @@ class QuantizedRecurrent(nn.Module, QuantizedLayer):
                 qw = quantize_weight(tensor, 8)
                 setattr(layer, name, qw.data)
                 setattr(layer, f"{name}_scale", qw.scale)
-        layer._prepare()
+        layer.prepare()
         return layer.to(next(iter(params.values())).device)
 
     @classmethod
@@ -128,7 +128,7 @@ class QuantizedRecurrent(nn.Module, QuantizedLayer):
                 )
         return cls.float_type(**hyper, device="meta")
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
         """Every weight-side term, once: scale / 127, the uint8 offset, the weight-only packed weight."""
         for name, precision in self.precisions.items():
             if precision != INT8:
