@@ -7,9 +7,9 @@ Example:
 """
 
 from mono_quant_lightning.callback import QuantizationCallback
+from mono_quant_lightning.choices import MonitorMode, OnViolation, QuantizeOn, QuantMode
 from mono_quant_lightning.gate import DropType, GateDecision, QuantizationGateError, decide
 from mono_quant_lightning.loading import load_quantized
-from mono_quant_lightning.options import MonitorMode, OnViolation, QuantizeOn, QuantMode
 
 __all__ = [
     "DropType",

@@ -1,10 +1,11 @@
 """``QuantizationCallback``: calibrate on validation, quantize at fit end, gate on a validation score, export.
 
-This file holds the hooks and their state; they decide *when* and *on what data*. The module's own
-validation forward feeds the observers (``observation``), its own ``validation_step`` produces the scores
-(``evaluation``), ``gate.decide`` takes the decision, ``fallback`` searches mixed precision, ``export`` and
-``checkpoint_io`` write files, and ``mono_quant`` does the quantization on a copy: the user's module is
-never changed.
+This file holds the hooks and the callback's state: its ``options`` (a frozen ``CallbackOptions``), what it
+observes during fit (``observation``), and the ``outcome`` of the last fit end. Each hook is a guard plus one
+call; they decide *when* and *on what data*. The module's own validation forward feeds the observers
+(``observation``), ``fit_end.run`` quantizes, scores with the module's own ``validation_step``, gates, falls
+back and exports, returning a ``FitEndOutcome``; ``checkpoint_io`` writes the sidecars; ``mono_quant`` does the
+quantization on a copy: the user's module is never changed.
 """
 
 from __future__ import annotations
@@ -18,18 +19,31 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
 
 import mono_quant as mq
-from mono_quant_lightning import checkpoint_io, export
+from mono_quant_lightning import checkpoint_io, export, fit_end
 from mono_quant_lightning.batches import BatchFn
-from mono_quant_lightning.evaluation import step_forward
-from mono_quant_lightning.export_formats import remove_extras, write_extras
-from mono_quant_lightning.gate import DropType, GateDecision, QuantizationGateError
-from mono_quant_lightning.measure import Measurer
+from mono_quant_lightning.choices import MonitorMode, OnViolation, QuantizeOn, QuantMode
+from mono_quant_lightning.fit_end import FitEndOutcome
+from mono_quant_lightning.gate import DropType
+from mono_quant_lightning.measure import quantize
+from mono_quant_lightning.messages import warn
 from mono_quant_lightning.observation import LogWatcher, Observation, check_monitor
-from mono_quant_lightning.options import OnViolation, QuantizeOn, QuantMode, parse_arguments
-from mono_quant_lightning.preflight import check_data, check_layers
+from mono_quant_lightning.options import CallbackOptions
+from mono_quant_lightning.preflight import check_layers, check_training_start
+
+
+def _option(name: str) -> property:
+    """A read-only attribute of the callback that is the option ``name`` of ``cb.options``."""
+    return property(lambda cb: getattr(cb.options, name), doc=f"The ``{name}`` option (read-only; see ``options``).")
+
+
+def _outcome(name: str) -> property:
+    """A read-only attribute of the callback that is ``name`` of the last fit end's outcome (``None`` before)."""
+    return property(
+        lambda cb: None if cb.outcome is None else getattr(cb.outcome, name),
+        doc=f"The last fit end's ``{name}`` (read-only; ``None`` before the first fit end; see ``outcome``).",
+    )
 
 
 class QuantizationCallback(Callback):
@@ -82,6 +96,12 @@ class QuantizationCallback(Callback):
     down to 32 that divides their input width (int8 when none does). A gate decision on a model the report
     warns is mostly float ends with that warning.
 
+    The callback's state is three attributes: ``options`` (the validated arguments, a frozen ``CallbackOptions``),
+    ``observation`` (the activation statistics of fit validation) and ``outcome`` (the ``FitEndOutcome`` of the
+    last fit end). The options (``cb.max_drop``, ``cb.mode``, ``cb.config``, ...) and the results (``cb.result``,
+    ``cb.decision``, ``cb.drop``, ``cb.fidelity``, ``cb.budget``, ``cb.mode_used``, ``cb.export_path``) read as
+    read-only attributes of those.
+
     Example:
         >>> cb = QuantizationCallback()
         >>> cb.mode, cb.quantize_on
@@ -99,55 +119,95 @@ class QuantizationCallback(Callback):
         dtype: Any = None,
         mode: QuantMode | str | None = None,
         config: mq.QuantizationConfig | None = None,
-        monitor: str | None = None,
-        monitor_mode: str | None = None,
-        metric: Any = None,
-        max_drop: float = 0.01,
-        drop_type: DropType | str = "absolute",
-        on_violation: OnViolation | str = "raise",
+        monitor: str | None = CallbackOptions.monitor,
+        monitor_mode: MonitorMode | str | None = CallbackOptions.monitor_mode,
+        metric: Any = CallbackOptions.metric,
+        max_drop: float = CallbackOptions.max_drop,
+        drop_type: DropType | str = CallbackOptions.drop_type,
+        on_violation: OnViolation | str = CallbackOptions.on_violation,
         fallback_ladder: Iterable[Any] | None = None,
-        quantize_on: Iterable[QuantizeOn | str] | str = ("fit_end",),
-        export_dir: str | os.PathLike[str] | None = None,
-        export_formats: Iterable[str] | str = ("safetensors",),
+        quantize_on: Iterable[QuantizeOn | str] | QuantizeOn | str = CallbackOptions.quantize_on,
+        export_dir: str | os.PathLike[str] | None = CallbackOptions.export_dir,
+        export_formats: Iterable[str] | str = CallbackOptions.export_formats,
         observer: str | None = None,
         include: Iterable[str] | str | None = None,
         exclude: Iterable[str] | str | None = None,
-        calibration_batches: int = 32,
-        calibration_dataloader: Iterable[Any] | None = None,
-        batch_fn: BatchFn | None = None,
-        verbose: bool = True,
+        calibration_batches: int = CallbackOptions.calibration_batches,
+        calibration_dataloader: Iterable[Any] | None = CallbackOptions.calibration_dataloader,
+        batch_fn: BatchFn | None = CallbackOptions.batch_fn,
+        verbose: bool = CallbackOptions.verbose,
     ) -> None:
         super().__init__()
-        arguments = parse_arguments(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
-        self.__dict__.update(arguments)
-        self.dtype: mq.QuantDtype = self.config.dtype
-        self.observation = Observation(self.config, self.calibration_batches)
-        self.measurer = Measurer(self)
-        self.result: mq.QuantizationResult | None = None
-        self.export_path: Path | None = None
-        self.drop: float | None = None
-        self.decision: GateDecision | None = None
-        self.fidelity: mq.FidelityReport | None = None
-        self.mode_used: QuantMode | None = None
-        self.budget: mq.BudgetResult | None = None
-        self.higher_is_better: bool | None = None if self.metric is None else bool(self.metric.higher_is_better)
+        self.options = CallbackOptions.from_arguments(
+            dtype=dtype,
+            mode=mode,
+            config=config,
+            monitor=monitor,
+            monitor_mode=monitor_mode,
+            metric=metric,
+            max_drop=max_drop,
+            drop_type=drop_type,
+            on_violation=on_violation,
+            fallback_ladder=fallback_ladder,
+            quantize_on=quantize_on,
+            export_dir=export_dir,
+            export_formats=export_formats,
+            observer=observer,
+            include=include,
+            exclude=exclude,
+            calibration_batches=calibration_batches,
+            calibration_dataloader=calibration_dataloader,
+            batch_fn=batch_fn,
+            verbose=verbose,
+        )
+        self.observation = Observation(self.options.config, self.options.calibration_batches)
+        self.outcome: FitEndOutcome | None = None
+        # the gate's direction, learned at the first fit validation when the module logs ``monitor`` as a Metric
+        self._higher_is_better: bool | None = None if self.metric is None else bool(self.metric.higher_is_better)
         self._module: LightningModule | None = None
         self._trainer: Trainer | None = None
         self._watcher: LogWatcher | None = None
 
+    dtype = _option("dtype")
+    mode = _option("mode")
+    config = _option("config")
+    monitor = _option("monitor")
+    monitor_mode = _option("monitor_mode")
+    metric = _option("metric")
+    max_drop = _option("max_drop")
+    drop_type = _option("drop_type")
+    on_violation = _option("on_violation")
+    fallback_ladder = _option("fallback_ladder")
+    quantize_on = _option("quantize_on")
+    export_dir = _option("export_dir")
+    export_formats = _option("export_formats")
+    calibration_batches = _option("calibration_batches")
+    calibration_dataloader = _option("calibration_dataloader")
+    batch_fn = _option("batch_fn")
+    verbose = _option("verbose")
+    calibrates = _option("calibrates")
+
+    result = _outcome("result")
+    decision = _outcome("decision")
+    drop = _outcome("drop")
+    fidelity = _outcome("fidelity")
+    budget = _outcome("budget")
+    mode_used = _outcome("mode_used")
+    export_path = _outcome("export_path")
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        """The gate's direction: the last fit end's, else what is known so far (``None`` while unknown).
+
+        Example:
+            >>> QuantizationCallback(monitor="val_loss", monitor_mode="min").higher_is_better is None
+            True
+        """
+        return self._higher_is_better if self.outcome is None else self.outcome.higher_is_better
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(dtype=self.dtype.value, observer=self.config.observer.value)
-
-    @property
-    def calibrates(self) -> bool:
-        """Whether this configuration collects activation statistics (int8 with mode auto/static).
-
-        Example:
-            >>> QuantizationCallback().calibrates, QuantizationCallback(mode="dynamic").calibrates
-            (True, False)
-        """
-        return self.dtype is mq.QuantDtype.INT8 and self.mode in (QuantMode.AUTO, QuantMode.STATIC)
 
     def state_dict(self) -> dict[str, Any]:
         """The last validation epoch's observer statistics, as plain tensors (``weights_only``-loadable).
@@ -174,7 +234,7 @@ class QuantizationCallback(Callback):
                 "state_dict() writes ({'observer': name, 'statistics': per-layer tensors or None})"
             )
         if state_dict.get("observer", self.config.observer.value) != self.config.observer.value:
-            self.measurer.warn(f"checkpoint statistics come from observer={state_dict['observer']!r}; ignoring them")
+            warn(f"checkpoint statistics come from observer={state_dict['observer']!r}; ignoring them")
             return
         self.observation.pending = state_dict.get("statistics")
         self.observation.apply_pending(self._module)
@@ -182,15 +242,10 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Check ``export_dir`` and, with ``"checkpoint"`` in ``quantize_on``, wrap the checkpoint IO."""
+        """Check ``export_dir``, restore checkpoint statistics and, with ``"checkpoint"``, wrap the checkpoint IO."""
         if stage != TrainerFn.FITTING.value:
             return
-        if self.export_dir is not None:
-            export.check_export_dir(self.export_dir)
-        self._module, self._trainer = pl_module, trainer
-        self.observation.apply_pending(pl_module)
-        if QuantizeOn.CHECKPOINT in self.quantize_on:
-            checkpoint_io.install(trainer, self._write_sidecar)
+        self._attach(trainer, pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fail fast on layer choices that cannot work (int4 where no layer gets 4 bits)."""
@@ -198,28 +253,26 @@ class QuantizationCallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fail fast, before the first training step, when validation data is needed but absent."""
-        check_data(self, trainer)
-        export.check_export_dir(export.export_path(trainer, self.export_dir).parent)
+        check_training_start(self.options, trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Remove any hooks and give the strategy its own checkpoint IO back."""
-        self._stop(trainer)
+        self._detach(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._stop(trainer)
+        self._detach(trainer)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """At the first fit validation (the sanity check included), watch what the module logs for ``monitor``."""
-        if self.monitor is not None and self.higher_is_better is None and trainer.state.fn == TrainerFn.FITTING:
-            self._watcher = LogWatcher(pl_module)
-            self._watcher.attach()
+        if self.monitor is None or self._higher_is_better is not None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._watcher = LogWatcher.attached(pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A ``monitor`` that was never logged, or has no direction, is an error now, not at fit end."""
-        if self._watcher is not None:
-            watcher, self._watcher = self._watcher, None
-            watcher.detach()
-            self.higher_is_better = check_monitor(self.monitor, self.monitor_mode, watcher.seen, pl_module)
+        if self._watcher is None:
+            return
+        self._higher_is_better = check_monitor(self.monitor, self.monitor_mode, self._stop_watching().seen, pl_module)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Start observing the selected layers (fit validation only; never the sanity check)."""
@@ -235,39 +288,34 @@ class QuantizationCallback(Callback):
         self.observation.epoch_end(trainer)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Quantize, measure, gate (the same decision on every rank) and export on global rank zero."""
+        """Quantize, measure, gate (the same decision on every rank) and export on global rank zero
+        (``fit_end.run``); keep the outcome, and raise the ``QuantizationGateError`` it carries."""
         if QuantizeOn.FIT_END not in self.quantize_on:
             return
-        self.observation.stop()
-        path = export.export_path(trainer, self.export_dir)
-        failed = self.measurer.run(trainer, pl_module)
-        if trainer.fast_dev_run:  # a smoke test of the code: like Lightning's checkpoints, no file is touched
-            verdict = f" ({self.measurer.failure_message()})" if failed else ""
-            rank_zero_info(
-                f"[mono-quant] fast_dev_run: quantized and measured{verdict}; exported nothing, so an earlier run's "
-                f"{path} stays as it is"
-            )
-            return
-        if failed:
-            message = self.measurer.failure_message()
-            if trainer.is_global_zero:
-                remove_extras(path)
-            if trainer.is_global_zero and export.remove(path):
-                message += f"; removed the stale {path.name} of an earlier run"
-            if self.on_violation in (OnViolation.RAISE, OnViolation.FALLBACK):
-                raise QuantizationGateError(message + "; nothing exported", self.decision)
-            if self.on_violation is OnViolation.SKIP_EXPORT:
-                self.measurer.warn(message + "; skipping the export (on_violation='skip_export')")
-                return
-            self.measurer.warn(message + "; exporting anyway (on_violation='warn'), the gate result is in its metadata")
-        if trainer.is_global_zero:
-            gate = None if self.decision is None else export.gate_record(self.decision, self.measurer.gate_name())
-            export.write(self.result, path, gate)
-            self.measurer.info(f"exported {path} ({path.stat().st_size:,} bytes) and {export.report_path(path).name}")
-            write_extras(self.result.model, path, self.export_formats, trainer, self.measurer)
-        self.export_path = path
+        self.outcome = fit_end.run(self.options, self.observation, trainer, pl_module, self._higher_is_better)
+        if self.outcome.error is not None:
+            raise self.outcome.error
 
     # ------------------------------------------------------------------ pieces
+
+    def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.export_dir is not None:
+            export.check_export_dir(self.export_dir)
+        self._module, self._trainer = pl_module, trainer
+        self.observation.apply_pending(pl_module)
+        if QuantizeOn.CHECKPOINT in self.quantize_on:
+            checkpoint_io.install(trainer, self._write_sidecar)
+
+    def _detach(self, trainer: Trainer) -> None:
+        self.observation.stop()
+        self._stop_watching()
+        checkpoint_io.restore(trainer)
+
+    def _stop_watching(self) -> LogWatcher | None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.detach()
+        return watcher
 
     def _observes_validation(self, trainer: Trainer) -> bool:
         return (
@@ -277,41 +325,8 @@ class QuantizationCallback(Callback):
             and trainer.state.fn == TrainerFn.FITTING
         )
 
-    def _stop(self, trainer: Trainer) -> None:
-        self.observation.stop()
-        if self._watcher is not None:
-            self._watcher.detach()
-            self._watcher = None
-        checkpoint_io.restore(trainer)
-
-    def resolve_mode(self, module: LightningModule, trainer: Trainer) -> tuple[QuantMode, Any, str]:
-        """The mode to apply, the activation parameters for static mode, and why."""
-        if not self.calibrates:
-            mode = QuantMode(self.config.mode.value)
-            return mode, None, f"mode={mode.value!r}"
-        statistics, source = self.observation.statistics, "the last validation epoch"
-        if self.calibration_dataloader is not None:
-            statistics, source = self.observation.calibrator(module), "calibration_dataloader"
-            feed = step_forward(trainer, self.batch_fn)
-            statistics.run(module, self.calibration_dataloader, feed, max_batches=self.calibration_batches)
-        if statistics is None:
-            if self.mode is QuantMode.STATIC:
-                raise mq.CalibrationError(
-                    "QuantizationCallback(mode='static') has no activation statistics: validation never ran during "
-                    "fit; pass calibration_dataloader=... to calibrate on other data, or use mode='dynamic'"
-                )
-            return QuantMode.DYNAMIC, None, "mode='dynamic' (auto: no validation batches were observed)"
-        try:
-            qparams = statistics.qparams()
-        except mq.CalibrationError as err:
-            if self.mode is QuantMode.STATIC:
-                raise
-            return QuantMode.DYNAMIC, None, f"mode='dynamic' (auto: {err})"
-        why = "auto: " if self.mode is QuantMode.AUTO else ""
-        return QuantMode.STATIC, qparams, f"mode='static' ({why}activation statistics from {source})"
-
     def _write_sidecar(self, path: Path) -> None:
         """Called by ``SidecarCheckpointIO`` on global rank zero after a checkpoint is written."""
         if self._module is not None:
-            result, _ = self.measurer.quantize(self._module, self._trainer, announce=False)
-            export.write(result, path, report=False)
+            quantized = quantize(self.options, self.observation, self._module, self._trainer)
+            export.write(quantized.result, path, report=False)

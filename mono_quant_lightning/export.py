@@ -1,18 +1,20 @@
-"""Where the fit-end file goes and how it is written: the quantized model, the gate result in its metadata,
-and its per-layer report as a text file beside it (``model.quant.report.txt``)."""
+"""Where the fit-end file goes and how it is written: the quantized model with the gate result in its metadata
+(``mono_quant.save(..., extra_metadata=)``: one atomic write that follows the umask), and its per-layer report as
+a text file beside it (``model.quant.report.txt``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
 from lightning.pytorch import Trainer
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import mono_quant as mq
+from mono_quant.io.format import METADATA_KEY
 from mono_quant_lightning.gate import GateDecision
 
 EXPORT_NAME = "model.quant.safetensors"
@@ -74,29 +76,43 @@ def check_export_dir(export_dir: Path) -> None:
 def write(
     result: mq.QuantizationResult, path: Path, gate: dict[str, object] | None = None, report: bool = True
 ) -> None:
-    """Save ``result`` atomically to ``path``, record ``gate`` in its metadata, and write the text report."""
+    """Save ``result`` atomically to ``path`` with ``gate`` in its metadata, and write the text report.
+
+    Example:
+        >>> import tempfile
+        >>> from torch import nn
+        >>> from mono_quant_lightning.gate import decide
+        >>> result = mq.quantize(nn.Sequential(nn.Linear(32, 8)), mode="dynamic")
+        >>> path = Path(tempfile.mkdtemp()) / "out" / EXPORT_NAME
+        >>> write(result, path, gate_record(decide(0.9, 0.5, 0.01), "val_acc"))
+        >>> read_gate(path)["drop"], report_path(path).is_file()
+        (0.4, True)
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    mq.save(result.model, path, config=result.config, report=result.report)
-    if gate is not None:
-        _add_metadata(path, {GATE_KEY: json.dumps(gate)})
+    mq.save(result, path, extra_metadata=None if gate is None else {GATE_KEY: gate})
     if report:
         report_path(path).write_text(f"{result.report}\n")
 
 
 def gate_record(decision: GateDecision, metric: str) -> dict[str, object]:
-    """What a ``warn`` export records about its gate: metric, float, quantized, drop, max_drop, passed, reason.
+    """What an export records about its gate: metric, float, quantized, drop, max_drop, passed, reason.
+
+    JSON has no NaN or infinity: a score or drop that is not finite is recorded as ``None`` (the reason says why).
 
     Example:
         >>> from mono_quant_lightning.gate import decide
         >>> gate_record(decide(0.9, 0.5, 0.01), "val_acc")["passed"]
         False
+        >>> record = gate_record(decide(0.9, float("nan"), 0.01), "val_acc")
+        >>> record["quantized"], record["reason"]
+        (None, 'quantized score is NaN')
     """
     fields = dataclasses.asdict(decision)
     return {
         "metric": metric,
-        "float": fields["float_score"],
-        "quantized": fields["quantized_score"],
-        "drop": fields["drop"],
+        "float": _finite(fields["float_score"]),
+        "quantized": _finite(fields["quantized_score"]),
+        "drop": _finite(fields["drop"]),
         "max_drop": fields["max_drop"],
         "passed": fields["passed"],
         "reason": fields["reason"],
@@ -104,7 +120,8 @@ def gate_record(decision: GateDecision, metric: str) -> dict[str, object]:
 
 
 def read_gate(path: str | os.PathLike[str]) -> dict[str, object] | None:
-    """The gate record of an export (``None`` when it has none).
+    """The gate record of an export (``None`` when it has none); files of earlier versions kept it in the
+    safetensors header beside the metadata document, and still read.
 
     Example:
         >>> read_gate(Path(mq.__file__).parent / "missing.safetensors") is None
@@ -113,8 +130,11 @@ def read_gate(path: str | os.PathLike[str]) -> dict[str, object] | None:
     if not Path(path).is_file():
         return None
     with safe_open(os.fspath(path), framework="pt") as handle:
-        text = (handle.metadata() or {}).get(GATE_KEY)
-    return None if text is None else json.loads(text)
+        header = handle.metadata() or {}
+    extra = json.loads(header.get(METADATA_KEY, "{}")).get("extra") or {}
+    if GATE_KEY in extra:
+        return extra[GATE_KEY]
+    return json.loads(header[GATE_KEY]) if GATE_KEY in header else None
 
 
 def remove(path: Path) -> bool:
@@ -130,13 +150,5 @@ def remove(path: Path) -> bool:
     return existed
 
 
-def _add_metadata(path: Path, extra: dict[str, str]) -> None:
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        metadata = {**(handle.metadata() or {}), **extra}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a Mapping
-    tmp = path.with_name(f".{path.name}.gate.tmp")
-    try:
-        save_file(tensors, os.fspath(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None

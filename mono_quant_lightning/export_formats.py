@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -16,6 +15,7 @@ from torch import nn
 import mono_quant as mq
 from mono_quant_lightning.batches import iterate, val_loaders
 from mono_quant_lightning.evaluation import StepRunner
+from mono_quant_lightning.messages import info, warn
 
 FORMATS = ("safetensors", "onnx", "hf")
 
@@ -50,17 +50,23 @@ def hf_path(path: Path) -> Path:
     return path.with_suffix(".hf")
 
 
-def write_extras(q_module: nn.Module, path: Path, formats: tuple[str, ...], trainer: Trainer, measurer: Any) -> None:
-    """Write each extra format; one that cannot be written is a warning (the fit-end file is already there)."""
+def write_extras(
+    q_module: nn.Module, path: Path, formats: tuple[str, ...], trainer: Trainer, verbose: bool = True
+) -> tuple[Path, ...]:
+    """Write each extra format beside ``path``; the paths written. One that cannot be written is a warning (the
+    fit-end file is already there)."""
+    written = []
     for fmt, target in (("onnx", onnx_path(path)), ("hf", hf_path(path))):
         if fmt not in formats:
             continue
         try:
             (_write_onnx if fmt == "onnx" else _write_hf)(q_module, target, trainer)
         except (mq.QuantizationError, RuntimeError, ValueError, TypeError) as err:
-            measurer.warn(f"export_formats: could not write {target.name}: {err}")
+            warn(f"export_formats: could not write {target.name}: {err}")
             continue
-        measurer.info(f"exported {target}")
+        info(f"exported {target}", verbose)
+        written.append(target)
+    return tuple(written)
 
 
 def remove_extras(path: Path) -> None:

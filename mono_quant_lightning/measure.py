@@ -1,198 +1,225 @@
-"""The fit-end work of ``QuantizationCallback``: quantize, score float vs quantized with the module's own
-``validation_step``, gate (the same decision on every rank), fall back, and publish the figures.
+"""The measurements of fit end, as functions of the callback's options: quantize an eval-mode copy, score the
+float and quantized models with the module's own ``validation_step``, gate, and search the fallback.
 
-``Measurer`` writes its results on the callback (``result``, ``decision``, ``drop``, ``fidelity``, ``budget``,
-``mode_used``), which the user reads.
+None of them keeps state or writes on the callback; ``fit_end.run`` collects their results in a ``FitEndOutcome``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import mono_quant as mq
 from mono_quant_lightning import fallback
-from mono_quant_lightning.batches import val_loaders
-from mono_quant_lightning.evaluation import Scores, evaluate, fidelity
-from mono_quant_lightning.gate import decide
-from mono_quant_lightning.observation import check_monitor
-from mono_quant_lightning.options import OnViolation, QuantMode
+from mono_quant_lightning.choices import OnViolation, QuantMode
+from mono_quant_lightning.evaluation import Scores, fidelity, step_forward
+from mono_quant_lightning.gate import GateDecision, decide
+from mono_quant_lightning.messages import info, warn
+from mono_quant_lightning.observation import Observation, check_monitor
+from mono_quant_lightning.options import CallbackOptions
 
 
-class Measurer:
-    """Fit-end measurement for one callback ``cb``.
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """A quantized copy, the static activation parameters it used (``None`` unless static), and its seconds."""
+
+    result: mq.QuantizationResult
+    qparams: Any
+    seconds: float
+
+
+def gate_name(options: CallbackOptions) -> str:
+    """``monitor``, else the metric's class name in snake case (``multiclass_accuracy``), else ``metric``.
 
     Example:
-        >>> from mono_quant_lightning import QuantizationCallback
-        >>> Measurer(QuantizationCallback(monitor="val_acc", monitor_mode="max")).gate_name()
+        >>> gate_name(CallbackOptions.from_arguments(monitor="val_acc", monitor_mode="max"))
         'val_acc'
     """
+    if options.monitor is not None:
+        return options.monitor
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(options.metric).__name__).lower() if options.metric else "metric"
 
-    def __init__(self, cb: Any) -> None:
-        self.cb = cb
-        self.seconds = 0.0
 
-    def info(self, message: str) -> None:
-        if self.cb.verbose:
-            rank_zero_info(f"[mono-quant] {message}")
+def resolve_mode(
+    options: CallbackOptions, observation: Observation, module: LightningModule, trainer: Trainer | None
+) -> tuple[QuantMode, Any, str]:
+    """The mode to apply, the activation parameters for static mode, and why.
 
-    def warn(self, message: str) -> None:
-        rank_zero_warn(f"[mono-quant] {message}")
-
-    def gate_name(self) -> str:
-        """``monitor``, else the metric's class name in snake case (``multiclass_accuracy``), else ``metric``."""
-        if self.cb.monitor is not None:
-            return self.cb.monitor
-        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(self.cb.metric).__name__).lower() if self.cb.metric else "metric"
-
-    def quantize(self, module: LightningModule, trainer: Trainer | None, announce: bool) -> tuple[Any, Any]:
-        """The quantized copy and the static activation parameters it used (``None`` unless static)."""
-        mode, qparams, why = self.cb.resolve_mode(module, trainer)
-        if announce:
-            self.info(f"quantizing an eval-mode copy of the module to {self.cb.dtype.value} with {why}")
-        started = time.perf_counter()
-        result = mq.quantize(module, self.cb.config.replace(mode=mode.value), activation_qparams=qparams)
-        self.seconds = time.perf_counter() - started
-        self.cb.mode_used = QuantMode(result.config.mode.value)
-        return result, qparams
-
-    def score(self, scores: Scores) -> float:
-        """The gated value of one validation pass."""
-        if self.cb.metric is not None:
-            return float(scores.metric)
-        if self.cb.monitor not in scores.values:
-            check_monitor(self.cb.monitor, self.cb.monitor_mode, scores.values, self.cb._module)  # raises
-        return scores.values[self.cb.monitor]
-
-    def run(self, trainer: Trainer, module: LightningModule) -> bool:
-        """Quantize, measure, gate (and fall back); publish the figures. Whether the gate failed in the end."""
-        cb = self.cb
-        result, qparams = self.quantize(module, trainer, announce=True)
-        cb.result, cb.budget, cb.decision, cb.drop, cb.fidelity = result, None, None, None, None
-        loaders = val_loaders(trainer)
-        gated = cb.monitor is not None or cb.metric is not None
-        if gated:
-            float_scores = evaluate(module, trainer, loaders, cb.metric, cb.batch_fn, desc="float validation")
-            quantized = evaluate(result.model, trainer, loaders, cb.metric, cb.batch_fn, desc="quantized validation")
-            if cb.higher_is_better is None:
-                cb.higher_is_better = _direction(cb.monitor, cb.monitor_mode, float_scores.higher_is_better)
-            self._decide(self.score(float_scores), self.score(quantized))
-        if loaders:
-            cb.fidelity = self._fidelity(trainer, module, result.model, loaders)
-        failed = cb.decision is not None and not cb.decision.passed
-        failed = bool(trainer.strategy.broadcast(failed, src=0))  # rank zero's decision is the one acted on
-        if failed and cb.on_violation is OnViolation.FALLBACK:
-            self.info(f"gate failed ({cb.decision.reason}); searching fallback_ladder={cb.fallback_ladder}")
-            failed = not self._fallback(trainer, module, loaders, qparams)
-        self.publish(trainer)
-        return failed
-
-    def failure_message(self) -> str:
-        cb, d = self.cb, self.cb.decision
-        if cb.on_violation is OnViolation.FALLBACK:
-            return (
-                f"accuracy fallback did not reach the budget: best drop {d.drop:.4g} > max_drop {cb.max_drop:.4g} "
-                f"with fallback_ladder={cb.fallback_ladder} ({self.gate_name()} float {d.float_score:.4f}, best "
-                f"quantized {d.quantized_score:.4f}, {len(cb.budget.moves)} layer(s) moved, {cb.budget.evaluations} "
-                f"evaluations, stopped: {cb.budget.stop_reason})"
+    Example:
+        >>> options = CallbackOptions.from_arguments(mode="dynamic")
+        >>> resolve_mode(options, Observation(options.config, 1), None, None)
+        (<QuantMode.DYNAMIC: 'dynamic'>, None, "mode='dynamic'")
+    """
+    if not options.calibrates:
+        mode = QuantMode(options.config.mode.value)
+        return mode, None, f"mode={mode.value!r}"
+    statistics, source = observation.statistics, "the last validation epoch"
+    if options.calibration_dataloader is not None:
+        statistics, source = observation.calibrator(module), "calibration_dataloader"
+        feed = step_forward(trainer, options.batch_fn)
+        statistics.run(module, options.calibration_dataloader, feed, max_batches=options.calibration_batches)
+    if statistics is None:
+        if options.mode is QuantMode.STATIC:
+            raise mq.CalibrationError(
+                "QuantizationCallback(mode='static') has no activation statistics: validation never ran during "
+                "fit; pass calibration_dataloader=... to calibrate on other data, or use mode='dynamic'"
             )
-        return (
-            f"quantized model failed the gate: {d.reason} ({self.gate_name()} float {d.float_score:.4f}, "
-            f"quantized {d.quantized_score:.4f})"
-        )
-
-    def publish(self, trainer: Trainer) -> None:
-        """``quant/*`` figures to ``trainer.callback_metrics`` and every logger; the report through rank_zero_info."""
-        cb, report = self.cb, self.cb.result.report
-        metrics: dict[str, float] = {"quant/seconds": self.seconds}
-        if report.model_bytes_before:
-            metrics["quant/size_ratio"] = report.model_bytes_after / report.model_bytes_before
-        if cb.fidelity is not None:
-            metrics["quant/sqnr_db"] = cb.fidelity.sqnr_db
-            metrics["quant/cosine_min"] = cb.fidelity.cosine_min
-        name = self.gate_name()
-        if cb.decision is not None:
-            metrics[f"quant/{name}_float"] = cb.decision.float_score
-            metrics[f"quant/{name}_quantized"] = cb.decision.quantized_score
-            metrics["quant/drop"] = cb.decision.drop
-            metrics["quant/passed"] = float(cb.decision.passed)
-        if cb.budget is not None:
-            metrics["quant/reverted_layers"] = float(len(cb.budget.moves))
-            metrics[f"quant/{name}_before_fallback"] = cb.budget.quantized_score
-            metrics["quant/fallback_evaluations"] = float(cb.budget.evaluations)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-                logger.save()
-        self.info(f"quantization report ({self.seconds:.2f} s)\n{report}")
-        if cb.fidelity is not None:
-            self.info(f"fidelity: {cb.fidelity}")
-        if cb.decision is not None:
-            verdict = "passed" if cb.decision.passed else "FAILED"
-            self.info(
-                f"{name}: float {cb.decision.float_score:.4f}, quantized {cb.decision.quantized_score:.4f}; "
-                f"gate {verdict}: {cb.decision.reason}"
-            )
-
-    def _decide(self, float_score: float, quantized_score: float) -> None:
-        cb = self.cb
-        cb.decision = decide(
-            float_score,
-            quantized_score,
-            cb.max_drop,
-            higher_is_better=cb.higher_is_better,
-            drop_type=cb.drop_type,
-            coverage_warning=cb.result.report.warning,
-        )
-        cb.drop = cb.decision.drop
-
-    def _fidelity(self, trainer: Trainer, module: Any, q_model: Any, loaders: list) -> mq.FidelityReport | None:
-        try:
-            options = {"max_batches": self.cb.calibration_batches, "batch_fn": self.cb.batch_fn}
-            return fidelity(module, q_model, trainer, loaders, **options)
-        except mq.ConfigError as err:  # validation_step never calls forward: nothing to compare
-            self.warn(f"no fidelity figures: {err}")
-            return None
-
-    def _fallback(self, trainer: Trainer, module: LightningModule, loaders: list, qparams: Any) -> bool:
-        cb = self.cb
-        search = fallback.Search(
-            score=self.score,
-            higher_is_better=cb.higher_is_better,
-            max_drop=cb.max_drop,
-            drop_type=cb.drop_type.value,
-            ladder=cb.fallback_ladder,
-            ranking_batches=cb.calibration_batches,
-            metric=cb.metric,
-            batch_fn=cb.batch_fn,
-        )
-        budget = fallback.search(search, trainer, module, loaders, cb.result.config, qparams)
-        cb.budget = budget
-        cb.result = budget.quantization_result(module, cb.result)
-        self._decide(budget.float_score, budget.final_score)
-        cb.fidelity = self._fidelity(trainer, module, budget.model, loaders)
-        listed = ", ".join(f"{name} -> {rung}" for name, rung in budget.moves.items()) or "none"
-        verdict = "reached" if budget.reached else "NOT reached"
-        self.info(
-            f"fallback: budget {verdict} after {budget.evaluations} evaluations in {budget.seconds:.2f} s; "
-            f"{len(budget.moves)} layer(s) moved up the ladder: {listed}\n{budget.report}"
-        )
-        return bool(budget.reached)
+        return QuantMode.DYNAMIC, None, "mode='dynamic' (auto: no validation batches were observed)"
+    try:
+        qparams = statistics.qparams()
+    except mq.CalibrationError as err:
+        if options.mode is QuantMode.STATIC:
+            raise
+        return QuantMode.DYNAMIC, None, f"mode='dynamic' (auto: {err})"
+    why = "auto: " if options.mode is QuantMode.AUTO else ""
+    return QuantMode.STATIC, qparams, f"mode='static' ({why}activation statistics from {source})"
 
 
-def _direction(monitor: str, mode: Any, seen: dict[str, Any]) -> bool:
-    if mode is not None:
-        return mode.value == "max"
-    higher = seen.get(monitor)
+def quantize(
+    options: CallbackOptions,
+    observation: Observation,
+    module: LightningModule,
+    trainer: Trainer | None,
+    announce: bool = False,
+) -> Quantized:
+    """Quantize an eval-mode copy of ``module`` (``mono_quant.quantize`` never changes the module).
+
+    Example:
+        >>> from torch import nn
+        >>> options = CallbackOptions.from_arguments(mode="dynamic")
+        >>> model = nn.Sequential(nn.Linear(32, 8))
+        >>> quantize(options, Observation(options.config, 1), model, None).result.model[0].__class__.__name__
+        'Int8Linear'
+    """
+    mode, qparams, why = resolve_mode(options, observation, module, trainer)
+    if announce:
+        info(f"quantizing an eval-mode copy of the module to {options.dtype.value} with {why}", options.verbose)
+    started = time.perf_counter()
+    result = mq.quantize(module, options.config.replace(mode=mode.value), activation_qparams=qparams)
+    return Quantized(result, qparams, time.perf_counter() - started)
+
+
+def direction(options: CallbackOptions, seen: dict[str, Any]) -> bool:
+    """Whether higher is better for the gated value: ``metric``'s or ``monitor_mode``, else what the Metric logged
+    as ``monitor`` declares (``seen``: name -> ``higher_is_better``, ``None`` for a plain value).
+
+    Example:
+        >>> direction(CallbackOptions.from_arguments(monitor="val_loss", monitor_mode="min"), {})
+        False
+        >>> direction(CallbackOptions.from_arguments(monitor="val_acc"), {"val_acc": True})
+        True
+    """
+    if options.metric is not None:
+        return bool(options.metric.higher_is_better)
+    if options.monitor_mode is not None:
+        return options.monitor_mode.value == "max"
+    higher = seen.get(options.monitor)
     if higher is None:
         raise mq.ConfigError(
-            f"QuantizationCallback(monitor={monitor!r}): {monitor!r} is logged as a plain value, so its direction is "
-            "unknown; pass monitor_mode='max' (higher is better) or 'min', or log a torchmetrics Metric object"
+            f"QuantizationCallback(monitor={options.monitor!r}): {options.monitor!r} is logged as a plain value, so "
+            "its direction is unknown; pass monitor_mode='max' (higher is better) or 'min', or log a torchmetrics "
+            "Metric object"
         )
     return bool(higher)
+
+
+def score(options: CallbackOptions, scores: Scores, module: LightningModule) -> float:
+    """The gated value of one validation pass.
+
+    Example:
+        >>> score(CallbackOptions.from_arguments(monitor="val_acc"), Scores({"val_acc": 0.9}, {}, None), None)
+        0.9
+    """
+    if options.metric is not None:
+        return float(scores.metric)
+    if options.monitor not in scores.values:
+        check_monitor(options.monitor, options.monitor_mode, scores.values, module)  # raises
+    return scores.values[options.monitor]
+
+
+def gate(
+    options: CallbackOptions, float_score: float, quantized_score: float, higher_is_better: bool, warning: str
+) -> GateDecision:
+    """The gate's decision on two scores; ``warning`` (the report's coverage warning) ends its reason.
+
+    Example:
+        >>> gate(CallbackOptions.from_arguments(max_drop=0.05), 0.9, 0.88, True, "").reason
+        'drop 0.02 <= max_drop 0.05'
+    """
+    return decide(
+        float_score,
+        quantized_score,
+        options.max_drop,
+        higher_is_better=higher_is_better,
+        drop_type=options.drop_type,
+        coverage_warning=warning,
+    )
+
+
+def fidelity_report(
+    options: CallbackOptions, trainer: Trainer, module: LightningModule, q_model: Any, loaders: list
+) -> mq.FidelityReport | None:
+    """Output fidelity of ``q_model`` against ``module`` on the validation batches (``None``: nothing to compare)."""
+    try:
+        return fidelity(
+            module, q_model, trainer, loaders, max_batches=options.calibration_batches, batch_fn=options.batch_fn
+        )
+    except mq.ConfigError as err:  # validation_step never calls forward: nothing to compare
+        warn(f"no fidelity figures: {err}")
+        return None
+
+
+def search_fallback(
+    options: CallbackOptions,
+    trainer: Trainer,
+    module: LightningModule,
+    loaders: list,
+    quantized: Quantized,
+    higher_is_better: bool,
+) -> mq.BudgetResult:
+    """Move the most sensitive layers up ``fallback_ladder`` until the drop fits (every rank: rank zero's moves)."""
+    search = fallback.Search(
+        score=lambda scores: score(options, scores, module),
+        higher_is_better=higher_is_better,
+        max_drop=options.max_drop,
+        drop_type=options.drop_type.value,
+        ladder=options.fallback_ladder,
+        ranking_batches=options.calibration_batches,
+        metric=options.metric,
+        batch_fn=options.batch_fn,
+    )
+    budget = fallback.search(search, trainer, module, loaders, quantized.result.config, quantized.qparams)
+    listed = ", ".join(f"{name} -> {rung}" for name, rung in budget.moves.items()) or "none"
+    verdict = "reached" if budget.reached else "NOT reached"
+    info(
+        f"fallback: budget {verdict} after {budget.evaluations} evaluations in {budget.seconds:.2f} s; "
+        f"{len(budget.moves)} layer(s) moved up the ladder: {listed}\n{budget.report}",
+        options.verbose,
+    )
+    return budget
+
+
+def failure_message(options: CallbackOptions, decision: GateDecision, budget: mq.BudgetResult | None) -> str:
+    """Why the gate failed, with the scores (and the fallback's search, when there was one).
+
+    Example:
+        >>> failure_message(CallbackOptions.from_arguments(monitor="val_acc", monitor_mode="max"),
+        ...                 decide(0.9, 0.5, 0.01), None)
+        'quantized model failed the gate: drop 0.4 > max_drop 0.01 (val_acc float 0.9000, quantized 0.5000)'
+    """
+    name, d = gate_name(options), decision
+    if options.on_violation is OnViolation.FALLBACK and budget is not None:
+        return (
+            f"accuracy fallback did not reach the budget: best drop {d.drop:.4g} > max_drop {options.max_drop:.4g} "
+            f"with fallback_ladder={options.fallback_ladder} ({name} float {d.float_score:.4f}, best "
+            f"quantized {d.quantized_score:.4f}, {len(budget.moves)} layer(s) moved, {budget.evaluations} "
+            f"evaluations, stopped: {budget.stop_reason})"
+        )
+    return (
+        f"quantized model failed the gate: {d.reason} ({name} float {d.float_score:.4f}, "
+        f"quantized {d.quantized_score:.4f})"
+    )

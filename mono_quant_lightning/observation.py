@@ -93,7 +93,7 @@ class LogWatcher:
     Example:
         >>> import lightning as L
         >>> module = L.LightningModule()
-        >>> watcher = LogWatcher(module); watcher.attach()
+        >>> watcher = LogWatcher.attached(module)
         >>> module.log("val_acc", 0.5)  # no trainer: Lightning warns and ignores it; the watcher saw it
         >>> watcher.detach(); sorted(watcher.seen), "log" in vars(module)
         (['val_acc'], False)
@@ -102,6 +102,13 @@ class LogWatcher:
     def __init__(self, module: LightningModule) -> None:
         self.module = module
         self.seen: dict[str, Any] = {}
+
+    @classmethod
+    def attached(cls, module: LightningModule) -> LogWatcher:
+        """A watcher already attached to ``module``."""
+        watcher = cls(module)
+        watcher.attach()
+        return watcher
 
     def attach(self) -> None:
         module, seen = self.module, self.seen

@@ -1,41 +1,30 @@
-"""The callback's choices (enums) and the parsers that validate its constructor arguments.
+"""The callback's options: ``CallbackOptions``, a frozen dataclass built and validated
+from the constructor arguments, the only place the defaults live.
 
 Every error quotes the bad call, e.g. ``QuantizationCallback(max_drop=-0.1): max_drop must be ...``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
-from enum import Enum
+from pathlib import Path
 from typing import Any
 
-from mono_quant import FLOAT, ConfigError, ObserverKind, QuantDtype, parse_dtype, parse_enum, parse_ladder
-
-
-class QuantMode(str, Enum):
-    """``auto`` picks ``static`` when validation batches were observed, else ``dynamic``."""
-
-    AUTO = "auto"
-    DYNAMIC = "dynamic"
-    STATIC = "static"
-    WEIGHT_ONLY = "weight_only"
-
-
-class QuantizeOn(str, Enum):
-    """When a quantized file is produced: at the end of ``fit`` and/or beside every checkpoint."""
-
-    FIT_END = "fit_end"
-    CHECKPOINT = "checkpoint"
-
-
-class OnViolation(str, Enum):
-    """What a failed gate does: raise (nothing exported), warn (and export), warn and skip the export, or
-    fall back: keep the most sensitive layers at higher precision until the budget is met."""
-
-    RAISE = "raise"
-    WARN = "warn"
-    SKIP_EXPORT = "skip_export"
-    FALLBACK = "fallback"
+from mono_quant import (
+    FLOAT,
+    ConfigError,
+    ObserverKind,
+    QuantDtype,
+    QuantizationConfig,
+    parse_dtype,
+    parse_enum,
+    parse_ladder,
+)
+from mono_quant_lightning.batches import BatchFn
+from mono_quant_lightning.choices import MonitorMode, OnViolation, QuantizeOn, QuantMode
+from mono_quant_lightning.export_formats import parse_export_formats
+from mono_quant_lightning.gate import DropType
 
 
 def default_fallback_ladder(dtype: QuantDtype | str) -> tuple[str, ...]:
@@ -103,13 +92,6 @@ def parse_metric(metric: Any) -> Any:
     return metric
 
 
-class MonitorMode(str, Enum):
-    """The direction of ``monitor``: ``max`` (higher is better, e.g. accuracy) or ``min`` (e.g. a loss)."""
-
-    MAX = "max"
-    MIN = "min"
-
-
 def parse_monitor(monitor: Any, monitor_mode: Any, metric: Any) -> tuple[str | None, MonitorMode | None]:
     """Validate ``monitor`` / ``monitor_mode`` (and that ``metric`` is not also given).
 
@@ -144,8 +126,6 @@ def parse_config(config: Any) -> Any:
         ...
         mono_quant.errors.ConfigError: QuantizationCallback(config={'dtype': 'int4'}): config must be a ...
     """
-    from mono_quant import QuantizationConfig
-
     if config is not None and not isinstance(config, QuantizationConfig):
         bad_argument("config", config, "must be a mono_quant.QuantizationConfig(...) (or QuantizationConfig.from_file)")
     return config
@@ -164,8 +144,6 @@ def base_config(config: Any, dtype: Any, mode: Any, observer: Any, include: Any,
         >>> base_config(None, None, None, None, None, None)[1]
         <QuantMode.AUTO: 'auto'>
     """
-    from mono_quant import QuantizationConfig
-
     config = parse_config(config)
     changes: dict[str, Any] = {}
     if dtype is not None:
@@ -178,7 +156,7 @@ def base_config(config: Any, dtype: Any, mode: Any, observer: Any, include: Any,
         if patterns is not None:
             changes[argument] = patterns
     if mode is None:
-        mode = QuantMode.AUTO if config is None else QuantMode(config.mode.value)
+        mode = CallbackOptions.mode if config is None else QuantMode(config.mode.value)
     parsed = checked("mode", mode, lambda v: parse_enum(QuantMode, v, "mode"))
     calibrates = parse_dtype(changes.get("dtype", config.dtype if config else "int8")) is QuantDtype.INT8 and (
         parsed in (QuantMode.AUTO, QuantMode.STATIC)
@@ -187,72 +165,129 @@ def base_config(config: Any, dtype: Any, mode: Any, observer: Any, include: Any,
     return checked("mode", mode, lambda _: (config or QuantizationConfig()).replace(**changes)), parsed
 
 
-def parse_arguments(**arguments: Any) -> dict[str, Any]:
-    """Validate every ``QuantizationCallback`` argument; the parsed values, by attribute name.
+@dataclasses.dataclass(frozen=True)
+class CallbackOptions:
+    """What ``QuantizationCallback`` was asked to do, validated: the one place its defaults live.
+
+    ``from_arguments`` builds it from the constructor's arguments (``dtype``, ``mode``, ``observer``, ``include``
+    and ``exclude`` go into ``config``); the constructor's defaults are this class's.
 
     Example:
-        >>> parsed = parse_arguments(dtype="int4", max_drop=0.02)
-        >>> parsed["config"].dtype, parsed["max_drop"], parsed["fallback_ladder"]
-        (<QuantDtype.INT4: 'int4'>, 0.02, ('int4', 'int8', 'float'))
+        >>> options = CallbackOptions.from_arguments(dtype="int4", max_drop=0.02)
+        >>> options.dtype, options.max_drop, options.fallback_ladder, options.calibrates
+        (<QuantDtype.INT4: 'int4'>, 0.02, ('int4', 'int8', 'float'), False)
+        >>> CallbackOptions.on_violation, CallbackOptions.quantize_on
+        (<OnViolation.RAISE: 'raise'>, (<QuantizeOn.FIT_END: 'fit_end'>,))
+        >>> options.max_drop = 0.5
+        Traceback (most recent call last):
+        ...
+        dataclasses.FrozenInstanceError: cannot assign to field 'max_drop'
     """
-    from pathlib import Path
 
-    a = {
-        "dtype": None,
-        "mode": None,
-        "config": None,
-        "monitor": None,
-        "monitor_mode": None,
-        "metric": None,
-        "max_drop": 0.01,
-        "drop_type": "absolute",
-        "on_violation": "raise",
-        "fallback_ladder": None,
-        "quantize_on": ("fit_end",),
-        "export_dir": None,
-        "export_formats": ("safetensors",),
-        "observer": None,
-        "include": None,
-        "exclude": None,
-        "calibration_batches": 32,
-        "calibration_dataloader": None,
-        "batch_fn": None,
-        "verbose": True,
-        **arguments,
-    }
-    out: dict[str, Any] = {}
-    out["config"], out["mode"] = base_config(
-        a["config"], a["dtype"], a["mode"], a["observer"], a["include"], a["exclude"]
-    )
-    batches = a["calibration_batches"]
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        bad_argument("calibration_batches", batches, "must be an integer >= 1")
-    out["calibration_batches"] = batches
-    out["quantize_on"] = parse_quantize_on(a["quantize_on"])
-    out["metric"] = parse_metric(a["metric"])
-    out["monitor"], out["monitor_mode"] = parse_monitor(a["monitor"], a["monitor_mode"], out["metric"])
-    max_drop = a["max_drop"]
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < float("inf"):
-        bad_argument("max_drop", max_drop, "must be a finite number >= 0")
-    out["max_drop"] = float(max_drop)
-    from mono_quant_lightning.gate import DropType
+    config: QuantizationConfig
+    mode: QuantMode = QuantMode.AUTO
+    monitor: str | None = None
+    monitor_mode: MonitorMode | None = None
+    metric: Any = None
+    max_drop: float = 0.01
+    drop_type: DropType = DropType.ABSOLUTE
+    on_violation: OnViolation = OnViolation.RAISE
+    fallback_ladder: tuple[str, ...] = ()
+    quantize_on: tuple[QuantizeOn, ...] = (QuantizeOn.FIT_END,)
+    export_dir: Path | None = None
+    export_formats: tuple[str, ...] = ("safetensors",)
+    calibration_batches: int = 32
+    calibration_dataloader: Iterable[Any] | None = None
+    batch_fn: BatchFn | None = None
+    verbose: bool = True
 
-    out["drop_type"] = checked("drop_type", a["drop_type"], lambda v: parse_enum(DropType, v, "drop_type"))
-    violation = checked("on_violation", a["on_violation"], lambda v: parse_enum(OnViolation, v, "on_violation"))
-    out["on_violation"] = violation
-    if violation is OnViolation.FALLBACK and out["metric"] is None and out["monitor"] is None:
-        bad_argument("on_violation", a["on_violation"], "needs monitor='...' or metric=... to score")
-    if a["fallback_ladder"] is not None and violation is not OnViolation.FALLBACK:
-        bad_argument("fallback_ladder", a["fallback_ladder"], "is only used with on_violation='fallback'")
-    out["fallback_ladder"] = parse_fallback_ladder(a["fallback_ladder"], out["config"].dtype)
-    if a["batch_fn"] is not None and not callable(a["batch_fn"]):
-        bad_argument("batch_fn", a["batch_fn"], "must be a callable batch -> (inputs, target)")
-    loader = a["calibration_dataloader"]
-    if loader is not None and not isinstance(loader, Iterable):
-        bad_argument("calibration_dataloader", loader, "must be an iterable of batches (e.g. a DataLoader)")
-    out["calibration_dataloader"], out["batch_fn"], out["verbose"] = loader, a["batch_fn"], bool(a["verbose"])
-    out["export_dir"] = None if a["export_dir"] is None else Path(a["export_dir"])
-    from mono_quant_lightning.export_formats import parse_export_formats
+    @property
+    def dtype(self) -> QuantDtype:
+        return self.config.dtype
 
-    out["export_formats"] = parse_export_formats(a["export_formats"])
-    return out
+    @property
+    def calibrates(self) -> bool:
+        """Whether activation statistics are collected (int8 with mode auto/static)."""
+        return self.dtype is QuantDtype.INT8 and self.mode in (QuantMode.AUTO, QuantMode.STATIC)
+
+    @property
+    def gated(self) -> bool:
+        """Whether fit end scores float and quantized models (``monitor`` or ``metric``)."""
+        return self.monitor is not None or self.metric is not None
+
+    @classmethod
+    def from_arguments(
+        cls,
+        *,
+        dtype: Any = None,
+        mode: Any = None,
+        config: Any = None,
+        observer: Any = None,
+        include: Any = None,
+        exclude: Any = None,
+        fallback_ladder: Any = None,
+        **options: Any,
+    ) -> CallbackOptions:
+        """Validate the constructor's arguments; each error quotes the bad one (``QuantizationCallback(x=...)``).
+
+        Example:
+            >>> CallbackOptions.from_arguments(max_drop=-0.1)
+            Traceback (most recent call last):
+            ...
+            mono_quant.errors.ConfigError: QuantizationCallback(max_drop=-0.1): max_drop must be a finite number >= 0
+        """
+        unknown = sorted(set(options) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"QuantizationCallback got unexpected argument(s) {unknown}")
+        a = {field.name: getattr(cls, field.name) for field in dataclasses.fields(cls) if field.name != "config"}
+        a.update(options)
+        parsed_config, parsed_mode = base_config(config, dtype, mode, observer, include, exclude)
+        metric = parse_metric(a["metric"])
+        monitor, monitor_mode = parse_monitor(a["monitor"], a["monitor_mode"], metric)
+        violation = checked("on_violation", a["on_violation"], lambda v: parse_enum(OnViolation, v, "on_violation"))
+        if violation is OnViolation.FALLBACK and metric is None and monitor is None:
+            bad_argument("on_violation", a["on_violation"], "needs monitor='...' or metric=... to score")
+        if fallback_ladder is not None and violation is not OnViolation.FALLBACK:
+            bad_argument("fallback_ladder", fallback_ladder, "is only used with on_violation='fallback'")
+        return cls(
+            config=parsed_config,
+            mode=parsed_mode,
+            monitor=monitor,
+            monitor_mode=monitor_mode,
+            metric=metric,
+            max_drop=_parse_max_drop(a["max_drop"]),
+            drop_type=checked("drop_type", a["drop_type"], lambda v: parse_enum(DropType, v, "drop_type")),
+            on_violation=violation,
+            fallback_ladder=parse_fallback_ladder(fallback_ladder, parsed_config.dtype),
+            quantize_on=parse_quantize_on(a["quantize_on"]),
+            export_dir=None if a["export_dir"] is None else Path(a["export_dir"]),
+            export_formats=parse_export_formats(a["export_formats"]),
+            calibration_batches=_parse_calibration_batches(a["calibration_batches"]),
+            calibration_dataloader=_parse_loader(a["calibration_dataloader"]),
+            batch_fn=_parse_batch_fn(a["batch_fn"]),
+            verbose=bool(a["verbose"]),
+        )
+
+
+def _parse_max_drop(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        bad_argument("max_drop", value, "must be a finite number >= 0")
+    return float(value)
+
+
+def _parse_calibration_batches(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        bad_argument("calibration_batches", value, "must be an integer >= 1")
+    return value
+
+
+def _parse_loader(value: Any) -> Iterable[Any] | None:
+    if value is not None and not isinstance(value, Iterable):
+        bad_argument("calibration_dataloader", value, "must be an iterable of batches (e.g. a DataLoader)")
+    return value
+
+
+def _parse_batch_fn(value: Any) -> BatchFn | None:
+    if value is not None and not callable(value):
+        bad_argument("batch_fn", value, "must be a callable batch -> (inputs, target)")
+    return value

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
@@ -12,8 +10,10 @@ import mono_quant as mq
 from mono_quant import select_layers
 from mono_quant.modules.attach import proxy_module
 from mono_quant.modules.registry import REGISTRY
+from mono_quant_lightning import export
 from mono_quant_lightning.batches import val_loaders
-from mono_quant_lightning.options import QuantMode
+from mono_quant_lightning.choices import QuantMode
+from mono_quant_lightning.options import CallbackOptions
 
 
 def check_layers(module: nn.Module, config: mq.QuantizationConfig) -> None:
@@ -49,15 +49,21 @@ def check_layers(module: nn.Module, config: mq.QuantizationConfig) -> None:
         )
 
 
-def check_data(cb: Any, trainer: Trainer) -> None:
+def check_training_start(options: CallbackOptions, trainer: Trainer) -> None:
+    """Validation data where the options need it, and an export directory that can be written."""
+    check_data(options, trainer)
+    export.check_export_dir(export.export_path(trainer, options.export_dir).parent)
+
+
+def check_data(options: CallbackOptions, trainer: Trainer) -> None:
     """Static mode (without ``calibration_dataloader``), ``monitor`` and ``metric`` need fit validation data."""
     needs = []
-    if cb.mode is QuantMode.STATIC and cb.calibration_dataloader is None:
+    if options.mode is QuantMode.STATIC and options.calibration_dataloader is None:
         needs.append("mode='static'")
-    if cb.monitor is not None:
-        needs.append(f"monitor={cb.monitor!r}")
-    if cb.metric is not None:
-        needs.append(f"metric={type(cb.metric).__name__}(...)")
+    if options.monitor is not None:
+        needs.append(f"monitor={options.monitor!r}")
+    if options.metric is not None:
+        needs.append(f"metric={type(options.metric).__name__}(...)")
     if not needs:
         return
     try:  # what the first validation would do; a no-op when the sanity check already did it
@@ -70,7 +76,7 @@ def check_data(cb: Any, trainer: Trainer) -> None:
     raise mq.ConfigError(
         f"QuantizationCallback({', '.join(needs)}) needs validation data, but this fit has none (no val "
         f"dataloader, no validation_step, or limit_val_batches=0) for {_name(trainer.lightning_module)}; add a "
-        "validation dataloader" + (", pass calibration_dataloader=..., or use mode='dynamic'" if cb.mode else "")
+        "validation dataloader, pass calibration_dataloader=..., or use mode='dynamic'"
     )
 
 

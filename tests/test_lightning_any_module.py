@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import lightning as L
 import pytest
 import torch
@@ -120,6 +123,19 @@ def test_monitor_gates_on_the_logged_metric(tmp_path, digits):
     gate = read_gate(cb.export_path)
     assert gate["metric"] == "val_acc" and gate["passed"] is True
     assert model.val_acc.update_count == 0  # the module's own metric was left as Lightning left it
+
+
+def test_gated_export_is_written_once_and_follows_the_umask(tmp_path, digits):
+    cb = QuantizationCallback(monitor="val_acc", max_drop=1.0, verbose=False)
+    previous = os.umask(0o022)
+    try:
+        one_step_trainer(tmp_path, cb).fit(Classifier(), *data(digits))
+    finally:
+        os.umask(previous)
+    assert read_gate(cb.export_path)["passed"] is True  # the gate record is in the file's metadata document
+    assert mq.load(cb.export_path)[1]["extra"]["mono_quant_lightning.gate"]["metric"] == "val_acc"
+    assert stat.S_IMODE(cb.export_path.stat().st_mode) == 0o644  # what a plain open gives, not safetensors' 0600
+    assert cb.outcome.extra_paths == (cb.export_path.with_name("model.quant.report.txt"),)
 
 
 def test_monitor_min_on_a_plain_value(tmp_path, digits):

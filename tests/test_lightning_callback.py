@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import math
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from torchmetrics.regression import MeanSquaredError
 
 import mono_quant as mq
 from mono_quant.errors import ConfigError
-from mono_quant_lightning import QuantizationCallback, QuantizationGateError, QuantMode
+from mono_quant_lightning import OnViolation, QuantizationCallback, QuantizationGateError, QuantizeOn, QuantMode
+from mono_quant_lightning.options import CallbackOptions
 
 
 class DigitsCNN(L.LightningModule):
@@ -427,6 +430,24 @@ def test_resume_keeps_the_statistics_and_garbage_statistics_name_the_key(tmp_pat
 def test_constructor_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         QuantizationCallback(**kwargs)
+
+
+def test_options_and_results_are_read_only_views_of_the_callback_state():
+    cb = QuantizationCallback(max_drop=0.05, on_violation="warn", monitor="val_acc", monitor_mode="max")
+    assert cb.options.max_drop == cb.max_drop == 0.05 and cb.on_violation is OnViolation.WARN
+    assert cb.outcome is None and cb.result is None and cb.decision is None and cb.export_path is None
+    for name in ("max_drop", "config", "result", "decision", "export_path"):
+        with pytest.raises(AttributeError):
+            setattr(cb, name, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cb.options.max_drop = 0.5
+    defaults = inspect.signature(QuantizationCallback).parameters
+    assert QuantizationCallback().options == CallbackOptions.from_arguments()  # one set of defaults
+    assert {name: defaults[name].default for name in ("max_drop", "on_violation", "quantize_on")} == {
+        "max_drop": 0.01,
+        "on_violation": OnViolation.RAISE,
+        "quantize_on": (QuantizeOn.FIT_END,),
+    }
 
 
 class CountingCNN(DigitsCNN):

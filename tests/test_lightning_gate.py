@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 
+import mono_quant as mq
+from mono_quant.io.format import METADATA_KEY
+from mono_quant_lightning.export import GATE_KEY, gate_record, read_gate, write
 from mono_quant_lightning.gate import DropType, QuantizationGateError, decide, measure_drop
 
 
@@ -74,3 +81,30 @@ def test_gate_error_carries_decision():
 def test_unknown_drop_type():
     with pytest.raises(ValueError):
         measure_drop(1.0, 0.5, drop_type="percent")
+
+
+def test_gate_record_is_read_from_the_metadata_document_and_from_earlier_files(tmp_path):
+    result = mq.quantize(nn.Sequential(nn.Linear(32, 8)), mode="dynamic")
+    new = tmp_path / "new" / "model.quant.safetensors"
+    write(result, new, gate_record(decide(0.9, float("nan"), 0.01), "val_acc"))
+    assert read_gate(new) == {
+        "metric": "val_acc",
+        "float": 0.9,
+        "quantized": None,  # JSON has no NaN; the reason says why
+        "drop": None,
+        "max_drop": 0.01,
+        "passed": False,
+        "reason": "quantized score is NaN",
+    }
+    # files of earlier versions kept the record as its own header entry, beside the metadata document
+    with safe_open(str(new), framework="pt") as handle:
+        header, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    document = json.loads(header[METADATA_KEY])
+    del document["extra"]
+    record = {"metric": "val_acc", "passed": True}
+    old = tmp_path / "old.safetensors"
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(document), GATE_KEY: json.dumps(record)}
+    save_file(tensors, str(old), metadata=metadata)
+    assert read_gate(old) == record
+    assert type(mq.load(old, nn.Sequential(nn.Linear(32, 8)))[0]).__name__ == "Int8Linear"  # still loads
+    assert read_gate(tmp_path / "missing.safetensors") is None

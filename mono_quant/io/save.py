@@ -36,33 +36,43 @@ def save(
     *,
     config: QuantizationConfig | None = None,
     report: QuantizationReport | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
 ) -> None:
     """Write a quantized model (or the state_dict ``quantize`` returns for a state_dict, or the whole
     ``QuantizationResult`` with its config and report) to ``path``.
 
     The format follows the suffix: ``.safetensors``, or ``.pt``/``.pth``. The write is atomic: a
-    temporary file in the same directory is renamed over ``path`` only once complete. ``config`` and
-    ``report`` (per-layer SQNR, skipped layers) are stored in the metadata when given.
+    temporary file in the same directory is renamed over ``path`` only once complete, with the mode a
+    plain ``open`` gives. ``config`` and ``report`` (per-layer SQNR, skipped layers) are stored in the
+    metadata when given; ``extra_metadata`` (a dict of JSON values, e.g. a caller's gate result) is stored
+    in the metadata document under ``"extra"``, so a caller never rewrites the file to add its own record.
 
     Example:
         >>> import tempfile, mono_quant as mq
         >>> q, _ = mq.dynamic_quantize(nn.Sequential(nn.Linear(32, 8)))
         >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
-        >>> save(q, path)
-        >>> mq.load(path)[1]["layers"]["0"]["class"]
-        'Int8Linear'
+        >>> save(q, path, extra_metadata={"run": {"passed": True}})
+        >>> metadata = mq.load(path)[1]
+        >>> metadata["layers"]["0"]["class"], metadata["extra"]
+        ('Int8Linear', {'run': {'passed': True}})
+        >>> save(q, path, extra_metadata={"score": float("nan")})
+        Traceback (most recent call last):
+        ...
+        mono_quant.errors.SerializationError: cannot save to ...: extra_metadata={'score': nan} is not JSON ...
     """
     if _is_result(model_or_state_dict):  # a QuantizationResult: its model, with its config and report
         result = model_or_state_dict
-        save(result.model, path, config=config or result.config, report=report or result.report)
+        config, report = config or result.config, report or result.report
+        save(result.model, path, config=config, report=report, extra_metadata=extra_metadata)
         return
     if isinstance(model_or_state_dict, nn.Module):
         layers = model_layers(model_or_state_dict)
         folded = {name: m.into for name, m in model_or_state_dict.named_modules() if isinstance(m, FoldedBatchNorm)}
         buffers = non_persistent_buffers(model_or_state_dict)  # so a meta-device skeleton loads complete
-        _write(path, {**model_or_state_dict.state_dict(), **buffers}, layers, config, report, folded, list(buffers))
+        tensors = {**model_or_state_dict.state_dict(), **buffers}
+        _write(path, tensors, layers, config, report, folded, list(buffers), extra_metadata)
     elif isinstance(model_or_state_dict, Mapping):
-        save_state_dict(model_or_state_dict, path, config=config, report=report)
+        save_state_dict(model_or_state_dict, path, config=config, report=report, extra_metadata=extra_metadata)
     else:
         raise SerializationError(
             f"cannot save {type(model_or_state_dict).__name__} to {os.fspath(path)}; "
@@ -83,12 +93,13 @@ def save_state_dict(
     config: QuantizationConfig | None = None,
     report: QuantizationReport | None = None,
     float_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
 ) -> None:
     """Save a quantized state_dict; quantized layers are recognized from ``report`` or tensor names.
 
     ``float_shapes`` (layer name -> original float weight shape) restores the 4-D shape of Conv2d
     layers, which a quantized state_dict only holds flattened. Int8 layers without ``input_scale``
-    are recorded with ``config.mode`` (``dynamic`` when no config is given).
+    are recorded with ``config.mode`` (``dynamic`` when no config is given). ``extra_metadata`` as in ``save``.
 
     Example:
         >>> import tempfile, mono_quant as mq
@@ -102,7 +113,7 @@ def save_state_dict(
     if bad is not None:
         raise SerializationError(f"cannot save to {os.fspath(path)}: entry {bad!r} is not a named tensor")
     layers = state_dict_layers(state_dict, config, report, float_shapes or {})
-    _write(path, state_dict, layers, config, report)
+    _write(path, state_dict, layers, config, report, extra_metadata=extra_metadata)
 
 
 def _has_bias(module: nn.Module) -> bool:
@@ -156,6 +167,17 @@ def state_dict_layers(
         entry["bias"] = f"{name}.bias" in tensors
         layers[name] = entry
     return layers
+
+
+def _json_document(path: Path, extra: Any) -> dict[str, Any]:
+    """``extra_metadata`` as a JSON object, or a ``SerializationError`` naming it (written before any byte)."""
+    problem = "is not a dict with string keys"
+    if isinstance(extra, Mapping) and all(isinstance(key, str) for key in extra):
+        try:
+            return json.loads(json.dumps(dict(extra), allow_nan=False))
+        except (TypeError, ValueError):
+            problem = "is not JSON (strings, finite numbers, booleans, None, lists and dicts only)"
+    raise SerializationError(f"cannot save to {path}: extra_metadata={extra!r} {problem}")
 
 
 def _finite(value: float) -> float | None:
@@ -295,6 +317,7 @@ def _write(
     report: QuantizationReport | None,
     folded: dict[str, str] | None = None,
     non_persistent: list[str] | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
 ) -> None:
     path = Path(path)
     if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
@@ -302,6 +325,8 @@ def _write(
     tensors, tied = untie(tensors)
     metadata = file_metadata(layers, config, report, folded or {}, tied)
     metadata["non_persistent"] = non_persistent or []  # buffers a state_dict leaves out (rotary inv_freq...)
+    if extra_metadata is not None:
+        metadata["extra"] = _json_document(path, extra_metadata)
     text = json.dumps(metadata, allow_nan=False)
     plain = plain_tensors(tensors)
     if path.suffix == ".safetensors":
