@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 LAYERS = {
     "Linear 64->256": ("nn.Linear(64, 256)", (200, 64)),

@@ -1,6 +1,6 @@
 """Reach over real modelling code: the share of matmul weights each mode makes integer, per architecture.
 
-Builds 27 ``transformers`` architectures from small configs (``tests/transformers_zoo.py``; random weights,
+Builds 27 ``transformers`` architectures from small configs (``transformers_zoo.py`` beside it; random weights,
 real modelling code), quantizes each in int8 dynamic, int8 static (calibrated on 3 random batches) and int4
 (group 32), and prints a markdown table: share of matmul weights quantized, output SQNR against float
 (n/a where the random model's output is ~0) and whether a save -> load into a freshly built skeleton
@@ -16,9 +16,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 import transformers_zoo as zoo
 
 import mono_quant as mq

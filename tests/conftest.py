@@ -37,11 +37,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def minilm():
     """``(benchmarks/minilm.py module, model, tokenizer)`` for the real all-MiniLM-L6-v2; skips without it."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import minilm as kit
+    import minilm as kit  # benchmarks/minilm.py (pytest's pythonpath)
 
     if kit.available() is not None:
         pytest.skip(kit.available())

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from bad_input_kit import layer_edit, model, rewrite, top_edit, write_file
+from kit.bad_input import layer_edit, model, rewrite, top_edit, write_file
 from safetensors.torch import save_file
 
 import mono_quant as mq

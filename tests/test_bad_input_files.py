@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from bad_input_kit import digits_inputs, document, expect, layer_edit, model, rewrite, top_edit, write_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit.bad_input import digits_inputs, document, expect, layer_edit, model, rewrite, top_edit, write_file
 from safetensors.torch import save_file
 
 import mono_quant as mq

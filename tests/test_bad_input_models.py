@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from bad_input_kit import digits_inputs, expect, model
+from kit.bad_input import digits_inputs, expect, model
 from torch import nn
 
 import mono_quant as mq

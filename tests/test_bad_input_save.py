@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from bad_input_kit import expect, model
+from kit.bad_input import expect, model
 from safetensors import SafetensorError
 
 import mono_quant as mq

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import mlp
+from kit.helpers import mlp
 from torch import nn
 
 import mono_quant as mq

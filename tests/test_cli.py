@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit.serialization_models import inputs, skeleton
 from safetensors.torch import save_file
-from test_serialization import inputs, skeleton
 
 import mono_quant as mq
 from mono_quant.cli.main import _progress_printer, main

@@ -102,7 +102,7 @@ def test_the_subclass_float_path_matches_the_module(mbnet: tuple) -> None:
 
 
 def test_uint8_residual_on_real_digits_matches_unfused() -> None:
-    from test_cnn_fusion import Net
+    from kit.helpers import Net
 
     torch.manual_seed(0)
     data = _digits()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 import tempfile
-from pathlib import Path
 
+import cnn  # benchmarks/cnn.py: pytest's pythonpath (pyproject) holds benchmarks/
 import pytest
 import torch
 from torch import nn
@@ -16,9 +15,6 @@ from torch import nn
 import mono_quant as mq
 from mono_quant.modules import Int8Conv2d, quantized_layers
 from mono_quant.qparams import sqnr_db
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # cnn.py imports its siblings
-import cnn
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning_kit import quiet_trainer
+from kit.lightning_modules import quiet_trainer
 from torch.utils.data import DataLoader
 
 import mono_quant as mq

@@ -8,8 +8,8 @@ import stat
 import lightning as L
 import pytest
 import torch
+from kit.lightning_modules import DictDigits, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_kit import DictDigits, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric

@@ -11,9 +11,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from kit.lightning_modules import DigitsCNN, loaders, quiet, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning_kit import DictDigits, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -25,67 +25,11 @@ from mono_quant_lightning import OnViolation, QuantizationCallback, Quantization
 from mono_quant_lightning.options import CallbackOptions
 
 
-class DigitsCNN(L.LightningModule):
-    """A tiny CNN; ``batch_kind`` says how batches look ("tuple", "dict" or "reversed" (target, image))."""
-
-    def __init__(self, batch_kind: str = "tuple", lr: float = 0.02) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 32), nn.ReLU(), nn.Linear(32, 10)
-        )
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net(image.reshape(-1, 1, 8, 8))
-
-    def _split(self, batch):
-        if self.hparams.batch_kind == "dict":
-            return batch["image"], batch["label"]
-        if self.hparams.batch_kind == "reversed":
-            return batch[1], batch[0]
-        return batch
-
-    def training_step(self, batch, batch_idx):
-        x, y = self._split(batch)
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = self._split(batch)
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
-
-    def test_step(self, batch, batch_idx):
-        x, y = self._split(batch)
-        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-
-
-def loaders(digits, kind: str = "tuple", n_train: int = 512, n_val: int = 256, batch_size: int = 64):
-    x_train, y_train, x_val, y_val = digits
-    x_train, y_train, x_val, y_val = x_train[:n_train], y_train[:n_train], x_val[:n_val], y_val[:n_val]
-    if kind == "dict":
-        train, val = DictDigits(x_train, y_train), DictDigits(x_val, y_val)
-    elif kind == "reversed":
-        train, val = TensorDataset(y_train, x_train), TensorDataset(y_val, x_val)
-    else:
-        train, val = TensorDataset(x_train, y_train), TensorDataset(x_val, y_val)
-    return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(val, batch_size=batch_size)
-
-
-def trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
-    return quiet_trainer(tmp_path, callbacks, **kwargs)
-
-
 def module_fingerprint(module: nn.Module) -> dict:
     return {
         name: (sorted(vars(m)), dict(m._forward_pre_hooks), dict(m._forward_hooks), "forward" in vars(m))
         for name, m in module.named_modules()
     }
-
-
-def quiet(**kwargs) -> QuantizationCallback:
-    return QuantizationCallback(verbose=False, **kwargs)
 
 
 # ---------------------------------------------------------------------- default use

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from test_lightning_callback import DigitsCNN, loaders, quiet, trainer
+from kit.lightning_modules import DigitsCNN, loaders, quiet, trainer
 from torch import nn
 from torch.utils.data import DataLoader
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from kit.lightning_modules import quiet_trainer
 from lightning.pytorch.loggers import CSVLogger
-from lightning_kit import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy

@@ -10,15 +10,11 @@ agreement >= 0.95 against the float embeddings; the documented int4 configuratio
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
+import minilm  # benchmarks/minilm.py: pytest's pythonpath (pyproject) holds benchmarks/
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import minilm
 
 import mono_quant as mq
 

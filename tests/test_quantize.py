@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import mlp
+from kit.helpers import mlp
 from torch import nn
 
 import mono_quant as mq

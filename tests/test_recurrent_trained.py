@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from recurrent_models import FASHION, SequenceClassifier, accuracy, fashion_rows, train
+from kit.recurrent_models import FASHION, SequenceClassifier, accuracy, fashion_rows, train
 from safetensors.torch import save_file
 from torch import nn
 

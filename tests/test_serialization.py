@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit.serialization_models import Net, inputs, skeleton
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -21,38 +22,6 @@ from mono_quant.io.load import read_header
 from mono_quant.modules import quantized_layers
 
 TESTS_DIR = Path(__file__).resolve().parent
-
-
-class Net(nn.Module):
-    """Every quantizable kind in one model: Embedding, Conv2d, Linear (640 and 256 inputs: int4-friendly)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(17, 128)
-        self.conv = nn.Conv2d(1, 8, 3, padding=1)
-        self.fc1 = nn.Linear(640, 256)
-        self.norm = nn.LayerNorm(256)
-        self.fc2 = nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = x.flatten(1)[:, :8].long().clamp(0, 16)
-        h = torch.cat([self.conv(x).relu().flatten(1), self.emb(ids).mean(1)], 1)
-        return self.fc2(self.norm(self.fc1(h)).relu())
-
-
-def skeleton(seed: int) -> Net:
-    """A freshly built ``Net`` with random weights everywhere (LayerNorm too, so it must come from the file)."""
-    torch.manual_seed(seed)
-    net = Net()
-    with torch.no_grad():
-        net.norm.weight.uniform_(0.5, 1.5)
-        net.norm.bias.uniform_(-0.5, 0.5)
-    return net.eval()
-
-
-def inputs(batch: int, seed: int = 7) -> torch.Tensor:
-    """Digit-like images: integer pixel values 0..16 on an 8x8 grid."""
-    return torch.randint(0, 17, (batch, 1, 8, 8), generator=torch.Generator().manual_seed(seed)).float()
 
 
 def quantized_models() -> dict[str, tuple[nn.Module, mq.QuantizationResult | None]]:
@@ -77,9 +46,8 @@ def quantized_models() -> dict[str, tuple[nn.Module, mq.QuantizationResult | Non
 
 CHILD = """
 import json, sys, torch
-sys.path.insert(0, {tests!r})
 import mono_quant as mq
-from test_serialization import inputs, skeleton
+from kit.serialization_models import inputs, skeleton
 out = {{}}
 for name, path in json.loads(sys.argv[1]).items():
     expected = torch.load(path + ".expected.pt", weights_only=True)
@@ -127,12 +95,13 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict]]
 def fresh_process(saved: dict[str, dict]) -> dict[str, dict]:
     """Load every file in ONE new interpreter into a random skeleton and compare with the saved outputs."""
     argument = json.dumps({name: case["path"] for name, case in saved.items()})
+    child_path = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])  # the child imports kit
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD.format(tests=str(TESTS_DIR)), argument],
+        [sys.executable, "-c", CHILD.format(), argument],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "MONO_QUANT_KERNELS": "fixed"},
+        env={**os.environ, "MONO_QUANT_KERNELS": "fixed", "PYTHONPATH": child_path},
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])

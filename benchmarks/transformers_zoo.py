@@ -1,6 +1,6 @@
 """Real modelling code from ``transformers``: small configs (random weights), one example input each.
 
-Used by the reach sweep (``tests/test_transformers_sweep.py``) and ``benchmarks/reach.py``.
+Used by the reach sweep (``tests/test_transformers_sweep.py``), ``reach.py`` and ``numerics.py``.
 """
 
 from __future__ import annotations
