@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -21,6 +20,7 @@ from mono_quant.batches import ForwardFn, default_forward, describe_batch, itera
 from mono_quant.config import QuantizationConfig, Scheme
 from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError, ConfigError
+from mono_quant.modules.weight_calls import WEIGHT_CALLS, operand
 from mono_quant.observers import Observer, Reduce, make_observer
 from mono_quant.qparams import ActivationQParams
 
@@ -38,10 +38,6 @@ class _ModeHandle:
 DEFAULT_BATCH_LIMIT = QuantizationConfig().calibration_batches
 
 
-_WEIGHT_CALLS = {  # function -> (index of the weight, index of the input)
-    F.linear: (1, 0), F.conv1d: (1, 0), F.conv2d: (1, 0), torch.addmm: (2, 1), torch.Tensor.addmm: (2, 1),
-    torch.matmul: (1, 0), torch.Tensor.matmul: (1, 0), torch.Tensor.__matmul__: (1, 0), torch.mm: (1, 0),
-}  # fmt: skip
 
 
 class _WeightInputObserver(TorchFunctionMode):
@@ -53,9 +49,9 @@ class _WeightInputObserver(TorchFunctionMode):
         self.watched = watched
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        where = _WEIGHT_CALLS.get(func)
-        if where is not None and len(args) > max(where):
-            weight, x = args[where[0]], args[where[1]]
+        call = WEIGHT_CALLS.get(func)
+        if call is not None and call.kind != "embedding":  # an embedding's input is indices: nothing to observe
+            weight, x = operand(args, kwargs or {}, call.weight), operand(args, kwargs or {}, call.input)
             observer = self.watched.get(id(weight)) or self.watched.get(id(getattr(weight, "_base", None)))
             if observer is not None and isinstance(x, torch.Tensor):
                 observer.update(x)

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_map
 from mono_quant import kernels
 from mono_quant.kernels.numerics import uint8_high
 from mono_quant.modules.base import FusedConvParams, QuantizedLayer
+from mono_quant.modules.weight_calls import WEIGHT_CALLS, operand
 
 Unary = tuple[str, list[float]]
 _UNARY_FLOAT = {
@@ -217,11 +218,13 @@ class _Route(TorchFunctionMode):
             out = F.pad(args[0], args[1] if len(args) > 1 else kwargs["pad"], value=float(self.in_qparams[1]))
             self.inputs.append(out)
             return out
-        if func is torch.conv2d and self.result is None and self._held(args[0]):
+        weight_call = WEIGHT_CALLS.get(func)
+        held = weight_call is not None and self._held(operand(args, kwargs, weight_call.input))
+        if held and weight_call.kind == "conv2d" and self.result is None:
             call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args, strict=False))
             call.update(kwargs)
             padding = call.get("padding", 0)
-            if call["weight"] is self.fused.conv[0].weight and not isinstance(padding, str):
+            if operand(args, kwargs, weight_call.weight) is self.fused.conv[0].weight and not isinstance(padding, str):
                 geometry = ([*_pair(call.get("stride", 1))], [*_pair(padding)], [*_pair(call.get("dilation", 1))])
                 x = args[0].contiguous(memory_format=torch.channels_last)
                 packs = self.fused._pack(geometry, tuple(x.shape))

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mono_quant.kernels.tensors import ATEN_DETACH, wrapper_tensor
+from mono_quant.modules.weight_calls import WEIGHT_CALLS, operand
 
-_LINEAR_FUNCS = {F.linear}
-_RIGHT_MATMUL_FUNCS = {torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm}
 _TRANSPOSE_FUNCS = {torch.t, torch.Tensor.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__}
 _MOVE_FUNCS = {torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.float, torch.Tensor.half,
                torch.Tensor.bfloat16, torch.Tensor.double}  # fmt: skip
@@ -127,27 +126,26 @@ def _route(func: Any, args: tuple, kwargs: dict) -> Any:
         return args[0]._flipped() if isinstance(args[0], QuantizedTensor) else NotImplemented
     if func in _MOVE_FUNCS:
         return _moved(func, args, kwargs)
-    if func in _LINEAR_FUNCS:
-        weight = _arg(args, kwargs, 1, "weight")
+    call = WEIGHT_CALLS.get(func)
+    if call is None:
+        return NotImplemented
+    weight, x = operand(args, kwargs, call.weight), operand(args, kwargs, call.input)
+    if call.kind == "linear":
         if isinstance(weight, QuantizedTensor) and weight.kind == "linear" and not weight.transposed:
-            return _with_bias(weight.layer(_arg(args, kwargs, 0, "input")), _arg(args, kwargs, 2, "bias"))
-    elif func in (torch.addmm, torch.Tensor.addmm):
-        weight = _arg(args, kwargs, 2, "mat2")
+            return _with_bias(weight.layer(x), _arg(args, kwargs, 2, "bias"))
+    elif call.kind == "addmm":
         if _right_operand(weight) and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1:
-            return _with_bias(weight.layer(_arg(args, kwargs, 1, "mat1")), _arg(args, kwargs, 0, "input"))
-    elif func in _RIGHT_MATMUL_FUNCS:
-        weight = _arg(args, kwargs, 1, "other")
-        if _right_operand(weight) and not isinstance(args[0], QuantizedTensor):
-            return weight.layer(args[0])
-    elif func in (F.conv1d, F.conv2d):
-        weight = _arg(args, kwargs, 1, "weight")
-        if isinstance(weight, QuantizedTensor) and weight.kind == func.__name__:
+            return _with_bias(weight.layer(x), _arg(args, kwargs, 0, "input"))
+    elif call.kind == "matmul":
+        if _right_operand(weight) and not isinstance(x, QuantizedTensor):
+            return weight.layer(x)
+    elif call.kind in ("conv1d", "conv2d"):
+        if isinstance(weight, QuantizedTensor) and weight.kind == call.kind:
             return _conv(weight, args, kwargs)
-    elif func is F.embedding:
-        weight = _arg(args, kwargs, 1, "weight")
+    else:  # embedding
         plain = all(kwargs.get(k) in (None, False) for k in ("max_norm", "sparse")) and len(args) <= 2
         if isinstance(weight, QuantizedTensor) and weight.kind == "embedding" and plain:
-            return weight.layer(_arg(args, kwargs, 0, "input"))
+            return weight.layer(x)
     return NotImplemented
 
 
