@@ -194,3 +194,22 @@ def test_int4_output_dtype_and_bias(dtype: torch.dtype) -> None:
     assert out.dtype == dtype and out.shape == (3, 40)
     reference = x @ layer.dequantized_weight().T + float_layer.bias.detach()
     assert (out.float() - reference).abs().max() < 0.03 * reference.abs().max()
+
+
+def test_a_cached_choice_outside_this_calls_candidates_is_not_used() -> None:
+    # eager calls cache "onednn"; inside torch.compile only "int_mm" is a candidate: the cache must not leak in
+    choice.set_kernel_choice("fixed")
+    choice.pick("test_leak", (8, 16), torch.zeros(30, 16), ("int_mm", "onednn"), "onednn", lambda name: None)
+    assert choice.pick("test_leak", (8, 16), torch.zeros(30, 16), ("int_mm",), "int_mm", lambda name: None) == "int_mm"
+    choice.set_kernel_choice("measure")
+
+
+def test_torch_compile_after_eager_calls_runs_the_compile_path() -> None:
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 16)).eval()
+    q = mq.quantize(model, dtype="int8").model
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        for _ in range(3):
+            eager = q(x)  # caches a kernel per key (possibly oneDNN, which inductor cannot take)
+        compiled = torch.compile(q)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)

@@ -148,10 +148,10 @@ def pick(
     """
     key = (kind, weight_shape, batch_bucket(x.shape[0]), x.device.type, x.dtype)
     name = _cache.get(key)
-    if name is not None:
+    if name is not None and (name in candidates or name == fallback):
         return name
     if not _checking_allowed():
-        return default
+        return default  # inside torch.compile or tracing: a cached eager choice outside ``candidates`` cannot serve
     passed = _passing(key, candidates, run, reference, fallback) if reference is not None else list(candidates)
     if not passed:
         name = fallback
