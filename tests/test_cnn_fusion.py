@@ -13,9 +13,12 @@ from torch import nn
 
 import mono_quant as mq
 from mono_quant.graph import fused_graph as cnn_fusion
+from mono_quant.kernels.numerics import uint8_high
 from mono_quant.qparams import sqnr_db
 
 pytestmark = pytest.mark.skipif(not cnn_fusion.kernels.use_onednn_conv(torch.empty(0)), reason="needs oneDNN")
+
+FULL_UINT8 = uint8_high() == 255  # 7-bit CPUs (no VNNI) hand floats between convs: no uint8 chaining
 
 
 def _digits() -> torch.Tensor:
@@ -41,7 +44,8 @@ def test_every_conv_is_fused_with_uint8_between_chained_convs(setup: tuple) -> N
     graph = q.forward.graph
     fused = [m for m in graph.modules() if isinstance(m, cnn_fusion.FusedConv)]
     assert len(fused) == 9  # stem, 3 x 2 block convs, one projection, depthwise
-    assert sum(m.unary[0] == "relu" for m in fused) >= 6 and sum(m.out_qparams is not None for m in fused) >= 3
+    uint8_outputs = sum(m.out_qparams is not None for m in fused)
+    assert sum(m.unary[0] == "relu" for m in fused) >= 6 and (uint8_outputs >= 3 if FULL_UINT8 else uint8_outputs == 0)
     code = graph.code
     assert "torch.add" not in code and "relu" not in code  # every add and ReLU went into oneDNN
 

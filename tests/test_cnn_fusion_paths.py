@@ -13,9 +13,12 @@ from torch import nn
 
 import mono_quant as mq
 from mono_quant.graph import fused_graph as cnn_fusion
+from mono_quant.kernels.numerics import uint8_high
 from mono_quant.qparams import sqnr_db
 
 pytestmark = pytest.mark.skipif(not cnn_fusion.kernels.use_onednn_conv(torch.empty(0)), reason="needs oneDNN")
+
+FULL_UINT8 = uint8_high() == 255  # 7-bit CPUs (no VNNI) hand floats between convs: no uint8 chaining
 
 
 def _digits() -> torch.Tensor:
@@ -80,8 +83,11 @@ def test_subclass_convs_and_activations_are_fused(mbnet: tuple) -> None:
     assert set(fused) == {"stem", "expand", "depthwise", "project", "hard", "swish", "halved"}
     assert fused["stem"].routed and fused["stem"].unary == ("hardtanh", [0.0, 6.0])
     assert fused["swish"].unary == ("swish", []) and fused["hard"].unary == ("hardswish", [])
-    assert fused["project"].accum_qparams is not None  # identity skip: uint8 accumulator and output
-    assert fused["project"].out_qparams is not None and fused["stem"].out_qparams is not None
+    if FULL_UINT8:
+        assert fused["project"].accum_qparams is not None  # identity skip: uint8 accumulator and output
+        assert fused["project"].out_qparams is not None and fused["stem"].out_qparams is not None
+    else:
+        assert fused["project"].accum_qparams is None and fused["project"].out_qparams is None
     assert fused["halved"].unary == ("hardtanh", [-1.0, 1.0])
     with torch.inference_mode():
         out, eager, reference = q(x), type(q).forward(q, x), model(x)
@@ -109,7 +115,7 @@ def test_uint8_residual_on_real_digits_matches_unfused() -> None:
     q = mq.quantize(Net().eval(), mode="static", calibration_data=list(data[:64].split(16))).model
     fused = [m for m in q.forward.graph.modules() if isinstance(m, cnn_fusion.FusedConv)]
     uint8_adds = [m for m in fused if m.accum_qparams is not None]
-    assert len(uint8_adds) == 2  # the identity-shortcut blocks; the projected one has no calibrated shortcut scale
+    assert len(uint8_adds) == (2 if FULL_UINT8 else 0)  # identity-shortcut blocks (projected: no shortcut scale)
     with torch.inference_mode():
         out, eager = q(data[64:]), type(q).forward(q, data[64:])
     assert sqnr_db(eager, out) > 30
