@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 import mono_quant as mq
+from mono_quant.kernels.numerics import uint8_high
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
@@ -40,6 +41,9 @@ _LOADER = textwrap.dedent(
     print(json.dumps({"cos": cos, "mono_quant": "mono_quant" in sys.modules, **keys}))
     """
 )
+
+# our int8 activations against compressed-tensors' own: 8-bit codes agree to 0.99; a 7-bit CPU (no VNNI) to 0.985
+TWO_WAYS_COS = 0.99 if uint8_high() == 255 else 0.98
 
 
 def tiny_bert() -> nn.Module:
@@ -115,7 +119,7 @@ def test_minilm_in_20mb_shards(tmp_path: Path, minilm) -> None:
     assert nn.functional.cosine_similarity(got[real], ref[real]).mean() > 0.99
     found = load_elsewhere(tmp_path / "q", loaded, inputs)
     assert found["missing_keys"] == found["unexpected_keys"] == found["mismatched_keys"] == []
-    assert not found["mono_quant"] and found["cos"] > 0.99  # per-token int8 activations, computed two ways
+    assert not found["mono_quant"] and found["cos"] > TWO_WAYS_COS  # per-token int8 activations, computed two ways
     assert len(inspect_cli(tmp_path / "q")["layers"]) == len(result.report.layers) == 40  # 36 + pooler + 3 embeddings
 
 
@@ -137,4 +141,5 @@ def test_cli_round_trip_on_minilm(tmp_path: Path, minilm) -> None:
     loaded = mq.load(tmp_path / "hf", transformers.AutoModel.from_config(model.config))
     inputs = dict(tokenizer(kit.sentences(4), padding=True, return_tensors="pt"))
     found = load_elsewhere(tmp_path / "hf", loaded, inputs)
-    assert found["missing_keys"] == found["unexpected_keys"] == found["mismatched_keys"] == [] and found["cos"] > 0.99
+    assert found["missing_keys"] == found["unexpected_keys"] == found["mismatched_keys"] == []
+    assert found["cos"] > TWO_WAYS_COS
