@@ -100,3 +100,15 @@ def test_the_residual_input_is_never_overwritten(setup: tuple) -> None:
     kept = accum.clone()
     fused(torch.rand(2, 8, 16, 16), accum)
     assert fused.copy_accum and torch.equal(accum, kept)
+
+
+def test_print_shows_what_runs(setup: tuple) -> None:
+    _, q, x = setup
+    text = str(q)
+    assert "mono-quant fused CPU graph" in text and "int8 convolutions as single oneDNN calls" in text
+    fused = [m for m in q.forward.graph.modules() if type(m).__name__ == "FusedConv"]
+    assert f"graph: {len(fused)} int8 convolutions" in text
+    with torch.inference_mode():
+        twin = copy.deepcopy(q)
+        twin(x)
+    assert "mono-quant fused CPU graph" in str(twin)  # copies describe their own graph

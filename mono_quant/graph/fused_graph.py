@@ -136,6 +136,7 @@ def enable_fused_forward(model: nn.Module) -> bool:
     if runner.graph is None:
         return False
     object.__setattr__(model, "forward", runner)  # an instance attribute: never a submodule or state
+    object.__setattr__(model, "extra_repr", runner.describe)  # print(model) says what runs
     return True
 
 
@@ -156,6 +157,23 @@ class FusedForward:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.model, self.graph, self.signature, self.convs = state["model"], None, None, []
+
+    def describe(self) -> str:
+        """The model's own ``extra_repr`` and a line saying what the fused graph runs (``print(model)`` shows it).
+
+        A wrapper module around the model would show it too, but would add the fused nodes' tensors to the
+        state_dict (and change the type users hold); an instance ``extra_repr`` changes nothing else.
+        """
+        own = type(self.model).extra_repr(self.model)
+        fused = [] if self.graph is None else [m for m in self.graph.modules() if isinstance(m, FusedConv)]
+        uint8 = sum(m.out_qparams is not None for m in fused)
+        adds = sum(m.accum_qparams is not None for m in fused)
+        post_ops = sum(m.unary[0] != "none" for m in fused)
+        line = (
+            f"mono-quant fused CPU graph: {len(fused)} int8 convolutions as single oneDNN calls ({post_ops} with "
+            f"activation post-ops, {adds} uint8 residual adds, {uint8} uint8 outputs); MONO_QUANT_FUSE=0 turns it off"
+        )
+        return f"{own}\n{line}" if own else line
 
     def _signature(self) -> list[Any]:
         self.convs = [] if self.graph is None else [m.conv[0] for m in self.graph.modules() if isinstance(m, FusedConv)]
@@ -191,6 +209,7 @@ class FusedForward:
             self.signature = self._signature()
             if self.graph is None:
                 del self.model.__dict__["forward"]
+                self.model.__dict__.pop("extra_repr", None)
         if eager or self.graph is None:
             return type(self.model).forward(self.model, *args, **kwargs)
         return self.graph(*args, **kwargs)
