@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit.helpers import SEVEN_BIT_CPU
 from torch import nn
 
 import mono_quant as mq
@@ -96,7 +97,7 @@ def test_every_scheme_loads_in_transformers_without_mono_quant(tmp_path: Path) -
     for result in results:
         assert not result["mono_quant"]
         assert result["missing_keys"] == result["unexpected_keys"] == result["mismatched_keys"] == [], result
-        assert result["cos"] > 0.999, result  # the same integers and scales; only the kernels differ
+        assert result["cos"] > (0.98 if SEVEN_BIT_CPU else 0.999), result  # same integers; 7-bit codes here
 
 
 def test_quantization_config_names_formats_and_groups(tmp_path: Path) -> None:
@@ -172,7 +173,7 @@ def test_minilm_int8_loads_in_transformers(tmp_path: Path, minilm) -> None:
         torch.save({"inputs": inputs, "output": q(**inputs).last_hidden_state}, folder / "reference.pt")
     (result,) = load_elsewhere(folder)
     assert result["missing_keys"] == result["unexpected_keys"] == result["mismatched_keys"] == []
-    assert result["cos"] > 0.99
+    assert result["cos"] > (0.98 if SEVEN_BIT_CPU else 0.99)
 
 
 def test_cli_export_writes_both_formats(tmp_path: Path, capsys) -> None:

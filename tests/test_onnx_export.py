@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kit.helpers import SEVEN_BIT_CPU, int8_atol
 from torch import nn
 
 import mono_quant as mq
@@ -58,11 +59,11 @@ def test_digits_cnn_matches_in_onnx_runtime(mode: str, digits, tmp_path: Path) -
     got = torch.from_numpy(run(path, test))
     with torch.no_grad():
         want = q(test)
-    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= (0.97 if SEVEN_BIT_CPU else 0.99)
     # dynamic: the fused CPU graph rounds half up where ORT's DynamicQuantizeLinear rounds half to even, so a
     # few activations land one quantization step apart
     tolerance = 1e-3 if mode == "static" else 1e-2
-    assert torch.allclose(got, want, atol=tolerance * want.abs().max().item())
+    assert torch.allclose(got, want, atol=int8_atol(tolerance) * want.abs().max().item())
 
 
 def test_token_model_has_dynamic_batch_and_sequence(tmp_path: Path) -> None:
@@ -76,7 +77,7 @@ def test_token_model_has_dynamic_batch_and_sequence(tmp_path: Path) -> None:
         want = q(ids)
     got = torch.from_numpy(run(path, ids))
     assert got.shape == (7, 13, 8)
-    assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item())
+    assert torch.allclose(got, want, atol=int8_atol(1e-4) * want.abs().max().item())
 
 
 def test_int4_layers_are_exported_float_with_a_warning(tmp_path: Path) -> None:
@@ -124,7 +125,7 @@ def test_minilm_matches_in_onnx_runtime(tmp_path: Path, minilm) -> None:
             want = q(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1)
         pooled = [(t * mask).sum(1) / mask.sum(1) for t in (got, want)]
-        assert torch.nn.functional.cosine_similarity(*pooled).min() > 0.99
+        assert torch.nn.functional.cosine_similarity(*pooled).min() > (0.98 if SEVEN_BIT_CPU else 0.99)
 
 
 def test_asymmetric_weights_export_through_float_weights(digits, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kit.helpers import int8_atol
 from torch import nn
 
 import mono_quant as mq
@@ -72,7 +73,7 @@ def test_a_loop_over_a_length_fixes_that_axis_with_a_warning(tmp_path: Path) -> 
     with torch.no_grad():
         want = q(torch.cat([x, x]))
     got = session(path).run(None, {"input_0": torch.cat([x, x]).numpy()})[0]  # the batch axis still varies
-    assert np.allclose(got, want.numpy(), atol=1e-4 * want.abs().max().item())
+    assert np.allclose(got, want.numpy(), atol=int8_atol(1e-4) * want.abs().max().item())
     with pytest.raises(Exception, match="input_0"):  # another length is refused, never answered wrongly
         session(path).run(None, {"input_0": torch.randn(2, 7, 8).numpy()})
 
@@ -92,7 +93,7 @@ def test_a_real_sequence_axis_stays_dynamic_and_a_channel_axis_is_fixed_quietly(
     with torch.no_grad():
         want = q(longer)
     got = session(path).run(None, {"input_0": longer.numpy()})[0]
-    assert np.allclose(got, want.numpy(), atol=1e-4 * want.abs().max().item())
+    assert np.allclose(got, want.numpy(), atol=int8_atol(1e-4) * want.abs().max().item())
     conv = quantized(nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # [batch, channels, length]: axis 1 is no sequence, and that is no news
@@ -118,4 +119,4 @@ def test_transformers_bert_keeps_batch_and_sequence_dynamic_and_matches_at_other
     with torch.no_grad():
         want = q(**padded).last_hidden_state
     got = session(path).run(None, {k: v.numpy() for k, v in padded.items()})[0]
-    assert np.allclose(got, want.numpy(), atol=1e-3 * want.abs().max().item())
+    assert np.allclose(got, want.numpy(), atol=int8_atol(1e-3) * want.abs().max().item())
