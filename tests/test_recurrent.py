@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from kit.helpers import SEVEN_BIT_CPU
 from safetensors import safe_open
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -22,6 +23,8 @@ CONFIGS = {
     "gru": lambda: nn.GRU(16, 32),
     "gru-stacked-bidirectional-batch-first": lambda: nn.GRU(16, 32, num_layers=2, bidirectional=True, batch_first=True),
 }
+
+FLOOR_DB = 33 if SEVEN_BIT_CPU else 38  # 7-bit codes (no VNNI) cost about 5 dB (benchmarks/numerics.py)
 
 
 def _outputs(result: object) -> list[torch.Tensor]:
@@ -41,13 +44,13 @@ def test_recurrent_layer_tracks_float_on_random_sequences(config, mode):
     with torch.inference_mode():
         for reference, output in zip(_outputs(layer(x)), _outputs(q(x)), strict=True):
             assert reference.shape == output.shape
-            assert sqnr_db(reference, output) > 38, f"{config}/{mode}: {sqnr_db(reference, output):.1f} dB"
+            assert sqnr_db(reference, output) > FLOOR_DB, f"{config}/{mode}: {sqnr_db(reference, output):.1f} dB"
         # unbatched input with a given initial state
         unbatched = x[0]
         h0 = torch.randn(_outputs(layer(unbatched))[1].shape)
         state = (h0, torch.randn(_outputs(layer(unbatched))[2].shape)) if isinstance(layer, nn.LSTM) else h0
         for reference, output in zip(_outputs(layer(unbatched, state)), _outputs(q(unbatched, state)), strict=True):
-            assert sqnr_db(reference, output) > 38
+            assert sqnr_db(reference, output) > FLOOR_DB
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
