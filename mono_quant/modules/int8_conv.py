@@ -59,7 +59,12 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
         self.groups = conv.groups
         self._geometry = (list(self.stride), list(self.padding), list(self.dilation))
+        self._conv_kind = self._kind_label()
         self._onednn_conv = kernels.OneDNNConvWeight()
+
+    def _kind_label(self) -> str:
+        """The kernel-choice key's kind for this layer's convolutions (built once, not per call)."""
+        return f"int8_conv2d_{self.mode.value} groups={self.groups} geometry={self._geometry}"
 
     def prepare(self) -> None:
         super().prepare()
@@ -94,6 +99,7 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
         twin._buffers = dict(self._buffers)
         twin.stride, twin.padding, twin.dilation = tuple(stride), tuple(padding), tuple(dilation)
         twin._geometry = (list(twin.stride), list(twin.padding), list(twin.dilation))
+        twin._conv_kind = twin._kind_label()
         twin._onednn_conv = kernels.OneDNNConvWeight()
         return twin
 
@@ -138,10 +144,8 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
             scale = x_scale * self._weight_scale_n
             return kernels.check.conv_reference(q, float(zero_point), weight, scale, bias, self._geometry, self.groups)
 
-        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        geometry, image = self._geometry, tuple(x4.shape[1:])
-        kind = f"int8_conv2d_{self.mode.value} groups={self.groups} geometry={geometry} input={image}"
-        if choice.pick(kind, shape, x4, ("onednn",), "onednn", run, reference, "im2col") != "onednn":
+        shape = (*self.weight.shape, *x4.shape[1:])  # the flat weight, then the input's [C, H, W]
+        if choice.pick(self._conv_kind, shape, x4, ("onednn",), "onednn", run, reference, "im2col") != "onednn":
             return None
         out = run("onednn")
         if out.dtype != x.dtype:

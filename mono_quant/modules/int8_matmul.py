@@ -55,6 +55,7 @@ class Int8Matmul(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.mode, self.scheme = mode, scheme
         self._shape, self._symmetric = (out_features, in_features), scheme is not Scheme.ASYMMETRIC
+        self._choice_kind = f"int8_linear_{mode.value}" + ("" if self._symmetric else "_asymmetric")
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(scale_shape))
         asymmetric = scheme is Scheme.ASYMMETRIC
@@ -157,9 +158,9 @@ class Int8Matmul(nn.Module):
         candidates = _KERNELS if self._symmetric and kernels.use_onednn(x) else _KERNELS[:1]
         onednn_first = len(candidates) > 1 and kernels.onednn_default(x.shape[0], self.weight.numel())
         default = "onednn" if onednn_first else "int_mm"
-        kind = f"int8_linear_{self.mode.value}" + ("" if self._symmetric else "_asymmetric")
         return choice.pick(
-            kind, self._shape, x, candidates, default, lambda name: self._run(name, x), lambda: self._reference(x)
+            self._choice_kind, self._shape, x, candidates, default, lambda name: self._run(name, x),
+            lambda: self._reference(x),
         )
 
     def _codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
