@@ -19,6 +19,7 @@ from mono_quant.config import (
     QuantDtype,
     QuantizationConfig,
     Scheme,
+    WeightAlgorithm,
     parse_dtype,
     parse_enum,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "QuantizationReport",
     "QuantizationResult",
     "Scheme",
+    "WeightAlgorithm",
     "SerializationError",
     "__version__",
     "compare",

@@ -103,7 +103,9 @@ def test_every_scheme_loads_in_transformers_without_mono_quant(tmp_path: Path) -
 def test_quantization_config_names_formats_and_groups(tmp_path: Path) -> None:
     model = tiny_bert()
     mixed = mq.quantize(
-        mq.quantize(model, dtype="int4", group_size=32, layer_types=(nn.Linear,), exclude=("*.value",)).model,
+        mq.quantize(
+            model, dtype="int4", group_size=32, scheme="symmetric", layer_types=(nn.Linear,), exclude=("*.value",)
+        ).model,
         dtype="int8",
         include=("*.value",),
     ).model

@@ -118,10 +118,12 @@ def build_checked(
     config: QuantizationConfig,
     activation: ActivationQParams | None,
     x: torch.Tensor | None,
+    fit: Callable[[nn.Module, QuantizationConfig], Any] | None = None,
 ) -> tuple[QuantizedLayer | None, OutputCheck]:
     """The quantized layer for ``float_module`` that meets its output floor on ``x`` (or a probe), climbing the
     precision ladder; ``(None, check)`` when no rung does (the layer stays float, ``check.note`` says why).
-    A weight that quantizes to Inf/NaN raises ``QuantizationError`` naming layer ``name``.
+    A weight that quantizes to Inf/NaN raises ``QuantizationError`` naming layer ``name``. ``fit(module,
+    config)`` (``engine.weight_fitting``) gives the int4 rungs' weights where the class takes fitted ones.
 
     Example:
         >>> from mono_quant.modules import Int8Linear
@@ -131,7 +133,7 @@ def build_checked(
     """
     tried, kernel_notes = [], []
     reference = float_weight(float_module)
-    for label, build, rung_config in _ladder(float_module, cls, config):
+    for label, build, rung_config in _ladder(float_module, cls, config, fit):
         failures_before = len(check.failures())
         layer = build(float_module, rung_config, activation if rung_config.mode is Mode.STATIC else None)
         weight_db = weight_sqnr_db(name, reference, layer.dequantized_weight().reshape(reference.shape))
@@ -150,18 +152,21 @@ def build_checked(
 
 
 def _ladder(
-    module: nn.Module, cls: type[QuantizedLayer], config: QuantizationConfig
+    module: nn.Module, cls: type[QuantizedLayer], config: QuantizationConfig, fit: Any = None
 ) -> list[tuple[str, Builder, QuantizationConfig]]:
     """``(label, builder, config)`` rungs from the requested precision up."""
     first = layer_config(config, cls)
-    rungs: list[tuple[str, Builder, QuantizationConfig]] = [(_label(first), cls.from_float, first)]
+    build = cls.from_float
+    if fit is not None and first.dtype is QuantDtype.INT4 and hasattr(cls, "from_quantized"):
+        build = lambda m, c, _a: cls.from_quantized(m, c, fit(m, c))  # noqa: E731
+    rungs: list[tuple[str, Builder, QuantizationConfig]] = [(_label(first), build, first)]
     if issubclass(cls, QuantizedRecurrent):
         float_input = functools.partial(cls.from_float, float_first_input=True)
         rungs.append(("int8 with a float32 input matrix", float_input, first))
     if first.dtype is QuantDtype.INT4 and first.group_size > _FINEST_INT4_GROUP:
         finer = first.replace(group_size=_FINEST_INT4_GROUP)
         if cls.unsupported_reason(module, finer) is None:
-            rungs.append((_label(finer), cls.from_float, finer))
+            rungs.append((_label(finer), build, finer))
     if first.dtype is QuantDtype.INT4 or first.mode is Mode.STATIC:
         dynamic = first.replace(dtype=QuantDtype.INT8, mode=Mode.DYNAMIC)
         int8_cls, _ = quantized_class_for(module, dynamic)
@@ -172,7 +177,8 @@ def _ladder(
 
 def _label(config: QuantizationConfig) -> str:
     if config.dtype is QuantDtype.INT4:
-        return f"int4 group {config.group_size}"
+        fitted = "" if config.algorithm.value == "rtn" else f" {config.algorithm.value}"
+        return f"int4{fitted} group {config.group_size}"
     if config.dtype is QuantDtype.INT8:
         return f"int8 {config.mode.value}"
     return config.dtype.value

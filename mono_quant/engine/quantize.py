@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from mono_quant.algorithms.statistics import InputStatistics
 from mono_quant.batches import ForwardFn, first_batch
-from mono_quant.config import Mode, QuantizationConfig
+from mono_quant.config import Mode, QuantizationConfig, WeightAlgorithm
 from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
 from mono_quant.engine.calibration import Calibrator
 from mono_quant.engine.output_check import OutputCheck, build_checked, capture_inputs, recording_inputs
 from mono_quant.engine.report import LayerReport, QuantizationReport
 from mono_quant.engine.selection import calibrated_layers, coverage_warning, matches, select_layers
+from mono_quant.engine.weight_fitting import SequentialStatistics, fitter, input_groups
 from mono_quant.errors import CalibrationError, ConfigError, OutputCheckWarning, QuantizationError
 from mono_quant.graph.folding import fold_batchnorm_notes
 from mono_quant.graph.fused_graph import enable_fused_forward
@@ -48,6 +50,7 @@ def quantize(
     calibration_data: Any = None,
     forward_fn: ForwardFn | None = None,
     activation_qparams: Mapping[str, ActivationQParams] | None = None,
+    input_statistics: Mapping[str, InputStatistics] | None = None,
     **overrides: Any,
 ) -> QuantizationResult:
     """Quantize a copy of ``model`` (an ``nn.Module`` or a state_dict) per ``config`` and ``overrides``.
@@ -55,7 +58,9 @@ def quantize(
     ``config`` may also be a dtype name (``quantize(model, "int4")``).
 
     In static mode, ``activation_qparams`` (layer name -> ``ActivationQParams``, e.g. from a
-    ``Calibrator`` fed elsewhere) is used instead of calibrating on ``calibration_data``.
+    ``Calibrator`` fed elsewhere) is used instead of calibrating on ``calibration_data``. With
+    ``algorithm="gptq"``/``"awq"``, int4 Linear weights are fitted to ``calibration_data`` layer by layer
+    (``engine.weight_fitting``), or to ``input_statistics`` (layer name -> ``InputStatistics``) gathered elsewhere.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -99,15 +104,19 @@ def quantize(
     with recording_inputs(q_model, list(selection.chosen)) as inputs:  # for the output checks
         activations = _static_activations(q_model, config, calibration_data, forward_fn, activation_qparams)
     inputs = dict(inputs) or capture_inputs(q_model, list(selection.chosen), example, forward_fn)
+    statistics_for = _fitting_statistics(q_model, config, inputs, calibration_data, forward_fn, input_statistics)
+    order = [name for name in inputs if name in selection.chosen]  # call order: fitting corrects predecessors
     rows, quantized_numel = [], 0
     by_weight: dict[int, QuantizedLayer] = {}  # float weight -> its quantized layer (tied weights)
     moved_layers: dict[str, bool] = {}  # layer -> whether the output check moved it up a precision
-    for name, cls in selection.chosen.items():
+    for name in order + [name for name in selection.chosen if name not in inputs]:
+        cls = selection.chosen[name]
         module = modules.pop(name)  # drop every reference so its float weight is freed after the swap
         attachment = selection.attached.get(name)
         float_module = proxy_module(module, attachment) if attachment else module
+        fit = fitter(statistics_for, name) if statistics_for and not attachment else None
         quantized, checked = build_checked(
-            name, float_module, cls, config, activations.get(name), inputs.pop(name, None)
+            name, float_module, cls, config, activations.get(name), inputs.pop(name, None), fit
         )
         if quantized is None:
             selection.skipped[name] = Skip(SkipKind.OUTPUT_FLOOR, checked.note)
@@ -204,6 +213,32 @@ def _static_activations(
     calibrator = Calibrator(calibrated, config)
     calibrator.run(q_model, calibration_data, forward_fn)
     return calibrator.qparams()
+
+
+def _fitting_statistics(
+    q_model: nn.Module,
+    config: QuantizationConfig,
+    inputs: Mapping[str, torch.Tensor],
+    calibration_data: Any,
+    forward_fn: ForwardFn | None,
+    given: Mapping[str, InputStatistics] | None,
+) -> Callable[[str], InputStatistics] | None:
+    """Where fitted layers get their input statistics: ``given``, or gathered one group at a time."""
+    if config.algorithm is WeightAlgorithm.RTN:
+        return None
+    if given is not None:
+        def lookup(name: str) -> InputStatistics:
+            if name not in given:
+                raise CalibrationError(f"input_statistics has no entry for layer {name!r}")
+            return given[name]
+
+        return lookup
+    if calibration_data is None:
+        raise CalibrationError(
+            f"algorithm={config.algorithm.value!r} fits weights to data: pass calibration_data (a few batches of "
+            "real inputs) or input_statistics; algorithm='rtn' needs none"
+        )
+    return SequentialStatistics(q_model, input_groups(inputs), calibration_data, forward_fn, config).statistics
 
 
 def share_tied_tensors(first: nn.Module, second: nn.Module) -> None:

@@ -14,14 +14,12 @@ import torch
 from torch import nn
 
 from mono_quant import kernels
-from mono_quant.config import QuantDtype, QuantizationConfig, Scheme
+from mono_quant.config import Granularity, QuantDtype, QuantizationConfig, Scheme
 from mono_quant.kernels import choice
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, copy_bias, float_linear
 from mono_quant.modules.int4_weight import Int4Weight, group_size_for, no_group_reason
 from mono_quant.modules.registry import register
-from mono_quant.qparams import (
-    unpack_int4_words,
-)
+from mono_quant.qparams import QuantizedWeight, quantize_weight, unpack_int4_words
 
 _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 # Candidates above _DEQUANTIZE_MIN_ROWS rows on CPU: the packed int4 kernel (bf16 activations; its cost grows
@@ -70,8 +68,24 @@ class Int4Linear(Int4Weight, nn.Module, QuantizedLayer):
         cls, module: nn.Linear, config: QuantizationConfig, activation: ActivationQParams | None = None
     ) -> Int4Linear:
         group = group_size_for(module.in_features, config.group_size)
-        layer = cls(module.in_features, module.out_features, module.bias is not None, group, config.scheme)
-        layer.store_int4(module.weight, config)
+        weight = quantize_weight(module.weight, 4, config.scheme, Granularity.PER_GROUP, group)
+        return cls.from_quantized(module, config, weight)
+
+    @classmethod
+    def from_quantized(cls, module: nn.Linear, config: QuantizationConfig, weight: QuantizedWeight) -> Int4Linear:
+        """The layer holding ``weight``: int4 values and group scales fitted elsewhere (GPTQ, AWQ).
+
+        Example:
+            >>> from mono_quant.qparams import quantize_weight
+            >>> w = quantize_weight(torch.randn(8, 64), 4, Scheme.ASYMMETRIC, Granularity.PER_GROUP, 32)
+            >>> layer = Int4Linear.from_quantized(nn.Linear(64, 8), QuantizationConfig(dtype="int4"), w)
+            >>> layer.group_size, layer.scheme.value
+            (32, 'asymmetric')
+        """
+        group = module.in_features // weight.scale.shape[1]
+        scheme = Scheme.SYMMETRIC if weight.zero_point is None else Scheme.ASYMMETRIC
+        layer = cls(module.in_features, module.out_features, module.bias is not None, group, scheme)
+        layer.store_quantized(weight)
         layer.bias = copy_bias(module)
         return layer
 

@@ -80,7 +80,10 @@ class Int4Weight:
 
     def store_int4(self: Any, weight: torch.Tensor, config: QuantizationConfig) -> None:
         """Quantize a float ``[rows, cols]`` weight into the buffers (groups of ``self.group_size``)."""
-        qw = quantize_weight(weight, 4, config.scheme, Granularity.PER_GROUP, self.group_size)
+        self.store_quantized(quantize_weight(weight, 4, config.scheme, Granularity.PER_GROUP, self.group_size))
+
+    def store_quantized(self: Any, qw: QuantizedWeight) -> None:
+        """Hold ``qw``'s int4 values (packed), group scales and zero points."""
         self.weight_packed = pack_int4_words(qw.data)
         self.weight_scale = qw.scale
         self.weight_zero_point = qw.zero_point

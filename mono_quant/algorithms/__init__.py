@@ -1,0 +1,1 @@
+"""Data-driven weight rounding: input statistics, GPTQ, activation-aware clipping and scaling (AWQ)."""
