@@ -26,6 +26,7 @@ from mono_quant.config import (
 from mono_quant.engine.calibration import Calibrator
 from mono_quant.engine.dequantize import dequantize
 from mono_quant.engine.fidelity import FidelityReport, compare, output_tensor
+from mono_quant.engine.fitting_statistics import StatisticsCollector, fitted_layers
 from mono_quant.engine.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize
 from mono_quant.engine.report import LayerReport, QuantizationReport
 from mono_quant.engine.selection import Selection, calibrated_layers, select_layers
@@ -53,6 +54,7 @@ __all__ = [
     "QuantizedTensor",
     "Selection",
     "calibrated_layers",
+    "fitted_layers",
     "output_tensor",
     "parse_dtype",
     "parse_enum",
@@ -84,6 +86,7 @@ __all__ = [
     "Scheme",
     "WeightAlgorithm",
     "SerializationError",
+    "StatisticsCollector",
     "__version__",
     "compare",
     "dequantize",

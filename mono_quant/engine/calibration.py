@@ -38,8 +38,6 @@ class _ModeHandle:
 DEFAULT_BATCH_LIMIT = QuantizationConfig().calibration_batches
 
 
-
-
 class _WeightInputObserver(TorchFunctionMode):
     """Feeds an observer the input of every linear/conv/matmul call whose weight is a watched tensor
     (or a view of one, such as ``weight.T``), wherever in the model the call is made."""
@@ -115,22 +113,12 @@ class Calibrator:
             >>> cal.run(model, (torch.randn(1, 4) for _ in itertools.count()))
             5
         """
-        feed = forward_fn or default_forward
         limit = self.config.calibration_batches if max_batches is None else max_batches
-        count = 0
         self.attach()
         try:
-            with torch.inference_mode(), eval_mode(model):
-                for batch in iterate_batches(data):
-                    if limit is not None and count >= limit:
-                        break
-                    _feed_one(feed, model, batch, count, forward_fn is not None)
-                    count += 1
+            return feed_batches(model, data, forward_fn, limit)
         finally:
             self.detach()
-        if count == 0:
-            raise CalibrationError("calibration_data is empty; pass at least one batch")
-        return count
 
     def qparams(self, scheme: Scheme | None = None) -> dict[str, ActivationQParams]:
         """Per-layer activation parameters; raises naming every layer the data never reached."""
@@ -179,14 +167,42 @@ class Calibrator:
         if missing:
             raise CalibrationError(f"observer state has no entry for layer(s) {missing}")
         for name, observer in self.observers.items():
-            _check_observer_state(name, state[name], observer.state_dict())
+            check_state(name, state[name], observer.state_dict())
         for name, observer in self.observers.items():
             observer.load_state_dict(dict(state[name]))
 
 
-def _check_observer_state(layer: str, state: Any, expected: Mapping[str, torch.Tensor]) -> None:
-    """A ``CalibrationError`` naming the layer and key when ``state`` is not shaped like ``expected``."""
-    where = f"observer state [{layer!r}]"
+def feed_batches(model: nn.Module, data: Any, forward_fn: ForwardFn | None, limit: int | None) -> int:
+    """Feed at most ``limit`` batches of ``data`` through ``model`` (eval mode, no grad); returns the count.
+
+    A batch the model cannot take raises ``CalibrationError`` naming it; no batch at all raises too.
+
+    Example:
+        >>> feed_batches(nn.Linear(4, 2), [torch.randn(3, 4)] * 5, None, 2)
+        2
+    """
+    feed, count = forward_fn or default_forward, 0
+    with torch.inference_mode(), eval_mode(model):
+        for batch in iterate_batches(data):
+            if limit is not None and count >= limit:
+                break
+            _feed_one(feed, model, batch, count, forward_fn is not None)
+            count += 1
+    if count == 0:
+        raise CalibrationError("calibration_data is empty; pass at least one batch")
+    return count
+
+
+def check_state(layer: str, state: Any, expected: Mapping[str, torch.Tensor], what: str = "observer state") -> None:
+    """A ``CalibrationError`` naming ``what``, the layer and key when ``state`` is not shaped like ``expected``.
+
+    Example:
+        >>> check_state("fc", {"rows": torch.tensor(-1)}, {"rows": torch.tensor(0)}, "input statistics")
+        Traceback (most recent call last):
+        ...
+        mono_quant.errors.CalibrationError: input statistics ['fc']['rows'] is -1; expected a count >= 0
+    """
+    where = f"{what} [{layer!r}]"
     if not isinstance(state, Mapping) or set(state) != set(expected):
         got = sorted(map(str, state)) if isinstance(state, Mapping) else f"a {type(state).__name__}"
         raise CalibrationError(f"{where} has {got}; expected the keys {sorted(expected)}")
@@ -205,8 +221,8 @@ def _check_observer_state(layer: str, state: Any, expected: Mapping[str, torch.T
                 f"{where}[{key!r}] is {got}; expected a {kind} tensor of shape {list(reference.shape)} "
                 "(statistics saved by a different observer or library version?)"
             )
-        if key == "batches" and int(value) < 0:
-            raise CalibrationError(f"{where}['batches'] is {int(value)}; expected a count >= 0")
+        if key in ("batches", "rows") and int(value) < 0:
+            raise CalibrationError(f"{where}[{key!r}] is {int(value)}; expected a count >= 0")
 
 
 def _feed_one(feed: ForwardFn, model: nn.Module, batch: Any, index: int, custom: bool) -> None:
@@ -225,5 +241,3 @@ def _feed_one(feed: ForwardFn, model: nn.Module, batch: Any, index: int, custom:
                 "pass forward_fn=lambda model, batch: model(...) to feed batches of this form"
             )
         raise CalibrationError(message) from err
-
-
