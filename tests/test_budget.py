@@ -299,6 +299,17 @@ def test_bad_eval_fn_raises_clearly_and_leaves_the_model_untouched(eval_fn, matc
         ({"ladder": "int8"}, r"must be a sequence"),
         ({"ladder": ("float",)}, r"no quantized rung"),
         ({"ladder": ("int8", "float"), "config": INT4}, r"config.dtype='int4' is not a rung"),
+        ({"ladder": ("int4-gptq", "int4-awq", "float")}, r"no rung repeated"),
+        ({"ladder": ("int4-gptq", "int4", "float")}, r"must go from lowest to highest precision"),
+        ({"ladder": ("int4-rtn", "float")}, r"unknown rung 'int4-rtn'.*'int4-gptq'"),
+        (
+            {"ladder": ("int4", "int8", "float"), "config": INT4.replace(algorithm="gptq")},
+            r"config.dtype='int4' with algorithm='gptq' \(rung 'int4-gptq'\) is not a rung",
+        ),
+        (
+            {"ladder": ("int4", "int4-gptq", "float"), "config": INT4, "sensitivity_data": None},
+            r"ladder rung 'int4-gptq' fits int4 weights to data: pass calibration_data",
+        ),
         ({"max_drop": -0.1}, r"max_drop=-0.1 must be >= 0"),
         ({"max_drop": math.nan}, r"max_drop=nan must be a finite number"),
         ({"drop_type": "percent"}, r"drop_type='percent'"),
@@ -356,3 +367,70 @@ def test_quantization_result_of_a_cnn_with_a_quantized_conv_and_a_moved_layer(di
     assert result.report.skipped == {"1": "folded into 0", "4": "kept in float by the accuracy budget"}
     assert result.report.warning.startswith("only 1% of the matmul weights were quantized")
     assert result.model is budget.model
+
+
+# ----------------------------------------------------------------------------- the fitted int4 rung
+
+
+FITTED_LADDER = ("int4", "int4-gptq", "int8", "float")
+
+
+def test_int4_gptq_rung_fits_moved_layers_to_the_float_models_inputs(trained, digits):
+    """Layers moved to "int4-gptq" stay 4-bit, are GPTQ-fitted to statistics of the float model's inputs on
+    calibration_data (exactly the weights quantize builds from those statistics), and the fitted rung alone
+    brings back what plain int4 lost here."""
+    x_train, _, x_test, y_test = digits
+    accuracy = _accuracy_fn(x_test, y_test)
+    snapshot, modules = _snapshot(trained), [type(m) for m in trained.modules()]
+    calibration = list(x_train[:512].split(64))
+    result = mq.quantize_with_budget(
+        trained, accuracy, config=INT4, ladder=FITTED_LADDER, max_drop=BUDGET, calibration_data=calibration
+    )
+    print(result.report)
+    assert result.float_score - result.quantized_score > BUDGET  # plain int4 broke the budget
+    assert result.reached and result.drop <= BUDGET
+    fitted = [name for name, rung in result.precisions.items() if rung == "int4-gptq"]
+    assert fitted and result.moves  # the search used the fitted rung
+    assert all(f"{name} int4 -> int4-gptq" in str(result.report) for name in fitted)
+
+    gptq = INT4.replace(algorithm="gptq")
+    collector = mq.StatisticsCollector(mq.fitted_layers(trained, gptq), gptq)
+    collector.run(trained, calibration)
+    reference = mq.quantize(trained, gptq, input_statistics=collector.statistics()).model
+    rounded = mq.quantize(trained, INT4).model
+    for name in fitted:
+        layer = result.model.get_submodule(name)
+        assert isinstance(layer, Int4Linear)
+        expected, rtn = reference.get_submodule(name).state_dict(), rounded.get_submodule(name).state_dict()
+        assert all(torch.equal(value, expected[key]) for key, value in layer.state_dict().items()), name
+        assert any(not torch.equal(value, rtn[key]) for key, value in layer.state_dict().items()), name
+    _assert_untouched(trained, snapshot, modules)
+
+
+def test_int4_gptq_rung_takes_given_statistics_and_names_missing_layers(trained, digits):
+    x_train, _, x_test, y_test = digits
+    gptq = INT4.replace(algorithm="gptq")
+    collector = mq.StatisticsCollector(mq.fitted_layers(trained, gptq), gptq)
+    collector.run(trained, x_train[:256])
+    statistics = collector.statistics()
+    # The search starts at the fitted rung: every layer GPTQ-fitted from the given statistics, no data needed for it.
+    result = mq.quantize_with_budget(
+        trained,
+        _accuracy_fn(x_test, y_test),
+        config=gptq,
+        ladder=("int4-gptq", "int8", "float"),
+        max_drop=1.0,
+        sensitivity_data=x_test[:64],
+        input_statistics=statistics,
+    )
+    assert result.evaluations == 2 and set(result.precisions.values()) == {"int4-gptq"}
+    expected = mq.quantize(trained, gptq, input_statistics=statistics).model
+    for name in result.precisions:
+        got, want = result.model.get_submodule(name).state_dict(), expected.get_submodule(name).state_dict()
+        assert all(torch.equal(value, want[key]) for key, value in got.items()), name
+    del statistics["2"]
+    with pytest.raises(mq.CalibrationError, match=r"input_statistics has no entry for layer\(s\) \['2'\].*'int4-gptq'"):
+        mq.quantize_with_budget(
+            trained, _accuracy_fn(x_test, y_test), config=gptq, ladder=("int4-gptq", "float"),
+            sensitivity_data=x_test[:64], input_statistics=statistics,
+        )  # fmt: skip

@@ -31,16 +31,21 @@ from typing import Any
 
 from torch import nn
 
+from mono_quant.algorithms.statistics import InputStatistics
 from mono_quant.batches import ForwardFn
 from mono_quant.budget.report import FLOAT, BudgetResult
 from mono_quant.budget.rules import (
+    FITTED_RUNGS,
     EvalFn,
     parse_ladder,
+    rung_dtype,
+    rung_of,
 )
 from mono_quant.budget.search import Search
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig
 from mono_quant.copying import eval_mode
 from mono_quant.engine.calibration import Calibrator
+from mono_quant.engine.fitting_statistics import StatisticsCollector, fitted_layers
 from mono_quant.engine.selection import calibrated_layers, select_layers
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError
 from mono_quant.modules import ActivationQParams
@@ -63,6 +68,7 @@ def quantize_with_budget(
     sensitivity_data: Any = None,
     forward_fn: ForwardFn | None = None,
     activation_qparams: Mapping[str, ActivationQParams] | None = None,
+    input_statistics: Mapping[str, InputStatistics] | None = None,
 ) -> BudgetResult:
     """Quantize a copy of ``model`` keeping the score drop within ``max_drop``, moving the most sensitive
     layers up ``ladder`` (see the module docstring for the algorithm and its cost).
@@ -73,8 +79,12 @@ def quantize_with_budget(
     layer starts at the lowest rung that supports it. ``sensitivity_data`` (default:
     ``calibration_data``, same formats, fed with ``forward_fn``) ranks the layers. With a static int8
     rung, ``activation_qparams`` (layer name -> ``ActivationQParams``, e.g. ``Calibrator.qparams()`` from
-    statistics gathered elsewhere) replaces the calibration on ``calibration_data``. The input model is
-    never modified.
+    statistics gathered elsewhere) replaces the calibration on ``calibration_data``. A fitted rung
+    (``"int4-gptq"``/``"int4-awq"``: int4 Linear weights fitted to data, between ``"int4"`` and ``"int8"``) fits
+    to ``input_statistics`` (layer name -> ``InputStatistics``, e.g. from a ``StatisticsCollector``) or else to
+    statistics of the float model's inputs collected once on ``calibration_data`` (default: ``sensitivity_data``).
+    ``config``'s dtype and algorithm name its rung (``"int4-gptq"`` for ``dtype="int4", algorithm="gptq"``). The
+    input model is never modified.
 
     Example:
         >>> import torch
@@ -96,16 +106,25 @@ def quantize_with_budget(
     config = config if config is not None else QuantizationConfig()
     if not isinstance(config, QuantizationConfig):
         raise ConfigError(f"config of type {type(config).__name__} is not supported; expected a QuantizationConfig")
-    if config.dtype.value not in rungs:
+    if rung_of(config) not in rungs:
+        given = f"config.dtype={config.dtype.value!r}"
+        if rung_of(config) != config.dtype.value:
+            given += f" with algorithm={config.algorithm.value!r} (rung {rung_of(config)!r})"
         raise ConfigError(
-            f"config.dtype={config.dtype.value!r} is not a rung of ladder={rungs!r}; the search starts every layer "
-            f"at the ladder's first rung, e.g. ladder=({config.dtype.value!r}, 'float')"
+            f"{given} is not a rung of ladder={rungs!r}; the search starts every layer at the ladder's first rung, "
+            f"e.g. ladder=({rung_of(config)!r}, 'float')"
         )
     configs = {rung: _rung_config(config, rung) for rung in rungs if rung != FLOAT}
     choices = _layer_rungs(model, configs, rungs)
     if not choices:
         raise QuantizationError(f"no layer of the model can be quantized with config={config} and ladder={rungs!r}")
     data = sensitivity_data if sensitivity_data is not None else calibration_data
+    fitted = [rung for rung in rungs if rung in FITTED_RUNGS]
+    if fitted and input_statistics is None and data is None:
+        raise ConfigError(
+            f"ladder rung {fitted[0]!r} fits int4 weights to data: pass calibration_data (or sensitivity_data), a "
+            f"few batches of real inputs, or input_statistics; or use the rung 'int4' (round to nearest)"
+        )
     if data is None:
         raise ConfigError(
             "quantize_with_budget needs sensitivity_data (or calibration_data) to rank layers: a few batches of "
@@ -116,6 +135,9 @@ def quantize_with_budget(
         search.qparams = _calibrate(model, configs, choices, calibration_data, forward_fn)
     else:
         search.qparams = _given_qparams(model, configs, choices, activation_qparams)
+    if fitted:
+        fit_data = calibration_data if calibration_data is not None else data
+        search.statistics = _input_statistics(model, configs, choices, input_statistics, fit_data, forward_fn)
     return search.run(data, max_evals, time_budget_s, started)
 
 
@@ -154,10 +176,10 @@ def _rung_config(config: QuantizationConfig, rung: str) -> QuantizationConfig:
     The search itself moves layers between rungs by the user's metric, so ``quantize``'s output floors only
     measure here (``min_output_sqnr_db=-inf``) unless the config sets one.
     """
-    dtype = QuantDtype(rung)
+    dtype, algorithm = rung_dtype(rung)
     mode = Mode.WEIGHT_ONLY if dtype is QuantDtype.INT4 and config.mode is Mode.STATIC else config.mode
     floor = -math.inf if config.min_output_sqnr_db is None else config.min_output_sqnr_db
-    return config.replace(dtype=dtype, mode=mode, min_output_sqnr_db=floor)
+    return config.replace(dtype=dtype, mode=mode, min_output_sqnr_db=floor, algorithm=algorithm)
 
 
 def _layer_rungs(
@@ -193,6 +215,41 @@ def _calibrate(
         calibrator = Calibrator(layers, config)
         calibrator.run(model, calibration_data, forward_fn)
     return calibrator.qparams()
+
+
+def _input_statistics(
+    model: nn.Module,
+    configs: Mapping[str, QuantizationConfig],
+    choices: Mapping[str, tuple[str, ...]],
+    given: Mapping[str, InputStatistics] | None,
+    data: Any,
+    forward_fn: ForwardFn | None,
+) -> dict[str, InputStatistics]:
+    """Input statistics of every searched layer a fitted rung fits: ``given`` (checked), or collected on the float
+    model from ``data``. The rung whose layers lack statistics is named in the error."""
+    rungs = [rung for rung in configs if rung in FITTED_RUNGS]
+    layers = {
+        name: layer
+        for rung in rungs
+        for name, layer in fitted_layers(model, configs[rung]).items()
+        if rung in choices.get(name, ())
+    }
+    if given is not None:
+        if not isinstance(given, Mapping):
+            raise ConfigError(
+                f"input_statistics of type {type(given).__name__} is not supported; expected a mapping of layer "
+                "name -> InputStatistics (e.g. StatisticsCollector.statistics())"
+            )
+        missing = sorted(set(layers) - set(given))
+        if missing:
+            raise CalibrationError(f"input_statistics has no entry for layer(s) {missing} of ladder rung {rungs[0]!r}")
+        return dict(given)
+    collector = StatisticsCollector(layers, configs[rungs[0]])
+    collector.run(model, data, forward_fn)
+    try:
+        return collector.statistics()
+    except CalibrationError as err:
+        raise CalibrationError(f"ladder rung {rungs[0]!r}: {err}") from None
 
 
 def _given_qparams(

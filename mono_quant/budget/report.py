@@ -119,7 +119,8 @@ class BudgetReport:
                 "BudgetReport.to_png needs matplotlib; install it with: pip install 'mono-quant[plot]'"
             ) from err
         rows = [row for row in self.rows() if row[2] is not None]  # ranked layers
-        colours = {"int4": "tab:red", "int8": "tab:orange", "fp16": "tab:cyan", "bf16": "tab:blue", FLOAT: "tab:green"}
+        colours = {"int4": "tab:red", "int4-gptq": "tab:pink", "int4-awq": "tab:purple", "int8": "tab:orange"}
+        colours.update({"fp16": "tab:cyan", "bf16": "tab:blue", FLOAT: "tab:green"})
         figure = Figure(figsize=(7, 1.5 + 0.3 * max(len(rows), 1)))
         axes = figure.add_subplot()
         if rows:

@@ -14,13 +14,16 @@ import torch
 from torch import nn
 
 from mono_quant.budget.report import FLOAT
-from mono_quant.config import parse_dtype
+from mono_quant.config import QuantDtype, QuantizationConfig, WeightAlgorithm, parse_dtype
 from mono_quant.errors import ConfigError, QuantizationError
 
 SENSITIVITY_POOL = 1024  # items read from the sensitivity data (whole batches)
 SENSITIVITY_ITEMS = 128  # items of the pool on which layers are ranked
 FLOAT_NAMES = frozenset({"float", "float32", "fp32"})
-RUNG_BITS = {"int4": 4, "int8": 8, "fp16": 16, "bf16": 16, FLOAT: 32}
+# int4 weights fitted to data (config.algorithm); "int4" itself rounds to nearest. A fitted rung sits between int4
+# and int8: same bits as int4, a better fit; a ladder holds at most one of them.
+FITTED_RUNGS = {"int4-gptq": WeightAlgorithm.GPTQ, "int4-awq": WeightAlgorithm.AWQ}
+RUNG_BITS = {"int4": 4, "int4-gptq": 4.5, "int4-awq": 4.5, "int8": 8, "fp16": 16, "bf16": 16, FLOAT: 32}
 
 EvalFn = Callable[[nn.Module], Any]
 
@@ -35,6 +38,8 @@ def parse_ladder(ladder: Sequence[Any]) -> tuple[str, ...]:
     Example:
         >>> parse_ladder(("INT4", torch.qint8, "fp32"))
         ('int4', 'int8', 'float')
+        >>> parse_ladder(("int4", "int4-GPTQ", "int8", "float"))
+        ('int4', 'int4-gptq', 'int8', 'float')
         >>> parse_ladder(("int8", "int4"))
         Traceback (most recent call last):
         ...
@@ -49,22 +54,49 @@ def parse_ladder(ladder: Sequence[Any]) -> tuple[str, ...]:
         if (isinstance(rung, str) and rung.lower() in FLOAT_NAMES) or rung is torch.float32:
             rungs.append(FLOAT)
             continue
+        if isinstance(rung, str) and rung.lower() in FITTED_RUNGS:
+            rungs.append(rung.lower())
+            continue
         try:
             rungs.append(parse_dtype(rung).value)
         except ConfigError:
             raise ConfigError(
-                f"ladder={tuple(ladder)!r} has unknown rung {rung!r}; expected some of 'int4', 'int8', 'fp16', "
-                "'bf16', 'float'"
+                f"ladder={tuple(ladder)!r} has unknown rung {rung!r}; expected some of 'int4', 'int4-gptq', "
+                "'int4-awq', 'int8', 'fp16', 'bf16', 'float'"
             ) from None
     bits = [RUNG_BITS[r] for r in rungs]
     if any(a >= b for a, b in pairwise(bits)):
         raise ConfigError(
             f"ladder={tuple(rungs)!r} must go from lowest to highest precision with no rung repeated "
-            "(int4 < int8 < fp16/bf16 < float)"
+            "(int4 < int4-gptq/int4-awq < int8 < fp16/bf16 < float)"
         )
     if rungs == [FLOAT]:
         raise ConfigError("ladder=('float',) has no quantized rung; add e.g. 'int8' before 'float'")
     return tuple(rungs)
+
+
+def rung_of(config: QuantizationConfig) -> str:
+    """The ladder rung ``config`` quantizes at: its dtype, or ``"int4-gptq"``/``"int4-awq"`` for fitted int4.
+
+    Example:
+        >>> rung_of(QuantizationConfig(dtype="int4", algorithm="gptq")), rung_of(QuantizationConfig())
+        ('int4-gptq', 'int8')
+    """
+    if config.dtype is QuantDtype.INT4 and config.algorithm is not WeightAlgorithm.RTN:
+        return f"int4-{config.algorithm.value}"
+    return config.dtype.value
+
+
+def rung_dtype(rung: str) -> tuple[QuantDtype, WeightAlgorithm]:
+    """The dtype and weight algorithm of a (parsed) quantized rung.
+
+    Example:
+        >>> rung_dtype("int4-gptq")
+        (<QuantDtype.INT4: 'int4'>, <WeightAlgorithm.GPTQ: 'gptq'>)
+    """
+    if rung in FITTED_RUNGS:
+        return QuantDtype.INT4, FITTED_RUNGS[rung]
+    return QuantDtype(rung), WeightAlgorithm.RTN
 
 
 def accuracy_drop(

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.algorithms.statistics import InputStatistics
 from mono_quant.batches import ForwardFn, default_forward, iterate_batches
 from mono_quant.budget.report import FLOAT, BudgetReport, BudgetResult, BudgetStep, SensitivityRow
 from mono_quant.budget.rules import (
@@ -52,6 +53,7 @@ class Search:
         self.higher_is_better, self.drop_type, self.max_drop = higher_is_better, drop_type, max_drop
         self.feed = forward_fn or default_forward
         self.qparams: dict[str, ActivationQParams] | None = None
+        self.statistics: dict[str, InputStatistics] | None = None  # for the fitted int4 rungs
         self.evaluations = 0
         self.batches: list[Any] = []
         self.references: list[torch.Tensor] = []
@@ -72,7 +74,12 @@ class Search:
         for rung, config in self.configs.items():
             names = tuple(glob_literal(name) for name, r in assignment.items() if r == rung)
             if names:
-                result = quantize(q_model, config.replace(include=names), activation_qparams=self.qparams)
+                result = quantize(
+                    q_model,
+                    config.replace(include=names),
+                    activation_qparams=self.qparams,
+                    input_statistics=self.statistics,
+                )
                 q_model, rows = result.model, rows + result.report.layers
         return (copy.deepcopy(self.model).eval() if q_model is self.model else q_model), rows
 
