@@ -82,12 +82,25 @@ class QuantizationCallback(Callback):
             input of the first validation batch) and/or ``"hf"`` (``model.quant.hf/``, for a transformers model inside
             the module): artifacts that load without mono-quant, written beside the fit-end file.
         observer, include, exclude: shortcuts for the same ``QuantizationConfig`` fields.
-        calibration_batches: batches of each validation epoch (per process) that feed the observers; also the
-            batches of the fidelity comparison and the fallback's ranking.
-        calibration_dataloader: calibrate on this data (e.g. a training subset) instead of validation batches.
+        calibration_batches: batches of each validation epoch (per process) that feed the observers (and the input
+            statistics of fitted int4 weights); also the batches of the fidelity comparison and the fallback's ranking.
+        calibration_dataloader: calibrate (or fit int4 weights) on this data (e.g. a training subset) instead of
+            validation batches.
         batch_fn: optional override ``batch -> (inputs, target)``: ``metric`` and fidelity then feed
             ``model(inputs)`` instead of using the forward inside ``validation_step``.
         verbose: report through Lightning's ``rank_zero_info`` (the report table, fidelity, the gate).
+
+    **Fitted int4 weights.** With ``config=mono_quant.QuantizationConfig(dtype="int4", algorithm="gptq")`` (or
+    ``"awq"``), or a fitted rung such as ``"int4-gptq"`` on ``fallback_ladder``, the callback collects the input
+    statistics (``InputStatistics``: ``X^T X``, mean and max ``|x|`` per input feature) of every int4 Linear layer on
+    the same validation batches the observers see (the last completed fit validation epoch, all-reduced across
+    processes so every rank fits the identical model), keeps them in its checkpoint state, and fits the int4
+    weights to them at fit end (``mono_quant.quantize(..., input_statistics=...)``); ``calibration_dataloader``
+    replaces the validation batches. Memory: the statistics of **all** int4 Linear layers are alive at once, in
+    float64 on the CPU and in the checkpoint: ``8 K^2`` bytes per layer with ``K`` inputs (128 MiB for a 4096-wide
+    layer, 0.9 GiB for an 11008-wide one; a decoder with hundreds of such layers needs tens of GiB); narrow the
+    layers with ``exclude`` or use ``algorithm="rtn"`` when that does not fit. The statistics are those of the float
+    model's inputs (not sequential GPTQ, where each layer sees the already quantized layers before it).
 
     Configuration errors that can be known before training (no validation data for static mode, ``monitor`` or
     ``metric``; an ``export_dir`` that is a file or not writable; int4 where no layer gets 4 bits; a
@@ -160,7 +173,9 @@ class QuantizationCallback(Callback):
             batch_fn=batch_fn,
             verbose=verbose,
         )
-        self.observation = Observation(self.options.config, self.options.calibration_batches)
+        self.observation = Observation(
+            self.options.config, self.options.calibration_batches, self.options.calibrates, self.options.fits
+        )
         self.outcome: FitEndOutcome | None = None
         # the gate's direction, learned at the first fit validation when the module logs ``monitor`` as a Metric
         self._higher_is_better: bool | None = None if self.metric is None else bool(self.metric.higher_is_better)
@@ -210,13 +225,18 @@ class QuantizationCallback(Callback):
         return self._generate_state_key(dtype=self.dtype.value, observer=self.config.observer.value)
 
     def state_dict(self) -> dict[str, Any]:
-        """The last validation epoch's observer statistics, as plain tensors (``weights_only``-loadable).
+        """The last validation epoch's observer statistics and (int4 ``gptq``/``awq``) input statistics, as plain
+        tensors (``weights_only``-loadable).
 
         Example:
             >>> QuantizationCallback().state_dict()
-            {'observer': 'minmax', 'statistics': None}
+            {'observer': 'minmax', 'statistics': None, 'input_statistics': None}
         """
-        return {"observer": self.config.observer.value, "statistics": self.observation.state_dict()}
+        return {
+            "observer": self.config.observer.value,
+            "statistics": self.observation.state_dict(),
+            "input_statistics": self.observation.inputs_state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore statistics saved by ``state_dict`` (applied once the model is known, in ``setup``).
@@ -231,12 +251,14 @@ class QuantizationCallback(Callback):
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("observer", ""), str):
             raise mq.CalibrationError(
                 f"QuantizationCallback: the checkpoint's callback state {reprlib.repr(state_dict)} is not what "
-                "state_dict() writes ({'observer': name, 'statistics': per-layer tensors or None})"
+                "state_dict() writes ({'observer': name, 'statistics': per-layer tensors or None, "
+                "'input_statistics': per-layer tensors or None})"
             )
         if state_dict.get("observer", self.config.observer.value) != self.config.observer.value:
             warn(f"checkpoint statistics come from observer={state_dict['observer']!r}; ignoring them")
             return
         self.observation.pending = state_dict.get("statistics")
+        self.observation.pending_inputs = state_dict.get("input_statistics")  # absent in older checkpoints
         self.observation.apply_pending(self._module)
 
     # ------------------------------------------------------------------ hooks
@@ -319,7 +341,7 @@ class QuantizationCallback(Callback):
 
     def _observes_validation(self, trainer: Trainer) -> bool:
         return (
-            self.calibrates
+            (self.calibrates or self.options.fits)
             and self.calibration_dataloader is None
             and not trainer.sanity_checking
             and trainer.state.fn == TrainerFn.FITTING

@@ -15,6 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
 
 import mono_quant as mq
+from mono_quant.budget.rules import FITTED_RUNGS
 from mono_quant_lightning.batches import iterate
 from mono_quant_lightning.evaluation import Scores, evaluate, step_forward
 
@@ -40,13 +41,24 @@ def search(
     loaders: list[tuple[Any, float]],
     config: mq.QuantizationConfig,
     qparams: Any,
+    statistics: Any = None,
 ) -> mq.BudgetResult:
     """Run the budgeted search on ``module``; every rank returns the same moves (rank zero's).
+
+    A fitted rung (``"int4-gptq"``) fits to ``statistics``, the callback's input statistics (all-reduced, so the
+    same on every rank); without them it raises ``CalibrationError`` naming the rung.
 
     Example:
         >>> search.__name__
         'search'
     """
+    fitted = [rung for rung in search.ladder if rung in FITTED_RUNGS]
+    if fitted and statistics is None:
+        raise mq.CalibrationError(
+            f"QuantizationCallback(fallback_ladder={search.ladder}): the rung {fitted[0]!r} fits int4 weights to input "
+            "statistics, but none were collected (no fit validation epoch was observed); pass "
+            "calibration_dataloader=... or drop the rung"
+        )
     ranking = [move_data_to_device(b, "cpu") for _, _, b in iterate(loaders, search.ranking_batches)]
     ranking, qparams = trainer.strategy.broadcast((ranking, qparams), src=0)
     budget = mq.quantize_with_budget(
@@ -60,6 +72,7 @@ def search(
         sensitivity_data=ranking,
         forward_fn=step_forward(trainer, search.batch_fn),
         activation_qparams=qparams,
+        input_statistics=statistics,
     )
     moves, reached = trainer.strategy.broadcast((budget.moves, budget.reached), src=0)
     if (moves, reached) != (budget.moves, budget.reached):

@@ -14,6 +14,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 
 import mono_quant as mq
+from mono_quant.algorithms.statistics import InputStatistics
 from mono_quant_lightning import fallback
 from mono_quant_lightning.choices import OnViolation, QuantMode
 from mono_quant_lightning.evaluation import Scores, fidelity, step_forward
@@ -25,11 +26,13 @@ from mono_quant_lightning.options import CallbackOptions
 
 @dataclasses.dataclass(frozen=True)
 class Quantized:
-    """A quantized copy, the static activation parameters it used (``None`` unless static), and its seconds."""
+    """A quantized copy, the static activation parameters it used (``None`` unless static), its seconds, and the
+    input statistics for fitted int4 weights (``None`` unless the options fit weights)."""
 
     result: mq.QuantizationResult
     qparams: Any
     seconds: float
+    statistics: dict[str, InputStatistics] | None = None
 
 
 def gate_name(options: CallbackOptions) -> str:
@@ -79,6 +82,38 @@ def resolve_mode(
     return QuantMode.STATIC, qparams, f"mode='static' ({why}activation statistics from {source})"
 
 
+def input_statistics(
+    options: CallbackOptions, observation: Observation, module: LightningModule, trainer: Trainer | None
+) -> dict[str, InputStatistics] | None:
+    """Input statistics for fitted int4 weights: collected on ``calibration_dataloader`` now, else the last validation
+    epoch's; ``None`` when the options fit no weights. A config that fits weights but has no statistics raises.
+
+    Example:
+        >>> from torch import nn
+        >>> options = CallbackOptions.from_arguments(config=mq.QuantizationConfig(dtype="int4", algorithm="gptq"))
+        >>> input_statistics(options, Observation(options.config, 1, False, True), nn.Linear(128, 2), None)
+        Traceback (most recent call last):
+        ...
+        mono_quant.errors.CalibrationError: QuantizationCallback(config.algorithm='gptq') has no input statistics: ...
+    """
+    if not options.fits:
+        return None
+    collector = observation.inputs
+    if options.calibration_dataloader is not None:
+        collector = observation.collector(module)
+        feed = step_forward(trainer, options.batch_fn)
+        collector.run(module, options.calibration_dataloader, feed, max_batches=options.calibration_batches)
+    if collector is None:
+        if options.config.algorithm is mq.WeightAlgorithm.RTN:
+            return None  # only the fallback's fitted rung needs them; it says so if it gets that far
+        raise mq.CalibrationError(
+            f"QuantizationCallback(config.algorithm={options.config.algorithm.value!r}) has no input statistics: "
+            "no fit validation epoch was observed; pass calibration_dataloader=... to fit the int4 weights on other "
+            "data, or use algorithm='rtn'"
+        )
+    return collector.statistics()
+
+
 def quantize(
     options: CallbackOptions,
     observation: Observation,
@@ -96,11 +131,15 @@ def quantize(
         'Int8Linear'
     """
     mode, qparams, why = resolve_mode(options, observation, module, trainer)
+    statistics = input_statistics(options, observation, module, trainer)
     if announce:
-        info(f"quantizing an eval-mode copy of the module to {options.dtype.value} with {why}", options.verbose)
+        algorithm = options.config.algorithm
+        fitted = "" if algorithm is mq.WeightAlgorithm.RTN else f" ({algorithm.value} on {len(statistics)} layer(s))"
+        info(f"quantizing an eval-mode copy of the module to {options.dtype.value}{fitted} with {why}", options.verbose)
     started = time.perf_counter()
-    result = mq.quantize(module, options.config.replace(mode=mode.value), activation_qparams=qparams)
-    return Quantized(result, qparams, time.perf_counter() - started)
+    config = options.config.replace(mode=mode.value)
+    result = mq.quantize(module, config, activation_qparams=qparams, input_statistics=statistics)
+    return Quantized(result, qparams, time.perf_counter() - started, statistics)
 
 
 def direction(options: CallbackOptions, seen: dict[str, Any]) -> bool:
@@ -192,7 +231,8 @@ def search_fallback(
         metric=options.metric,
         batch_fn=options.batch_fn,
     )
-    budget = fallback.search(search, trainer, module, loaders, quantized.result.config, quantized.qparams)
+    config, qparams, statistics = quantized.result.config, quantized.qparams, quantized.statistics
+    budget = fallback.search(search, trainer, module, loaders, config, qparams, statistics)
     listed = ", ".join(f"{name} -> {rung}" for name, rung in budget.moves.items()) or "none"
     verdict = "reached" if budget.reached else "NOT reached"
     info(

@@ -17,27 +17,32 @@ from mono_quant import (
     ObserverKind,
     QuantDtype,
     QuantizationConfig,
+    WeightAlgorithm,
     parse_dtype,
     parse_enum,
     parse_ladder,
 )
+from mono_quant.budget.rules import FITTED_RUNGS, rung_of
 from mono_quant_lightning.batches import BatchFn
 from mono_quant_lightning.choices import MonitorMode, OnViolation, QuantizeOn, QuantMode
 from mono_quant_lightning.export_formats import parse_export_formats
 from mono_quant_lightning.gate import DropType
 
 
-def default_fallback_ladder(dtype: QuantDtype | str) -> tuple[str, ...]:
-    """The fallback ladder from ``dtype`` up to float: int4 passes through int8 on the way.
+def default_fallback_ladder(dtype: QuantDtype | str | QuantizationConfig) -> tuple[str, ...]:
+    """The fallback ladder from ``dtype`` (or a config's rung, e.g. ``"int4-gptq"``) up to float: int4 passes
+    through int8 on the way.
 
     Example:
         >>> default_fallback_ladder("int4"), default_fallback_ladder("int8"), default_fallback_ladder("bf16")
         (('int4', 'int8', 'float'), ('int8', 'float'), ('bf16', 'float'))
+        >>> default_fallback_ladder(QuantizationConfig(dtype="int4", algorithm="gptq"))
+        ('int4-gptq', 'int8', 'float')
     """
-    dtype = parse_dtype(dtype)
-    if dtype is QuantDtype.INT4:
-        return (QuantDtype.INT4.value, QuantDtype.INT8.value, FLOAT)
-    return (dtype.value, FLOAT)
+    rung = rung_of(dtype) if isinstance(dtype, QuantizationConfig) else parse_dtype(dtype).value
+    if rung.startswith(QuantDtype.INT4.value):
+        return (rung, QuantDtype.INT8.value, FLOAT)
+    return (rung, FLOAT)
 
 
 def bad_argument(argument: str, value: Any, problem: str) -> None:
@@ -64,15 +69,30 @@ def parse_quantize_on(value: Any) -> tuple[QuantizeOn, ...]:
     return parsed
 
 
-def parse_fallback_ladder(value: Any, dtype: QuantDtype) -> tuple[str, ...]:
+def parse_fallback_ladder(value: Any, config: QuantizationConfig) -> tuple[str, ...]:
+    """The fallback ladder: from ``config``'s rung up (default), or ``value`` checked to start there.
+
+    Example:
+        >>> parse_fallback_ladder(("int4", "int4-gptq", "int8"), QuantizationConfig(dtype="int4"))
+        ('int4', 'int4-gptq', 'int8')
+        >>> parse_fallback_ladder(("int4", "int8"), QuantizationConfig(dtype="int4", algorithm="awq"))
+        Traceback (most recent call last):
+        ...
+        mono_quant.errors.ConfigError: QuantizationCallback(fallback_ladder=('int4', 'int8')): fallback_ladder must \
+start at 'int4-awq' (dtype='int4', algorithm='awq'), the precision the gate tested
+    """
     if value is None:
-        return default_fallback_ladder(dtype)
+        return default_fallback_ladder(config)
     try:
         ladder = parse_ladder(tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else value)
     except ConfigError as err:
         raise ConfigError(f"QuantizationCallback(fallback_ladder={value!r}): {err}") from None
-    if ladder[0] != dtype.value:
-        bad_argument("fallback_ladder", value, f"must start at dtype={dtype.value!r}, the precision the gate tested")
+    rung = rung_of(config)
+    if ladder[0] != rung:
+        start = f"dtype={rung!r}" if rung == config.dtype.value else (
+            f"{rung!r} (dtype={config.dtype.value!r}, algorithm={config.algorithm.value!r})"
+        )  # fmt: skip
+        bad_argument("fallback_ladder", value, f"must start at {start}, the precision the gate tested")
     return ladder
 
 
@@ -211,6 +231,13 @@ class CallbackOptions:
         return self.dtype is QuantDtype.INT8 and self.mode in (QuantMode.AUTO, QuantMode.STATIC)
 
     @property
+    def fits(self) -> bool:
+        """Whether input statistics are collected: int4 weights fitted to data (``config.algorithm`` ``"gptq"`` or
+        ``"awq"``, or a fitted rung such as ``"int4-gptq"`` on the fallback ladder)."""
+        fitted_rung = self.on_violation is OnViolation.FALLBACK and any(r in FITTED_RUNGS for r in self.fallback_ladder)
+        return self.config.algorithm is not WeightAlgorithm.RTN or fitted_rung
+
+    @property
     def gated(self) -> bool:
         """Whether fit end scores float and quantized models (``monitor`` or ``metric``)."""
         return self.monitor is not None or self.metric is not None
@@ -258,7 +285,7 @@ class CallbackOptions:
             max_drop=_parse_max_drop(a["max_drop"]),
             drop_type=checked("drop_type", a["drop_type"], lambda v: parse_enum(DropType, v, "drop_type")),
             on_violation=violation,
-            fallback_ladder=parse_fallback_ladder(fallback_ladder, parsed_config.dtype),
+            fallback_ladder=parse_fallback_ladder(fallback_ladder, parsed_config),
             quantize_on=parse_quantize_on(a["quantize_on"]),
             export_dir=None if a["export_dir"] is None else Path(a["export_dir"]),
             export_formats=parse_export_formats(a["export_formats"]),

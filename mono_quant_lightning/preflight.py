@@ -56,10 +56,15 @@ def check_training_start(options: CallbackOptions, trainer: Trainer) -> None:
 
 
 def check_data(options: CallbackOptions, trainer: Trainer) -> None:
-    """Static mode (without ``calibration_dataloader``), ``monitor`` and ``metric`` need fit validation data."""
-    needs = []
+    """Static mode and int4 ``gptq``/``awq`` (without ``calibration_dataloader``), ``monitor`` and ``metric`` need fit
+    validation data."""
+    needs, instead = [], []
     if options.mode is QuantMode.STATIC and options.calibration_dataloader is None:
         needs.append("mode='static'")
+        instead.append("mode='dynamic'")
+    if options.config.algorithm is not mq.WeightAlgorithm.RTN and options.calibration_dataloader is None:
+        needs.append(f"config.algorithm={options.config.algorithm.value!r}")
+        instead.append("algorithm='rtn'")
     if options.monitor is not None:
         needs.append(f"monitor={options.monitor!r}")
     if options.metric is not None:
@@ -73,10 +78,11 @@ def check_data(options: CallbackOptions, trainer: Trainer) -> None:
     else:
         if val_loaders(trainer):
             return
+    alternatives = "pass calibration_dataloader=..., or use " + " / ".join(instead or ["mode='dynamic'"])
     raise mq.ConfigError(
         f"QuantizationCallback({', '.join(needs)}) needs validation data, but this fit has none (no val "
         f"dataloader, no validation_step, or limit_val_batches=0) for {_name(trainer.lightning_module)}; add a "
-        "validation dataloader, pass calibration_dataloader=..., or use mode='dynamic'"
+        f"validation dataloader, {alternatives}"
     )
 
 
