@@ -1,6 +1,7 @@
 """QuantizationCallback under ``Trainer(accelerator="cpu", devices=2, strategy="ddp")``, run in a subprocess.
 
 Checks: the all-reduced observer statistics equal one process observing the union of the validation data,
+int4 GPTQ input statistics are all-reduced so both ranks fit the identical model (that of one process on the union),
 exactly one file is written, a failing gate raises on both ranks without hanging, and
 ``on_violation="fallback"`` takes the same decisions on both ranks and writes one file.
 """
@@ -34,6 +35,7 @@ SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader, TensorDataset
     from torchmetrics.classification import MulticlassAccuracy
 
+    import mono_quant as mq
     from mono_quant_lightning import QuantizationCallback, QuantizationGateError
 
     out, case = Path(sys.argv[1]), sys.argv[2]
@@ -93,10 +95,12 @@ SCRIPT = textwrap.dedent(
     # 256 validation samples, batch 32: each rank gets 4 whole batches, no padding duplicates.
     train = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32)
     val = DataLoader(TensorDataset(x[1000:1256], y[1000:1256]), batch_size=32)
-    metric = MulticlassAccuracy(num_classes=10, average="micro") if case not in ("stats", "monitor") else None
+    metric = MulticlassAccuracy(num_classes=10, average="micro") if case not in ("stats", "monitor", "gptq") else None
     options = dict(dtype="int4", on_violation="fallback", max_drop=0.02) if case == "fallback" else {}
     if case == "monitor":
         options = dict(monitor="val_acc", max_drop=0.02)
+    if case == "gptq":
+        options = dict(config=mq.QuantizationConfig(dtype="int4", algorithm="gptq", group_size=32))
     cb = QuantizationCallback(**{**dict(observer="histogram", calibration_batches=100, metric=metric, max_drop=0.01,
                                         export_dir=out / "export", verbose=False), **options})
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, num_sanity_val_steps=0,
@@ -117,6 +121,9 @@ SCRIPT = textwrap.dedent(
         d = cb.decision
         seen = dict(float_score=d.float_score, quantized_score=d.quantized_score, passed=d.passed, drop=d.drop)
         (out / f"monitor_rank{trainer.global_rank}.json").write_text(json.dumps(seen))
+    if case == "gptq":
+        torch.save(cb.result.model.state_dict(), out / f"gptq_model_rank{trainer.global_rank}.pt")
+        torch.save(cb.state_dict()["input_statistics"], out / f"gptq_statistics_rank{trainer.global_rank}.pt")
     if trainer.global_rank == 0:
         torch.save(cb.state_dict()["statistics"], out / "ddp_statistics.pt")
     """
@@ -229,3 +236,38 @@ def _wrap(net: nn.Module) -> nn.Module:
     wrapper = nn.Module()
     wrapper.net = net
     return wrapper
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_gptq_fits_the_identical_model_on_every_rank(tmp_path):
+    from sklearn.datasets import load_digits
+
+    proc = run_ddp(tmp_path, "gptq")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    models = [torch.load(tmp_path / f"gptq_model_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    stats = [torch.load(tmp_path / f"gptq_statistics_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert sorted(models[0]) == sorted(models[1]) and "net.0.weight_packed" in models[0]
+    assert all(torch.equal(models[0][key], models[1][key]) for key in models[0])  # bit-identical on both ranks
+    assert all(torch.equal(stats[0][n][k], stats[1][n][k]) for n in stats[0] for k in stats[0][n])
+
+    # One process, the same seeded weights, the union of both ranks' validation data (256 rows).
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32)[1000:1256] / 16.0
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    wrapper = _wrap(net)
+    config = mq.QuantizationConfig(dtype="int4", algorithm="gptq", group_size=32)
+    collector = mq.StatisticsCollector(mq.fitted_layers(wrapper, config), config)
+    collector.run(wrapper.net, list(x.split(32)))
+    single = collector.state_dict()
+    assert sorted(stats[0]) == sorted(single) == ["net.0", "net.2"]
+    for layer, state in single.items():
+        assert int(stats[0][layer]["rows"]) == 256
+        for key in ("xtx", "abs_sum", "abs_max"):  # sums in another order: equal within float64 rounding
+            torch.testing.assert_close(stats[0][layer][key], state[key], rtol=1e-12, atol=1e-12)
+    reference = mq.quantize(wrapper, config, input_statistics=collector.statistics()).model.state_dict()
+    for key in ("net.0.weight_packed", "net.2.weight_packed"):
+        same = (models[0][key] == reference[key]).float().mean().item()
+        assert same > 0.99, (key, same)  # int32 words of 8 codes: a tie rounded differently flips one word
+    for key in ("net.0.weight_scale", "net.2.weight_scale"):
+        torch.testing.assert_close(models[0][key], reference[key])
