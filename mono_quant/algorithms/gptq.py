@@ -27,7 +27,14 @@ BLOCK = 128
 
 
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, bits: int, scheme: Scheme, group_size: int, damp: float = DAMP
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    scheme: Scheme,
+    group_size: int,
+    damp: float = DAMP,
+    static_groups: QuantizedWeight | None = None,
+    act_order: bool = False,
 ) -> QuantizedWeight:
     """Group-wise ``bits``-bit values and scales for ``weight`` (``[rows, cols]``) that minimize the output
     error under ``hessian`` (``[cols, cols]``, e.g. ``InputStatistics.hessian()``).
@@ -54,8 +61,15 @@ def gptq_quantize(
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     groups = cols // group_size
-    scale = torch.empty(rows, groups, dtype=torch.float32)
-    zero_point = torch.empty(rows, groups, dtype=torch.int8) if scheme is Scheme.ASYMMETRIC else None
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
+    if act_order:
+        w, h = w[:, perm], h[perm][:, perm]
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    if static_groups is not None:
+        scale, zero_point = static_groups.scale, static_groups.zero_point
+    else:
+        scale = torch.empty(rows, groups, dtype=torch.float32)
+        zero_point = torch.empty(rows, groups, dtype=torch.int8) if scheme is Scheme.ASYMMETRIC else None
     q = torch.empty(rows, cols, dtype=torch.int8)
     block = max(BLOCK // group_size, 1) * group_size  # whole groups per block: a group's values are all current
     for start in range(0, cols, block):
@@ -63,8 +77,11 @@ def gptq_quantize(
         w_block, errors = w[:, start:end], torch.zeros(rows, end - start, dtype=torch.float64)
         h_block = hinv[start:end, start:end]
         for i in range(end - start):
-            column = start + i
-            if column % group_size == 0:
+            column = int(perm[start + i])
+            if static_groups is not None:
+                group = column // group_size
+                s, z = scale[:, group], None if zero_point is None else zero_point[:, group]
+            elif column % group_size == 0:
                 group = column // group_size
                 values = w_block[:, i : i + group_size]
                 s, z = scale_zero_point(values.amin(1), values.amax(1), bits, scheme)
