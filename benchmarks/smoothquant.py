@@ -89,9 +89,8 @@ def main() -> None:
         rows.append((label, scores, seconds, note))
     timing = latency({"float": model, **variants}, batches, order, args.repeats)
     base = timing["static plain"]
-    print(
-        f"\n{'variant':34} {'cos mean':>9} {'cos min':>8} {'NN agree':>9} {'latency':>9} {'vs plain':>9} {'quantize':>9}"
-    )
+    header = f"{'cos mean':>9} {'cos min':>8} {'NN agree':>9} {'latency':>9} {'vs plain':>9} {'quantize':>9}"
+    print(f"\n{'variant':34} {header}")
     print(f"{'float':34} {1:9.4f} {1:8.4f} {1:9.3f} {timing['float'] * 1e3:7.0f}ms {timing['float'] / base:8.2f}x")
     for label, s, seconds, _ in rows:
         t = timing[label]
