@@ -87,6 +87,7 @@ def main() -> None:
         variants[label] = quantized
         scores = fidelity(reference, encode(quantized, batches, order))
         rows.append((label, scores, seconds, note))
+        print(f"{label}: {scores} in {seconds:.1f}s {note}", flush=True)  # as it comes: the timing below is long
     timing = latency({"float": model, **variants}, batches, order, args.repeats)
     base = timing["static plain"]
     header = f"{'cos mean':>9} {'cos min':>8} {'NN agree':>9} {'latency':>9} {'vs plain':>9} {'quantize':>9}"
