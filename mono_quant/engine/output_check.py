@@ -168,7 +168,7 @@ def _ladder(
         if cls.unsupported_reason(module, finer) is None:
             rungs.append((_label(finer), build, finer))
     if first.dtype is QuantDtype.INT4 or first.mode is Mode.STATIC:
-        dynamic = first.replace(dtype=QuantDtype.INT8, mode=Mode.DYNAMIC)
+        dynamic = first.replace(dtype=QuantDtype.INT8, mode=Mode.DYNAMIC, smoothquant=None)
         int8_cls, _ = quantized_class_for(module, dynamic)
         if int8_cls is not None:
             rungs.append((_label(dynamic), int8_cls.from_float, dynamic))

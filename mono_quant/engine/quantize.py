@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.algorithms.smoothquant import smoothquant_notes
 from mono_quant.algorithms.statistics import InputStatistics
 from mono_quant.batches import ForwardFn, first_batch
 from mono_quant.config import Mode, QuantizationConfig, WeightAlgorithm
@@ -101,6 +102,7 @@ def quantize(
     for name, module in modules.items():
         attachment = selection.attached.get(name)
         _check_finite(name, proxy_module(module, attachment) if attachment else module)
+    notes = smoothquant_notes(q_model, config, list(modules), calibration_data, forward_fn, activation_qparams)
     with recording_inputs(q_model, list(selection.chosen)) as inputs:  # for the output checks
         activations = _static_activations(q_model, config, calibration_data, forward_fn, activation_qparams)
     inputs = dict(inputs) or capture_inputs(q_model, list(selection.chosen), example, forward_fn)
@@ -139,7 +141,7 @@ def quantize(
     warn_moved_layers([name for name, moved in moved_layers.items() if moved], selection.skipped)
     warning = coverage_warning(q_model, quantized_numel, selection.skipped)
     after = _module_bytes(q_model)
-    report = QuantizationReport(rows, selection.skipped, bytes_before, after, warning, speed_notes(rows))
+    report = QuantizationReport(rows, selection.skipped, bytes_before, after, warning, speed_notes(rows) + notes)
     return QuantizationResult(q_model, list(selection.skipped), report, config)
 
 

@@ -207,7 +207,7 @@ def layer_config(config: QuantizationConfig, cls: type[QuantizedLayer]) -> Quant
     """
     if config.dtype in cls.dtypes:
         return config
-    return config.replace(dtype=cls.dtypes[0], mode="dynamic")
+    return config.replace(dtype=cls.dtypes[0], mode="dynamic", smoothquant=None)
 
 
 def class_for_kind(kind: str, bits: int) -> type[QuantizedLayer] | None:
