@@ -7,12 +7,14 @@ as ``"labels"`` left out); any iterable of them (a ``DataLoader``) is a stream o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -101,3 +103,49 @@ def describe_batch(batch: Any) -> str:
     if isinstance(batch, (list, tuple)) and batch:
         return f"a {type(batch).__name__} of {len(batch)} (first: {describe_batch(batch[0])})"
     return f"a {type(batch).__name__}"
+
+
+class ReachedLayer(BaseException):
+    """Raised by a hook to end one batch's forward once the layer it watches has its input (the rest of the
+    model need not run). A ``BaseException``, so that a model's own ``except Exception`` cannot swallow it."""
+
+
+def feed_batches(model: nn.Module, data: Any, forward_fn: ForwardFn | None, limit: int | None) -> int:
+    """Feed at most ``limit`` batches of ``data`` through ``model`` (eval mode, no grad); returns the count.
+
+    A batch the model cannot take raises ``CalibrationError`` naming it; no batch at all raises too. A hook
+    that raises ``ReachedLayer`` ends that batch's forward early.
+
+    Example:
+        >>> feed_batches(nn.Linear(4, 2), [torch.randn(3, 4)] * 5, None, 2)
+        2
+    """
+    feed, count = forward_fn or default_forward, 0
+    with torch.inference_mode(), eval_mode(model):
+        for batch in iterate_batches(data):
+            if limit is not None and count >= limit:
+                break
+            with contextlib.suppress(ReachedLayer):
+                _feed_one(feed, model, batch, count, forward_fn is not None)
+            count += 1
+    if count == 0:
+        raise CalibrationError("calibration_data is empty; pass at least one batch")
+    return count
+
+
+def _feed_one(feed: ForwardFn, model: nn.Module, batch: Any, index: int, custom: bool) -> None:
+    """Feed one batch; a failure becomes a ``CalibrationError`` naming the batch (mono-quant errors pass)."""
+    try:
+        feed(model, batch)
+    except CalibrationError as err:
+        raise CalibrationError(f"calibration batch {index}: {err}") from None
+    except Exception as err:
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        if custom:
+            message = f"forward_fn failed on calibration batch {index} ({describe_batch(batch)}): {detail}"
+        else:
+            message = (
+                f"calibration batch {index} ({describe_batch(batch)}) does not fit the model's forward: {detail}; "
+                "pass forward_fn=lambda model, batch: model(...) to feed batches of this form"
+            )
+        raise CalibrationError(message) from err

@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from mono_quant.algorithms.statistics import InputStatistics
-from mono_quant.batches import ForwardFn, default_forward, first_batch, iterate_batches
+from mono_quant.batches import ForwardFn, feed_batches, first_batch
 from mono_quant.config import QuantizationConfig
-from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError, ConfigError
 from mono_quant.graph.channel_scaling import (
     ScaleSite,
@@ -202,21 +201,8 @@ def _input_maxima(
         module = model.get_submodule(name)
         statistics[name] = InputStatistics(site.channels, hessian=False)
         handles.append(module.register_forward_pre_hook(hook(name, not isinstance(module, nn.Linear))))
-    feed = forward_fn or default_forward
-    count = 0
     try:
-        with torch.no_grad(), eval_mode(model):
-            for batch in iterate_batches(data):
-                if max_batches is not None and count >= max_batches:
-                    break
-                try:
-                    feed(model, batch)
-                except CalibrationError:
-                    raise
-                except Exception as err:
-                    message = f"calibration batch {count} failed while gathering SmoothQuant input ranges: {err}"
-                    raise CalibrationError(message) from err
-                count += 1
+        feed_batches(model, data, forward_fn, max_batches)
     finally:
         for handle in handles:
             handle.remove()

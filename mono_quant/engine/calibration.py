@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from mono_quant.batches import ForwardFn, default_forward, describe_batch, iterate_batches
+from mono_quant.batches import ForwardFn, feed_batches
 from mono_quant.config import QuantizationConfig, Scheme
-from mono_quant.copying import eval_mode
 from mono_quant.errors import CalibrationError, ConfigError
 from mono_quant.modules.weight_calls import WEIGHT_CALLS, operand
 from mono_quant.observers import Observer, Reduce, make_observer
@@ -172,27 +171,6 @@ class Calibrator:
             observer.load_state_dict(dict(state[name]))
 
 
-def feed_batches(model: nn.Module, data: Any, forward_fn: ForwardFn | None, limit: int | None) -> int:
-    """Feed at most ``limit`` batches of ``data`` through ``model`` (eval mode, no grad); returns the count.
-
-    A batch the model cannot take raises ``CalibrationError`` naming it; no batch at all raises too.
-
-    Example:
-        >>> feed_batches(nn.Linear(4, 2), [torch.randn(3, 4)] * 5, None, 2)
-        2
-    """
-    feed, count = forward_fn or default_forward, 0
-    with torch.inference_mode(), eval_mode(model):
-        for batch in iterate_batches(data):
-            if limit is not None and count >= limit:
-                break
-            _feed_one(feed, model, batch, count, forward_fn is not None)
-            count += 1
-    if count == 0:
-        raise CalibrationError("calibration_data is empty; pass at least one batch")
-    return count
-
-
 def check_state(layer: str, state: Any, expected: Mapping[str, torch.Tensor], what: str = "observer state") -> None:
     """A ``CalibrationError`` naming ``what``, the layer and key when ``state`` is not shaped like ``expected``.
 
@@ -223,21 +201,3 @@ def check_state(layer: str, state: Any, expected: Mapping[str, torch.Tensor], wh
             )
         if key in ("batches", "rows") and int(value) < 0:
             raise CalibrationError(f"{where}[{key!r}] is {int(value)}; expected a count >= 0")
-
-
-def _feed_one(feed: ForwardFn, model: nn.Module, batch: Any, index: int, custom: bool) -> None:
-    """Feed one batch; a failure becomes a ``CalibrationError`` naming the batch (mono-quant errors pass)."""
-    try:
-        feed(model, batch)
-    except CalibrationError as err:
-        raise CalibrationError(f"calibration batch {index}: {err}") from None
-    except Exception as err:
-        detail = " ".join(str(err).split())[:300] or type(err).__name__
-        if custom:
-            message = f"forward_fn failed on calibration batch {index} ({describe_batch(batch)}): {detail}"
-        else:
-            message = (
-                f"calibration batch {index} ({describe_batch(batch)}) does not fit the model's forward: {detail}; "
-                "pass forward_fn=lambda model, batch: model(...) to feed batches of this form"
-            )
-        raise CalibrationError(message) from err

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from mono_quant.algorithms.statistics import InputStatistics
-from mono_quant.batches import ForwardFn
+from mono_quant.batches import ForwardFn, feed_batches
 from mono_quant.config import QuantDtype, QuantizationConfig
-from mono_quant.engine.calibration import check_state, feed_batches
+from mono_quant.engine.calibration import check_state
 from mono_quant.engine.selection import select_layers
 from mono_quant.errors import CalibrationError
 from mono_quant.modules.registry import layer_config

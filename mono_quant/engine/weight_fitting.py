@@ -11,7 +11,6 @@ processes) can be passed instead, keyed by layer name.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,19 +20,13 @@ from torch import nn
 from mono_quant.algorithms.clipping import clipped_quantize
 from mono_quant.algorithms.gptq import gptq_quantize
 from mono_quant.algorithms.statistics import InputStatistics
-from mono_quant.batches import ForwardFn, default_forward, iterate_batches
-from mono_quant.config import QuantizationConfig, WeightAlgorithm
-from mono_quant.copying import eval_mode
+from mono_quant.batches import ForwardFn, ReachedLayer, feed_batches
+from mono_quant.config import Granularity, QuantizationConfig, WeightAlgorithm
 from mono_quant.errors import CalibrationError
 from mono_quant.modules.int4_weight import group_size_for
-from mono_quant.qparams import QuantizedWeight
+from mono_quant.qparams import QuantizedWeight, quantize_weight
 
 Fit = Callable[[nn.Module, QuantizationConfig], QuantizedWeight]
-
-
-class _Reached(BaseException):
-    """Ends a calibration forward at the layer being fitted (a ``BaseException``, so that a model's own
-    ``except Exception`` cannot swallow it)."""
 
 
 def fit_weight(module: nn.Module, config: QuantizationConfig, statistics: InputStatistics) -> QuantizedWeight:
@@ -51,7 +44,11 @@ def fit_weight(module: nn.Module, config: QuantizationConfig, statistics: InputS
     if group is None:
         raise CalibrationError(f"no int4 group divides the {weight.shape[1]} inputs of {type(module).__name__}")
     if config.algorithm is WeightAlgorithm.GPTQ:
-        return gptq_quantize(weight, statistics.hessian(), 4, config.scheme, group)
+        # columns in order of input energy, group ranges fixed up front (MiniLM g128: cosine 0.978 vs 0.974 in
+        # column order with ranges taken as each group comes up)
+        static = quantize_weight(weight, 4, config.scheme, Granularity.PER_GROUP, group)
+        hessian = statistics.hessian()
+        return gptq_quantize(weight, hessian, 4, config.scheme, group, static_groups=static, act_order=True)
     return clipped_quantize(weight, statistics.hessian(), 4, config.scheme, group)
 
 
@@ -111,18 +108,11 @@ class SequentialStatistics:
 
         def reached(_module: nn.Module, args: tuple) -> None:
             statistics.update(args[0])
-            raise _Reached
+            raise ReachedLayer
 
         handle = layer.register_forward_pre_hook(reached)
-        feed, count = self.forward_fn or default_forward, 0
         try:
-            with torch.inference_mode(), eval_mode(self.model):
-                for batch in iterate_batches(self.data):
-                    if self.limit is not None and count >= self.limit:
-                        break
-                    with contextlib.suppress(_Reached):
-                        feed(self.model, batch)
-                    count += 1
+            feed_batches(self.model, self.data, self.forward_fn, self.limit)
         finally:
             handle.remove()
         if statistics.rows == 0:
