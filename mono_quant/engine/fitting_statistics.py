@@ -21,6 +21,7 @@ from mono_quant.batches import ForwardFn, feed_batches
 from mono_quant.config import QuantDtype, QuantizationConfig
 from mono_quant.engine.calibration import check_state
 from mono_quant.engine.selection import select_layers
+from mono_quant.engine.weight_fitting import needs_no_data
 from mono_quant.errors import CalibrationError
 from mono_quant.modules.registry import layer_config
 from mono_quant.observers import Reduce
@@ -44,6 +45,7 @@ def fitted_layers(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.
         for name, cls in selection.chosen.items()
         if name not in selection.attached
         and hasattr(cls, "from_quantized")
+        and not needs_no_data(model.get_submodule(name))
         and layer_config(config, cls).dtype is QuantDtype.INT4
     }
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.algorithms.awq import awq_notes
 from mono_quant.algorithms.smoothquant import smoothquant_notes
 from mono_quant.algorithms.statistics import InputStatistics
 from mono_quant.batches import ForwardFn, first_batch
@@ -22,7 +23,7 @@ from mono_quant.copying import bake_parametrized_weights, copy_model, reject_met
 from mono_quant.engine.calibration import Calibrator
 from mono_quant.engine.output_check import OutputCheck, build_checked, capture_inputs, recording_inputs
 from mono_quant.engine.report import LayerReport, QuantizationReport
-from mono_quant.engine.selection import calibrated_layers, coverage_warning, matches, select_layers
+from mono_quant.engine.selection import Selection, calibrated_layers, coverage_warning, matches, select_layers
 from mono_quant.engine.weight_fitting import SequentialStatistics, fitter, input_groups
 from mono_quant.errors import CalibrationError, ConfigError, OutputCheckWarning, QuantizationError
 from mono_quant.graph.folding import fold_batchnorm_notes
@@ -103,6 +104,7 @@ def quantize(
         attachment = selection.attached.get(name)
         _check_finite(name, proxy_module(module, attachment) if attachment else module)
     notes = smoothquant_notes(q_model, config, list(modules), calibration_data, forward_fn, activation_qparams)
+    notes += awq_notes(q_model, config, _fitted(selection), calibration_data, forward_fn)
     with recording_inputs(q_model, list(selection.chosen)) as inputs:  # for the output checks
         activations = _static_activations(q_model, config, calibration_data, forward_fn, activation_qparams)
     inputs = dict(inputs) or capture_inputs(q_model, list(selection.chosen), example, forward_fn)
@@ -215,6 +217,11 @@ def _static_activations(
     calibrator = Calibrator(calibrated, config)
     calibrator.run(q_model, calibration_data, forward_fn)
     return calibrator.qparams()
+
+
+def _fitted(selection: Selection) -> list[str]:
+    """The chosen layers a data-driven algorithm fits: built from fitted int4 weights, not attached."""
+    return [n for n, cls in selection.chosen.items() if hasattr(cls, "from_quantized") and n not in selection.attached]
 
 
 def _fitting_statistics(

@@ -29,8 +29,12 @@ from mono_quant.qparams import QuantizedWeight, quantize_weight
 Fit = Callable[[nn.Module, QuantizationConfig], QuantizedWeight]
 
 
-def fit_weight(module: nn.Module, config: QuantizationConfig, statistics: InputStatistics) -> QuantizedWeight:
+def fit_weight(module: nn.Module, config: QuantizationConfig, statistics: InputStatistics | None) -> QuantizedWeight:
     """The int4 values and group scales of ``module``'s weight under ``config.algorithm``.
+
+    An embedding's output is a row of its weight, so its output error is its weight error: its groups take the
+    ranges with the least squared rounding error, no data needed (MiniLM, GPTQ group 128: embedding cosine
+    0.980 with these ranges, 0.978 with min/max ones).
 
     Example:
         >>> layer, stats = nn.Linear(64, 8), InputStatistics(64)
@@ -43,6 +47,8 @@ def fit_weight(module: nn.Module, config: QuantizationConfig, statistics: InputS
     group = group_size_for(weight.shape[1], config.group_size)
     if group is None:
         raise CalibrationError(f"no int4 group divides the {weight.shape[1]} inputs of {type(module).__name__}")
+    if statistics is None or isinstance(module, nn.Embedding):
+        return clipped_quantize(weight, torch.eye(weight.shape[1]), 4, config.scheme, group)
     if config.algorithm is WeightAlgorithm.GPTQ:
         # columns in order of input energy, group ranges fixed up front (MiniLM g128: cosine 0.978 vs 0.974 in
         # column order with ranges taken as each group comes up)
@@ -130,4 +136,17 @@ def fitter(statistics_for: Callable[[str], InputStatistics], name: str) -> Fit:
         >>> fit(nn.Linear(32, 4), QuantizationConfig(dtype="int4", algorithm="awq", group_size=32)).scale.shape
         torch.Size([4, 1])
     """
-    return lambda module, config: fit_weight(module, config, statistics_for(name))
+    def fit(module: nn.Module, config: QuantizationConfig) -> QuantizedWeight:
+        return fit_weight(module, config, None if needs_no_data(module) else statistics_for(name))
+
+    return fit
+
+
+def needs_no_data(module: nn.Module) -> bool:
+    """Whether ``module``'s fitted weight needs no input statistics (an embedding: its inputs are indices).
+
+    Example:
+        >>> needs_no_data(nn.Embedding(4, 8)), needs_no_data(nn.Linear(8, 4))
+        (True, False)
+    """
+    return isinstance(module, nn.Embedding)

@@ -19,7 +19,7 @@ from mono_quant.config import QuantDtype, QuantizationConfig, Scheme
 from mono_quant.modules.base import ActivationQParams, QuantizedLayer, meta_embedding
 from mono_quant.modules.int4_weight import Int4Weight, group_size_for, no_group_reason
 from mono_quant.modules.registry import register
-from mono_quant.qparams import unpack_int4_words
+from mono_quant.qparams import QuantizedWeight, unpack_int4_words
 
 
 @register(nn.Embedding)
@@ -69,6 +69,23 @@ class Int4Embedding(Int4Weight, nn.Module, QuantizedLayer):
         group = group_size_for(module.embedding_dim, config.group_size)
         layer = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, group, config.scheme)
         layer.store_int4(module.weight, config)
+        return layer
+
+    @classmethod
+    def from_quantized(cls, module: nn.Embedding, config: QuantizationConfig, weight: QuantizedWeight) -> Int4Embedding:
+        """The layer holding ``weight``: int4 values and group scales chosen elsewhere (clipped ranges).
+
+        Example:
+            >>> from mono_quant.qparams import quantize_weight
+            >>> from mono_quant.config import Granularity
+            >>> w = quantize_weight(torch.randn(10, 64), 4, Scheme.ASYMMETRIC, Granularity.PER_GROUP, 32)
+            >>> Int4Embedding.from_quantized(nn.Embedding(10, 64), QuantizationConfig(dtype="int4"), w).group_size
+            32
+        """
+        group = module.embedding_dim // weight.scale.shape[1]
+        scheme = Scheme.SYMMETRIC if weight.zero_point is None else Scheme.ASYMMETRIC
+        layer = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, group, scheme)
+        layer.store_quantized(weight)
         return layer
 
     @classmethod
