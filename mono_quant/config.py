@@ -226,6 +226,20 @@ class QuantizationConfig:
                 )
             put("layer_types", types)
 
+    @property
+    def needs_model_run(self) -> list[str]:
+        """The options set that run calibration data through a model (``[]``: tensors alone suffice).
+
+        Example:
+            >>> QuantizationConfig(dtype="int4", algorithm="gptq", equalize=True).needs_model_run
+            ["algorithm='gptq'", 'equalize=True']
+        """
+        needs = [f"mode={self.mode.value!r}"] if self.mode is Mode.STATIC else []
+        if self.algorithm is not WeightAlgorithm.RTN:
+            needs.append(f"algorithm={self.algorithm.value!r}")
+        needs += [f"{flag}=True" for flag in ("equalize", "bias_correction") if getattr(self, flag)]
+        return needs
+
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> QuantizationConfig:
         r"""Read options from a TOML, YAML or JSON file; ``overrides`` win over the file, the file over defaults.

@@ -206,8 +206,10 @@ def test_bad_sources_name_the_file_and_tensor_and_leave_nothing(
 
 
 def test_bad_arguments(source: tuple[Path, dict], tmp_path: Path) -> None:
-    with pytest.raises(mq.ConfigError, match="mode='static' needs activations"):
+    with pytest.raises(mq.ConfigError, match=r"mode='static' need\(s\) a model to run calibration data through"):
         mq.quantize_checkpoint(source[0], tmp_path / "q", mode="static")
+    with pytest.raises(mq.ConfigError, match=r"algorithm='gptq' need\(s\) a model"):
+        mq.quantize_checkpoint(source[0], tmp_path / "q", dtype="int4", algorithm="gptq")
     with pytest.raises(mq.ConfigError, match="max_shard_bytes=0 must be a positive integer"):
         mq.quantize_checkpoint(source[0], tmp_path / "q", max_shard_bytes=0)
     with pytest.raises(mq.SerializationError, match="already exists and is not an empty folder"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kit.recurrent_models import FASHION, SequenceClassifier, accuracy, fashion_rows, train
+from fashion import FASHION, fashion_rows
+from kit.recurrent_models import SequenceClassifier, accuracy, train
 from safetensors.torch import save_file
 from torch import nn
 

@@ -332,8 +332,11 @@ def _quantize_state_dict(state: Mapping[str, torch.Tensor], config: Quantization
 
     The output tensors are exactly what the quantized module's ``state_dict`` would hold.
     """
-    if config.mode is Mode.STATIC:
-        raise ConfigError("mode='static' needs a model to calibrate; a state_dict supports dynamic/weight_only")
+    if config.needs_model_run:
+        raise ConfigError(
+            f"{', '.join(config.needs_model_run)} need(s) a model to run calibration data through; a state_dict "
+            "takes mode 'dynamic'/'weight_only' with algorithm='rtn' (pass the nn.Module instead)"
+        )
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise QuantizationError(f"model looks like a state_dict but entry {bad[0]!r} is not a named tensor")

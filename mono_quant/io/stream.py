@@ -38,7 +38,7 @@ from typing import Any, TextIO
 
 import torch
 
-from mono_quant.config import Mode, QuantizationConfig
+from mono_quant.config import QuantizationConfig
 from mono_quant.engine.quantize import quantize
 from mono_quant.engine.report import LayerReport, QuantizationReport
 from mono_quant.errors import ConfigError, QuantizationError, SerializationError
@@ -103,9 +103,11 @@ def quantize_checkpoint(
         (['model.safetensors'], ['fc'])
     """
     config = (config or QuantizationConfig()).replace(**overrides) if overrides else (config or QuantizationConfig())
-    if config.mode is Mode.STATIC:
-        raise ConfigError("mode='static' needs activations from a model; quantize_checkpoint takes 'dynamic' or "
-                          "'weight_only'")  # fmt: skip
+    if config.needs_model_run:
+        raise ConfigError(
+            f"{', '.join(config.needs_model_run)} need(s) a model to run calibration data through; "
+            "quantize_checkpoint rounds tensors: mode 'dynamic'/'weight_only' with algorithm='rtn'"
+        )
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes < 1):
         raise ConfigError(f"max_shard_bytes={max_shard_bytes!r} must be a positive integer or None")
     source = open_source(src)

@@ -1,31 +1,10 @@
-"""Sequence classifiers trained with Lightning on real data (Fashion-MNIST rows, digits rows)."""
+"""Sequence classifiers trained with Lightning on real data (Fashion-MNIST rows: benchmarks/fashion.py, digits rows)."""
 
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
-
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
-
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
-def fashion_rows(train: int, test: int) -> tuple[torch.Tensor, ...]:
-    """Fashion-MNIST images as 28 steps x 28 features in [0, 1] (Debian ``dataset-fashion-mnist``)."""
-
-    def read(name: str, offset: int) -> np.ndarray:
-        with gzip.open(FASHION / name) as handle:
-            return np.frombuffer(handle.read(), dtype=np.uint8, offset=offset)
-
-    def split(prefix: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images = read(f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)[:count]
-        labels = read(f"{prefix}-labels-idx1-ubyte.gz", 8)[:count]
-        return torch.tensor(images, dtype=torch.float32) / 255.0, torch.tensor(labels, dtype=torch.long)
-
-    return (*split("train", train), *split("t10k", test))
 
 
 class SequenceClassifier(L.LightningModule):
