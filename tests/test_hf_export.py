@@ -82,7 +82,12 @@ def test_every_scheme_loads_in_transformers_without_mono_quant(tmp_path: Path) -
     variants = {
         "int8_dynamic": mq.quantize(model, dtype="int8").model,
         "int8_static": static_int8(model),
-        "int4_symmetric": mq.quantize(model, dtype="int4", group_size=32, layer_types=(nn.Linear,)).model,
+        "int4_symmetric": mq.quantize(
+            model, dtype="int4", group_size=32, scheme="symmetric", layer_types=(nn.Linear,)
+        ).model,
+        "int4_gptq": mq.quantize(  # fitted weights: only integers and scales differ, the layout is the same
+            model, dtype="int4", group_size=32, algorithm="gptq", calibration_data=token_batches()
+        ).model,
         "int4_asymmetric": mq.quantize(model, dtype="int4", group_size=32, scheme="asymmetric").model,
         "mixed": mq.quantize(
             mq.quantize(model, dtype="int4", group_size=32, exclude=("*.intermediate.dense",)).model,

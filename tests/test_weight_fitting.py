@@ -94,3 +94,16 @@ def test_fitting_needs_data_and_names_what_is_missing(digits) -> None:
         mq.QuantizationConfig(algorithm="awq")
     with pytest.raises(mq.ConfigError, match="algorithm='best' is not supported"):
         mq.QuantizationConfig(dtype="int4", algorithm="best")
+
+
+def test_a_fitted_model_runs_in_onnx_runtime(digits, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model, calibration, held_out = digits
+    fitted = mq.quantize(model, dtype="int4", algorithm="gptq", group_size=32, calibration_data=[calibration]).model
+    with pytest.warns(UserWarning, match="no ONNX integer form"):  # int4 goes out as its dequantized weights
+        path = mq.export_onnx(fitted, held_out[:4], tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: held_out.numpy()})[0]
+    with torch.no_grad():
+        want = fitted(held_out)
+    assert torch.allclose(torch.from_numpy(got), want, atol=1e-2 * want.abs().max().item())

@@ -19,6 +19,9 @@ Required (the defaults raise; callers ask through ``require`` so a missing one i
   operators, see ``mono_quant.io.onnx_ops.OnnxOps``); default: none, the layer is exported through ``dequantize``.
 - ``fused_conv_params()``: what the fused CNN graph needs (``FusedConvParams``), or ``None`` (the default)
   where the layer cannot be fused.
+- ``from_quantized(module, config, weight)`` (classmethod): the layer holding a ``QuantizedWeight`` fitted
+  elsewhere (GPTQ, AWQ: ``engine.weight_fitting``); a class without it is rounded to nearest under every
+  ``algorithm``.
 
 Its ``state_dict`` uses the file-format tensor names (``weight``, ``weight_scale``, ``weight_packed``,
 ``input_scale``...).
