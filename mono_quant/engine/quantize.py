@@ -20,12 +20,14 @@ from mono_quant.algorithms.statistics import InputStatistics
 from mono_quant.batches import ForwardFn, first_batch
 from mono_quant.config import Mode, QuantizationConfig, WeightAlgorithm
 from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
+from mono_quant.engine.bias_correction import corrected_check, require_data
 from mono_quant.engine.calibration import Calibrator
 from mono_quant.engine.output_check import OutputCheck, build_checked, capture_inputs, recording_inputs
 from mono_quant.engine.report import LayerReport, QuantizationReport
 from mono_quant.engine.selection import Selection, calibrated_layers, coverage_warning, matches, select_layers
 from mono_quant.engine.weight_fitting import SequentialStatistics, fitter, input_groups
 from mono_quant.errors import CalibrationError, ConfigError, OutputCheckWarning, QuantizationError
+from mono_quant.graph.equalization import equalization_note, equalize_pairs
 from mono_quant.graph.folding import fold_batchnorm_notes
 from mono_quant.graph.fused_graph import enable_fused_forward
 from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
@@ -96,6 +98,8 @@ def quantize(
     bake_parametrized_weights(q_model)  # weight norm & co: the effective weight is what gets quantized
     example = first_batch(calibration_data)  # proves conv->BatchNorm pairs by data flow
     folded = fold_batchnorm_notes(q_model, example, forward_fn) if config.fold_batchnorm else {}
+    require_data(config, example)  # equalize / bias_correction run on real inputs
+    notes = [equalization_note(equalize_pairs(q_model, example, forward_fn))] if config.equalize else []
     q_model.eval()
     selection = select_layers(q_model, config)
     selection.skipped.update(folded)
@@ -119,12 +123,13 @@ def quantize(
         attachment = selection.attached.get(name)
         float_module = proxy_module(module, attachment) if attachment else module
         fit = fitter(statistics_for, name) if statistics_for and not attachment else None
-        quantized, checked = build_checked(
-            name, float_module, cls, config, activations.get(name), inputs.pop(name, None), fit
-        )
+        x = inputs.pop(name, None)
+        quantized, checked = build_checked(name, float_module, cls, config, activations.get(name), x, fit)
         if quantized is None:
             selection.skipped[name] = Skip(SkipKind.OUTPUT_FLOOR, checked.note)
             continue
+        if config.bias_correction:
+            checked = corrected_check(checked, quantized, float_module, module if attachment else None, x)
         weight_id = id(getattr(module, attachment.attribute if attachment else "weight", module))
         if weight_id in by_weight:
             share_tied_tensors(by_weight[weight_id], quantized)
