@@ -161,7 +161,7 @@ class QuantizationConfig:
     algorithm: Any = WeightAlgorithm.RTN  # gptq / awq: int4 Linear weights fitted to calibration data
     smoothquant: float | None = None  # static int8: migrate activation outliers into weights with this alpha
     equalize: bool = False  # cross-layer equalization of conv -> ReLU -> conv pairs (CNNs)
-    bias_correction: bool = False  # remove each int8 conv/linear's mean output error from its bias
+    bias_correction: bool | None = None  # remove each layer's mean output error from its bias; None: static only
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -199,9 +199,12 @@ class QuantizationConfig:
             if mode is not Mode.STATIC or dtype is not QuantDtype.INT8:
                 raise ConfigError("smoothquant= applies to dtype='int8', mode='static' (per-tensor activations)")
             put("smoothquant", float(alpha))
-        for flag in ("equalize", "bias_correction"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{flag}={short_repr(getattr(self, flag))} must be True or False")
+        if not isinstance(self.equalize, bool):
+            raise ConfigError(f"equalize={short_repr(self.equalize)} must be True or False")
+        if self.bias_correction is not None and not isinstance(self.bias_correction, bool):
+            raise ConfigError(
+                f"bias_correction={short_repr(self.bias_correction)} must be True, False or None (on in static mode)"
+            )
         if not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ConfigError(f"min_numel={short_repr(self.min_numel)} must be a non-negative integer")
         if not isinstance(self.fold_batchnorm, bool):
@@ -237,7 +240,7 @@ class QuantizationConfig:
         needs = [f"mode={self.mode.value!r}"] if self.mode is Mode.STATIC else []
         if self.algorithm is not WeightAlgorithm.RTN:
             needs.append(f"algorithm={self.algorithm.value!r}")
-        needs += [f"{flag}=True" for flag in ("equalize", "bias_correction") if getattr(self, flag)]
+        needs += [f"{flag}=True" for flag in ("equalize", "bias_correction") if getattr(self, flag) is True]
         return needs
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Bias correction (``bias_correction=True``): each int8 layer's mean output error leaves its bias."""
+"""Bias correction (``bias_correction=True``, the static default): each layer's mean output error leaves its bias."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_bias_correction_reduces_a_layers_mean_error_on_held_out_data(mode: str)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48)).eval()
     calib = list(train.split(250))
-    plain = mq.quantize(model, mode=mode, calibration_data=calib).model
+    plain = mq.quantize(model, mode=mode, calibration_data=calib, bias_correction=False).model
     corrected = mq.quantize(model, mode=mode, calibration_data=calib, bias_correction=True).model
     before, after = _channel_error(plain, model, held_out), _channel_error(corrected, model, held_out)
     assert after < 0.5 * before, (before, after)
@@ -62,7 +62,7 @@ def test_corrected_model_is_a_copy_saves_loads_and_runs_fused_with_the_new_bias(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = _images()
     result = mq.quantize(model, mode="static", calibration_data=data[:2], bias_correction=True)
-    plain = mq.quantize(model, mode="static", calibration_data=data[:2]).model
+    plain = mq.quantize(model, mode="static", calibration_data=data[:2], bias_correction=False).model
     q = result.model
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key  # the user's model is never changed
@@ -95,8 +95,18 @@ def test_trained_digits_cnn_output_closer_to_float_with_bias_correction() -> Non
     model, test_x, test_y, calib = train_cnn(seconds_budget=10.0, epochs=6, widths=(16, 32, 64))
     with torch.inference_mode():
         reference = model(test_x)
-        plain = mq.quantize(model, mode="static", calibration_data=calib).model(test_x)
+        plain = mq.quantize(model, mode="static", calibration_data=calib, bias_correction=False).model(test_x)
         corrected = mq.quantize(model, mode="static", calibration_data=calib, bias_correction=True).model(test_x)
     assert sqnr_db(reference, corrected) > sqnr_db(reference, plain) + 1.0
     accuracy = (corrected.argmax(1) == test_y).float().mean()
     assert accuracy >= (reference.argmax(1) == test_y).float().mean() - 0.01
+
+
+def test_static_mode_corrects_by_default_and_dynamic_does_not() -> None:
+    train, _ = _digits()
+    model = nn.Sequential(nn.Linear(64, 48)).eval()
+    calib = list(train.split(250))
+    static = mq.quantize(model, mode="static", calibration_data=calib)
+    dynamic = mq.quantize(model, mode="dynamic", calibration_data=calib)
+    assert static.report.layers[0].note.startswith("bias corrected")
+    assert "bias" not in dynamic.report.layers[0].note

@@ -8,7 +8,7 @@ from torch import nn
 
 import mono_quant as mq
 from mono_quant.errors import ConfigError
-from mono_quant.graph.equalization import candidate_pairs, equalize_pairs
+from mono_quant.graph.equalization import equalize_pairs
 
 
 class Net(nn.Module):
@@ -45,11 +45,9 @@ def test_equalizes_relu_pair_refuses_relu6_and_residual_and_keeps_output() -> No
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         expected = net(x)
-        candidates = candidate_pairs(net, lambda: net(x))
         pairs = equalize_pairs(net, x)
         got = net(x)
-    assert ("b", "c") in candidates and ("c", "d") in candidates  # found by channel count, refused by data flow
-    assert pairs == [("a", "b")]
+    assert pairs == [("a", "b")]  # b -> c (ReLU6) and c -> d (residual) match by channel count: refused by data flow
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
     state = net.state_dict()
     assert not torch.equal(state["a.weight"], before["a.weight"])

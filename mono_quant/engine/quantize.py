@@ -99,6 +99,8 @@ def quantize(
     example = first_batch(calibration_data)  # proves conv->BatchNorm pairs by data flow
     folded = fold_batchnorm_notes(q_model, example, forward_fn) if config.fold_batchnorm else {}
     require_data(config, example)  # equalize / bias_correction run on real inputs
+    static_default = config.bias_correction is None and config.mode is Mode.STATIC and example is not None
+    corrects_bias = bool(config.bias_correction) or static_default  # docs/algorithms.md: +4 dB on Lite0
     notes = [equalization_note(equalize_pairs(q_model, example, forward_fn))] if config.equalize else []
     q_model.eval()
     selection = select_layers(q_model, config)
@@ -107,7 +109,7 @@ def quantize(
     for name, module in modules.items():
         attachment = selection.attached.get(name)
         _check_finite(name, proxy_module(module, attachment) if attachment else module)
-    notes = smoothquant_notes(q_model, config, list(modules), calibration_data, forward_fn, activation_qparams)
+    notes += smoothquant_notes(q_model, config, list(modules), calibration_data, forward_fn, activation_qparams)
     notes += awq_notes(q_model, config, _fitted(selection), calibration_data, forward_fn)
     with recording_inputs(q_model, list(selection.chosen)) as inputs:  # for the output checks
         activations = _static_activations(q_model, config, calibration_data, forward_fn, activation_qparams)
@@ -128,7 +130,7 @@ def quantize(
         if quantized is None:
             selection.skipped[name] = Skip(SkipKind.OUTPUT_FLOOR, checked.note)
             continue
-        if config.bias_correction:
+        if corrects_bias:
             checked = corrected_check(checked, quantized, float_module, module if attachment else None, x)
         weight_id = id(getattr(module, attachment.attribute if attachment else "weight", module))
         if weight_id in by_weight:
