@@ -120,8 +120,9 @@ def main() -> None:
         print(json.dumps(minilm_variant(args.variant[0], int(args.variant[1]), evaluate)))
         return
     print(f"CPU flags: {cpu_flags()}; torch {torch.__version__}, 2 threads\n")
-    print(f"MiniLM, {evaluate} held-out sentences, calibrated on 128 others")
-    print("| variant | cos mean | cos min | NN agree | quantize s | peak MiB |\n|---|---|---|---|---|---|")
+    if not args.classifiers_only:
+        print(f"MiniLM, {evaluate} held-out sentences, calibrated on 128 others")
+        print("| variant | cos mean | cos min | NN agree | quantize s | peak MiB |\n|---|---|---|---|---|---|")
     for algorithm, group in [] if args.classifiers_only else MINILM_VARIANTS:
         command = [sys.executable, __file__, "--variant", algorithm, str(group)] + (["--quick"] if args.quick else [])
         done = subprocess.run(command, capture_output=True, text=True)
