@@ -120,8 +120,10 @@ class Int8Matmul(nn.Module):
         # static: out = s_x * s_w * (sum (q_x - z_x)(q_w - z_w)) + b, expanded so only q_x . q_w and
         # (for asymmetric weights) rowsum(q_x) depend on the input; s_x, z_x in this device's codes
         scale, zero = fmt.static_qparams(float(self.input_scale), int(self.input_zero_point))
-        self._input_scale_k = torch.tensor(scale, device=self.weight.device)
-        self._input_zero_k = torch.tensor(zero, dtype=torch.int32, device=self.weight.device)
+        # one-element, not 0-d: inductor writes 0-d constants into its generated code, and a cached graph
+        # (freezing, same architecture) then serves one model's input scale to another
+        self._input_scale_k = torch.tensor([scale], device=self.weight.device)
+        self._input_zero_k = torch.tensor([zero], dtype=torch.int32, device=self.weight.device)
         self._input_inv_scale_k = 1.0 / self._input_scale_k
         combined = self._input_scale_k * out_scale
         self._static_offset = zero * int_colsum  # exact: symmetric weights' correction
