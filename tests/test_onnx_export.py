@@ -52,7 +52,11 @@ def test_digits_cnn_matches_in_onnx_runtime(mode: str, digits, tmp_path: Path) -
     q = mq.quantize(digits_cnn(), dtype="int8", mode=mode, calibration_data=calibration).model
     path = export_onnx(q, images[:4], tmp_path / "cnn.onnx")
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert {"ConvInteger", "MatMulInteger"} <= ops and not {"Conv", "MatMul", "Gemm"} & ops
+    if mode == "static":  # QDQ convolutions (ONNX Runtime fuses them into QLinearConv), int8 weights only
+        assert {"QuantizeLinear", "DequantizeLinear", "Conv", "MatMulInteger"} <= ops and "ConvInteger" not in ops
+        assert not {"MatMul", "Gemm"} & ops
+    else:
+        assert {"ConvInteger", "MatMulInteger"} <= ops and not {"Conv", "MatMul", "Gemm"} & ops
     stored = weights(path)
     assert all(a.dtype in (np.int8, np.uint8) for a in stored.values()), {k: a.dtype for k, a in stored.items()}
     test = x_test.reshape(-1, 1, 8, 8)  # 397 real digits: a batch size the export never saw
@@ -60,9 +64,10 @@ def test_digits_cnn_matches_in_onnx_runtime(mode: str, digits, tmp_path: Path) -
     with torch.no_grad():
         want = q(test)
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= (0.97 if SEVEN_BIT_CPU else 0.99)
-    # dynamic: the fused CPU graph rounds half up where ORT's DynamicQuantizeLinear rounds half to even, so a
-    # few activations land one quantization step apart
-    tolerance = 1e-3 if mode == "static" else 1e-2
+    # dynamic: the fused CPU graph rounds half up where ORT's DynamicQuantizeLinear rounds half to even; static:
+    # ORT's QLinearConv requantizes its int32 sums straight to the next layer's codes. Either way a few activations
+    # land one quantization step apart (measured: median difference 0, largest 0.2% of the largest output)
+    tolerance = 5e-3 if mode == "static" else 1e-2
     assert torch.allclose(got, want, atol=int8_atol(tolerance) * want.abs().max().item())
 
 

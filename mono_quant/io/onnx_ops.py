@@ -92,8 +92,15 @@ class OnnxOps:
         input_qparams: tuple[torch.Tensor, torch.Tensor] | None,
         geometry: tuple[Any, Any, Any, int],
     ) -> torch.Tensor:
-        """``ConvInteger`` with int8 ``weight`` ``[out, in/groups, kh, kw]``; ``geometry``: stride, padding,
-        dilation, groups."""
+        """Static: ``QuantizeLinear``/``DequantizeLinear`` on the input and a per-channel ``DequantizeLinear`` on the
+        int8 ``weight`` ``[out, in/groups, kh, kw]`` around a ``Conv``: the QDQ form ONNX Runtime fuses into
+        ``QLinearConv`` where the next layer quantizes the output (digits ResNet batch 32: 0.55x the float session,
+        against 2.0x as ``ConvInteger``). Dynamic: ``ConvInteger`` on ``DynamicQuantizeLinear`` codes.
+        ``geometry``: stride, padding, dilation, groups."""
+        if input_qparams is not None:  # static: the QDQ form ONNX Runtime fuses into QLinearConv
+            scale, zero_point = input_qparams
+            zero_u8 = (zero_point.to(torch.int16).reshape(()) + 128).to(torch.uint8)
+            return _ConvQDQ.apply(x, weight, weight_scale.float(), bias, scale.float().reshape(()), zero_u8, geometry)
         unsigned = (weight.to(torch.int16) + 128).to(torch.uint8)  # ORT's ConvInteger: uint8 weights
         return _Conv.apply(x, unsigned, weight_scale, bias, *_static(input_qparams, weight_scale), geometry)
 
@@ -188,6 +195,27 @@ class _Conv(torch.autograd.Function):
         scale = out_scale if dynamic_scale is None else g.op("Mul", dynamic_scale, w_scale)
         out = g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), g.op("Unsqueeze", scale, _const(g, [1, 2])))
         return out if _is_none(bias) else g.op("Add", out, g.op("Unsqueeze", bias, _const(g, [1, 2])))
+
+
+class _ConvQDQ(torch.autograd.Function):
+    """Static int8 convolution in QDQ form: ``DQ(Q(x)) * DQ(w)`` (per output channel) + bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, w_scale, bias, scale, zero_u8, geometry):  # type: ignore[override]
+        codes = torch.clamp(torch.round(x / scale) + zero_u8.float(), 0, 255)
+        stride, padding, dilation, groups = geometry
+        w = weight.float() * w_scale.reshape(-1, 1, 1, 1)
+        return torch.nn.functional.conv2d((codes - zero_u8.float()) * scale, w, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def symbolic(g, x, weight, w_scale, bias, scale, zero_u8, geometry):  # type: ignore[override]
+        stride, padding, dilation, groups = geometry
+        x_dq = g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_u8), scale, zero_u8)
+        zeros = _const(g, torch.zeros(w_scale.type().sizes()[0], dtype=torch.int8))
+        w_dq = g.op("DequantizeLinear", weight, w_scale, zeros, axis_i=0)
+        inputs = [x_dq, w_dq] if _is_none(bias) else [x_dq, w_dq, bias]
+        return g.op("Conv", *inputs, strides_i=list(stride), pads_i=[*padding, *padding], dilations_i=list(dilation),
+                    group_i=groups)  # fmt: skip
 
 
 class _Embedding(torch.autograd.Function):
