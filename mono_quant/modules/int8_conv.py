@@ -226,8 +226,8 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
         return FusedConvParams(self.weight, self._weight_scale_n, self.bias, self.kernel_size, self.groups, static)
 
     def onnx_forward(self, ops: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """QDQ (static) or ``ConvInteger`` (dynamic); weight-only mode and asymmetric weights: a float ``Conv``. ``bias`` is an attached
-        conv owner's (``fuses_bias``); the layer's own is then None."""
+        """QDQ (static) or ``ConvInteger`` (dynamic); weight-only mode and asymmetric weights: a float ``Conv``.
+        ``bias`` is an attached conv owner's (``fuses_bias``); the layer's own is then None."""
         if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
             return ops.float_layer(self, x, bias)
         weight = self.weight.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
