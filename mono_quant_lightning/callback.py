@@ -31,6 +31,7 @@ from mono_quant_lightning.messages import warn
 from mono_quant_lightning.observation import LogWatcher, Observation, check_monitor
 from mono_quant_lightning.options import CallbackOptions
 from mono_quant_lightning.preflight import check_layers, check_training_start
+from mono_quant_lightning.reference import ReferenceOutputs
 
 
 def _option(name: str) -> property:
@@ -176,6 +177,7 @@ class QuantizationCallback(Callback):
         self.observation = Observation(
             self.options.config, self.options.calibration_batches, self.options.calibrates, self.options.fits
         )
+        self.references = ReferenceOutputs(self.options.calibration_batches)  # float outputs for the fidelity pass
         self.outcome: FitEndOutcome | None = None
         # the gate's direction, learned at the first fit validation when the module logs ``monitor`` as a Metric
         self._higher_is_better: bool | None = None if self.metric is None else bool(self.metric.higher_is_better)
@@ -297,9 +299,15 @@ class QuantizationCallback(Callback):
         self._higher_is_better = check_monitor(self.monitor, self.monitor_mode, self._stop_watching().seen, pl_module)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Start observing the selected layers (fit validation only; never the sanity check)."""
+        """Start observing the selected layers and keeping float outputs (fit validation only; never the sanity
+        check)."""
         if self._observes_validation(trainer):
             self.observation.start(pl_module)
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.references.start(pl_module, trainer.global_step)
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, *args: Any) -> None:
+        self.references.batch_start(batch)
 
     def on_validation_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         """Stop observing after ``calibration_batches`` batches."""
@@ -308,13 +316,18 @@ class QuantizationCallback(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Remove the hooks and all-reduce the statistics across processes; they become the current ones."""
         self.observation.epoch_end(trainer)
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.references.epoch_end()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Quantize, measure, gate (the same decision on every rank) and export on global rank zero
         (``fit_end.run``); keep the outcome, and raise the ``QuantizationGateError`` it carries."""
         if QuantizeOn.FIT_END not in self.quantize_on:
             return
-        self.outcome = fit_end.run(self.options, self.observation, trainer, pl_module, self._higher_is_better)
+        reference = self.references.lookup(trainer.global_step)
+        self.outcome = fit_end.run(
+            self.options, self.observation, trainer, pl_module, self._higher_is_better, reference
+        )
         if self.outcome.error is not None:
             raise self.outcome.error
 
@@ -330,6 +343,7 @@ class QuantizationCallback(Callback):
 
     def _detach(self, trainer: Trainer) -> None:
         self.observation.stop()
+        self.references.stop()
         self._stop_watching()
         checkpoint_io.restore(trainer)
 

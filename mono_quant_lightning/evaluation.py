@@ -228,7 +228,8 @@ def fidelity(
         True
     """
     batches = [batch for _, _, batch in iterate(loaders, options.get("max_batches", math.inf))]
-    return mq.compare(float_module, q_module, batches, step_forward(trainer, options.get("batch_fn")))
+    feed = step_forward(trainer, options.get("batch_fn"))
+    return mq.compare(float_module, q_module, batches, feed, reference=options.get("reference"))
 
 
 def _no_forward(module: nn.Module) -> mq.ConfigError:

@@ -33,6 +33,7 @@ from mono_quant_lightning.measure import (
 from mono_quant_lightning.messages import info, warn
 from mono_quant_lightning.observation import Observation
 from mono_quant_lightning.options import CallbackOptions
+from mono_quant_lightning.reference import Reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +77,12 @@ def run(
     trainer: Trainer,
     module: LightningModule,
     higher_is_better: bool | None,
+    reference: Reference | None = None,
 ) -> FitEndOutcome:
-    """Measure, publish and export; a failed gate that must raise is returned as ``error``, not raised."""
+    """Measure, publish and export; a failed gate that must raise is returned as ``error``, not raised.
+    ``reference`` supplies float outputs kept from the last validation epoch (``reference.ReferenceOutputs``)."""
     observation.stop()
-    outcome = _measure(options, observation, trainer, module, higher_is_better)
+    outcome = _measure(options, observation, trainer, module, higher_is_better, reference)
     _publish(options, outcome, trainer)
     return _conclude(options, outcome, trainer)
 
@@ -90,6 +93,7 @@ def _measure(
     trainer: Trainer,
     module: LightningModule,
     higher_is_better: bool | None,
+    reference: Reference | None = None,
 ) -> FitEndOutcome:
     """Quantize, score float vs quantized, gate (the same decision on every rank) and fall back."""
     quantized = quantize(options, observation, module, trainer, announce=True)
@@ -99,7 +103,7 @@ def _measure(
     if options.gated:
         outcome = _gate(options, outcome, trainer, module, loaders)
     if loaders:
-        fidelity = fidelity_report(options, trainer, module, result.model, loaders)
+        fidelity = fidelity_report(options, trainer, module, result.model, loaders, reference)
         outcome = dataclasses.replace(outcome, fidelity=fidelity)
     failed = outcome.decision is not None and not outcome.decision.passed
     failed = bool(trainer.strategy.broadcast(failed, src=0))  # rank zero's decision is the one acted on

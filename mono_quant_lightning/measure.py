@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -200,13 +201,20 @@ def gate(
 
 
 def fidelity_report(
-    options: CallbackOptions, trainer: Trainer, module: LightningModule, q_model: Any, loaders: list
+    options: CallbackOptions,
+    trainer: Trainer,
+    module: LightningModule,
+    q_model: Any,
+    loaders: list,
+    reference: Callable[[int, Any], Any] | None = None,
 ) -> mq.FidelityReport | None:
-    """Output fidelity of ``q_model`` against ``module`` on the validation batches (``None``: nothing to compare)."""
+    """Output fidelity of ``q_model`` against ``module`` on the validation batches (``None``: nothing to compare);
+    ``reference`` gives float outputs already known (``mq.compare``)."""
     try:
         return fidelity(
-            module, q_model, trainer, loaders, max_batches=options.calibration_batches, batch_fn=options.batch_fn
-        )
+            module, q_model, trainer, loaders, max_batches=options.calibration_batches, batch_fn=options.batch_fn,
+            reference=reference,
+        )  # fmt: skip
     except mq.ConfigError as err:  # validation_step never calls forward: nothing to compare
         warn(f"no fidelity figures: {err}")
         return None

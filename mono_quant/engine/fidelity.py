@@ -69,8 +69,12 @@ def compare(
     data: Any,
     forward_fn: ForwardFn | None = None,
     mask_fn: MaskFn | None = None,
+    reference: Callable[[int, Any], torch.Tensor | None] | None = None,
 ) -> FidelityReport:
     """Run both models on ``data`` (same formats as calibration data) and measure agreement.
+
+    ``reference(index, batch)``, where given, supplies the float model's output of a batch it already knows
+    (``None``: run the float model), e.g. outputs kept from a validation epoch.
 
     Positions a batch marks as padding do not count: the ``attention_mask`` of dict batches (transformers'
     tokenizer output), or ``mask_fn(batch)``, a 0/1 or boolean tensor shaped like the output's leading
@@ -94,7 +98,8 @@ def compare(
     max_error, batches, masked = 0.0, 0, 0
     with eval_mode(float_model), eval_mode(quantized_model):
         for batch in iterate_batches(data):
-            ref = output_tensor(feed(float_model, batch)).float()
+            known = reference(batches, batch) if reference is not None else None
+            ref = (known if known is not None else output_tensor(feed(float_model, batch))).float()
             out = output_tensor(feed(quantized_model, batch)).float().to(ref.device)
             rows_kept = None
             keep = _positions(batch, mask_fn, ref.shape, batches)
