@@ -77,3 +77,15 @@ def test_a_quantized_conv_is_one_op_in_a_full_graph(mode: str) -> None:
     with torch.no_grad():
         compiled = torch.compile(layer, fullgraph=True)(x)  # fullgraph: a graph break would raise
         assert torch.equal(compiled, layer(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weight_only"])
+def test_an_int8_linear_is_one_op_in_a_full_graph(mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()  # ReLU: exact when compiled
+    q = mq.quantize(model, mode=mode, calibration_data=[torch.randn(16, 64)]).model
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        compiled = torch.compile(q, fullgraph=True)(x)  # the integer kernels run inside one opaque op each
+        assert torch.equal(compiled, q(x))

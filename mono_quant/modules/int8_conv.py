@@ -24,7 +24,7 @@ from torch import nn
 from mono_quant import kernels
 from mono_quant.config import Mode, QuantDtype, QuantizationConfig, Scheme
 from mono_quant.kernels import choice
-from mono_quant.modules import int8_conv_op
+from mono_quant.modules import compiled_ops
 from mono_quant.modules.base import ActivationQParams, FusedConvParams, QuantizedLayer, copy_bias, meta_conv2d
 from mono_quant.modules.int8_matmul import Int8Matmul, int8_state_dict_entry
 from mono_quant.modules.registry import register
@@ -70,7 +70,7 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
     def prepare(self) -> None:
         super().prepare()
         self._onednn_conv = kernels.OneDNNConvWeight()  # repacked on next use: weight or input scale changed
-        int8_conv_op.remember(self)
+        compiled_ops.remember("conv", self)
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module, config: QuantizationConfig) -> str | None:
@@ -120,14 +120,10 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
         return self.eager_forward(x, bias)
 
     def op_arguments(self) -> tuple[tuple[torch.Tensor | None, ...], list[int]]:
-        """What ``mono_quant::int8_conv2d`` takes: ``(weight, weight_scale, bias, input scale, input zero point)``
-        (the input parameters one-element, never 0-d: inductor writes 0-d constants into cached code) and the
-        geometry ``[in, out, kh, kw, stride, padding, dilation, groups]`` flattened."""
-        stored = self.stored_input_qparams()
-        scale, zero = (None, None) if stored is None else (stored[0].reshape(1), stored[1].reshape(1))
+        """``Int8Matmul.op_arguments`` and the geometry ``[in, out, kh, kw, stride, padding, dilation, groups]``."""
         geometry = [self.in_channels, self.out_channels, *self.kernel_size, *self.stride, *self.padding,
                     *self.dilation, self.groups]  # fmt: skip
-        return (self.weight, self.weight_scale, self.bias, scale, zero), geometry
+        return super().op_arguments()[0], geometry
 
     def eager_forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``forward`` outside ``torch.compile`` (also what the compiled graph's op runs)."""

@@ -30,6 +30,7 @@ from torch import nn
 from mono_quant import kernels
 from mono_quant.config import Mode, Scheme
 from mono_quant.kernels import choice
+from mono_quant.modules import compiled_ops
 from mono_quant.qparams import ActivationQParams, QuantizedWeight, dequantize_weight
 
 _KERNELS = ("int_mm", "onednn")  # candidates for symmetric weights on CPU; the rest always take _int_mm
@@ -101,6 +102,7 @@ class Int8Matmul(nn.Module):
 
     def prepare(self) -> None:
         """Compute every weight-side term once (never per forward), for this device's activation codes."""
+        compiled_ops.remember("matmul", self)
         self._onednn = kernels.OneDNNWeight()
         fmt = self._fmt = kernels.input_format(self.weight.device)
         out_scale = self.weight_scale.float().expand(self.out_features).contiguous()
@@ -149,10 +151,25 @@ class Int8Matmul(nn.Module):
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        out = self._weight_only_forward(x2) if self.mode is Mode.WEIGHT_ONLY else self._run(self._kernel(x2), x2)
+        if torch.compiler.is_compiling() and x2.device.type == "cpu":  # one opaque op: the eager kernels
+            out = torch.ops.mono_quant.int8_matmul(x2, *self.op_arguments()[0], self.mode.value)
+        else:
+            out = self.eager_matmul(x2)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def eager_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The float32 ``[rows, in]`` product outside ``torch.compile`` (also what the compiled graph's op runs)."""
+        return self._weight_only_forward(x) if self.mode is Mode.WEIGHT_ONLY else self._run(self._kernel(x), x)
+
+    def op_arguments(self) -> tuple[tuple[torch.Tensor | None, ...], list[int]]:
+        """What ``compiled_ops`` takes: ``(weight, weight_scale, weight_zero_point, bias, input scale, input zero
+        point)`` (the input parameters one-element, never 0-d: inductor writes 0-d constants into cached code) and
+        the geometry (none for a matmul)."""
+        stored = self.stored_input_qparams()
+        scale, zero = (None, None) if stored is None else (stored[0].reshape(1), stored[1].reshape(1))
+        return (self.weight, self.weight_scale, self.weight_zero_point, self.bias, scale, zero), []
 
     def _kernel(self, x: torch.Tensor) -> str:
         """``"onednn"``, ``"int_mm"`` or ``"float"`` for this call: checked against an exact reference and
