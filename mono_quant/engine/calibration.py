@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from mono_quant.batches import ForwardFn, feed_batches
 from mono_quant.config import QuantizationConfig, Scheme
+from mono_quant.engine.per_layer import PerLayer
 from mono_quant.errors import CalibrationError, ConfigError
 from mono_quant.modules.weight_calls import WEIGHT_CALLS, operand
-from mono_quant.observers import Observer, Reduce, make_observer
+from mono_quant.observers import Observer, make_observer
 from mono_quant.qparams import ActivationQParams
 
 
@@ -55,7 +55,7 @@ class _WeightInputObserver(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class Calibrator:
+class Calibrator(PerLayer):
     """Observers on named layers, recording each layer's input while attached.
 
     A layer is a module (its forward input is observed) or a weight tensor (the input of each
@@ -72,9 +72,8 @@ class Calibrator:
 
     def __init__(self, layers: Mapping[str, nn.Module | torch.Tensor], config: QuantizationConfig) -> None:
         self.layers = dict(layers)
-        self.config = config
-        self.observers: dict[str, Observer] = {name: make_observer(config, name) for name in self.layers}
-        self._handles: list[Any] = []
+        super().__init__({name: make_observer(config, name) for name in self.layers}, "observer state", config)
+        self.observers: dict[str, Observer] = self.items
 
     def attach(self) -> None:
         """Start observing (idempotent)."""
@@ -92,40 +91,9 @@ class Calibrator:
             mode.__enter__()
             self._handles.append(_ModeHandle(mode))
 
-    def detach(self) -> None:
-        """Stop observing; the layers are left exactly as before ``attach``."""
-        for handle in reversed(self._handles):
-            handle.remove()
-        self._handles.clear()
-
-    def run(
-        self, model: nn.Module, data: Any, forward_fn: ForwardFn | None = None, max_batches: int | None = None
-    ) -> int:
-        """Feed ``data`` through ``model`` (eval mode, no grad) while attached; returns the batch count.
-
-        At most ``max_batches`` batches (default: the config's ``calibration_batches``) are drawn.
-
-        Example:
-            >>> import itertools
-            >>> model = nn.Sequential(nn.Linear(4, 2))
-            >>> cal = Calibrator({"0": model[0]}, QuantizationConfig(mode="static", calibration_batches=5))
-            >>> cal.run(model, (torch.randn(1, 4) for _ in itertools.count()))
-            5
-        """
-        limit = self.config.calibration_batches if max_batches is None else max_batches
-        self.attach()
-        try:
-            return feed_batches(model, data, forward_fn, limit)
-        finally:
-            self.detach()
-
     def qparams(self, scheme: Scheme | None = None) -> dict[str, ActivationQParams]:
         """Per-layer activation parameters; raises naming every layer the data never reached."""
-        unreached = sorted(name for name, obs in self.observers.items() if obs.empty)
-        if unreached:
-            raise CalibrationError(
-                f"calibration data never reached layer(s) {unreached}; check forward_fn or the include/exclude patterns"
-            )
+        self.require_reached([name for name, obs in self.observers.items() if obs.empty])
         scheme = scheme or self.config.activation_scheme
         out = {}
         for name, observer in self.observers.items():
@@ -137,38 +105,6 @@ class Calibrator:
                     "calibration data and the layers before this one"
                 ) from None
         return out
-
-    def merge(self, other: Calibrator) -> None:
-        for name, observer in self.observers.items():
-            observer.merge(other.observers[name])
-
-    def sync(self, reduce: Reduce) -> None:
-        """All-reduce every observer across processes (same layer order on every rank)."""
-        for name in sorted(self.observers):
-            self.observers[name].sync(reduce)
-
-    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: obs.state_dict() for name, obs in self.observers.items()}
-
-    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Restore ``state_dict()``'s statistics, each checked (layers, keys, tensor kind and shape) first.
-
-        Example:
-            >>> cal = Calibrator({"fc": nn.Linear(2, 2)}, QuantizationConfig(mode="static"))
-            >>> cal.load_state_dict({"fc": {"min_val": "x", "max_val": torch.tensor(1.0), "batches": torch.tensor(1)}})
-            Traceback (most recent call last):
-            ...
-            mono_quant.errors.CalibrationError: observer state ['fc']['min_val'] is a str; expected a float tensor ...
-        """
-        if not isinstance(state, Mapping):
-            raise CalibrationError(f"observer state is a {type(state).__name__}; expected a mapping of layer -> state")
-        missing = sorted(set(self.observers) - set(state))
-        if missing:
-            raise CalibrationError(f"observer state has no entry for layer(s) {missing}")
-        for name, observer in self.observers.items():
-            check_state(name, state[name], observer.state_dict())
-        for name, observer in self.observers.items():
-            observer.load_state_dict(dict(state[name]))
 
 
 def check_state(layer: str, state: Any, expected: Mapping[str, torch.Tensor], what: str = "observer state") -> None:

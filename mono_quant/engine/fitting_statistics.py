@@ -11,20 +11,15 @@ are alive at once: ``8 K^2`` bytes per layer with ``K`` inputs (128 MiB for a 40
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
-import torch
 from torch import nn
 
 from mono_quant.algorithms.statistics import InputStatistics
-from mono_quant.batches import ForwardFn, feed_batches
 from mono_quant.config import QuantDtype, QuantizationConfig
-from mono_quant.engine.calibration import check_state
+from mono_quant.engine.per_layer import PerLayer
 from mono_quant.engine.selection import select_layers
 from mono_quant.engine.weight_fitting import needs_no_data
-from mono_quant.errors import CalibrationError
 from mono_quant.modules.registry import layer_config
-from mono_quant.observers import Reduce
 
 
 def fitted_layers(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.Module]:
@@ -50,10 +45,11 @@ def fitted_layers(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.
     }
 
 
-class StatisticsCollector:
+class StatisticsCollector(PerLayer):
     """One ``InputStatistics`` per named layer, fed by forward pre-hooks while attached.
 
     Example:
+        >>> import torch
         >>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
         >>> config = QuantizationConfig(dtype="int4", algorithm="gptq", group_size=32)
         >>> collector = StatisticsCollector(fitted_layers(model, config), config)
@@ -70,9 +66,9 @@ class StatisticsCollector:
 
     def __init__(self, layers: Mapping[str, nn.Module], config: QuantizationConfig) -> None:
         self.layers = dict(layers)
-        self.config = config
-        self.inputs = {name: InputStatistics(layer.weight.shape[1]) for name, layer in self.layers.items()}
-        self._handles: list[Any] = []
+        super().__init__({name: InputStatistics(layer.weight.shape[1]) for name, layer in self.layers.items()},
+                         "input statistics", config)  # fmt: skip
+        self.inputs: dict[str, InputStatistics] = self.items
 
     def attach(self) -> None:
         """Start collecting (idempotent)."""
@@ -82,24 +78,6 @@ class StatisticsCollector:
             stats = self.inputs[name]
             self._handles.append(layer.register_forward_pre_hook(lambda _m, a, s=stats: s.update(a[0])))
 
-    def detach(self) -> None:
-        """Stop collecting; the layers are left exactly as before ``attach``."""
-        for handle in reversed(self._handles):
-            handle.remove()
-        self._handles.clear()
-
-    def run(
-        self, model: nn.Module, data: Any, forward_fn: ForwardFn | None = None, max_batches: int | None = None
-    ) -> int:
-        """Feed ``data`` through ``model`` while attached, like ``Calibrator.run`` (at most ``max_batches``
-        batches, default the config's ``calibration_batches``); returns the batch count."""
-        limit = self.config.calibration_batches if max_batches is None else max_batches
-        self.attach()
-        try:
-            return feed_batches(model, data, forward_fn, limit)
-        finally:
-            self.detach()
-
     @property
     def empty(self) -> bool:
         """Whether no row reached any layer."""
@@ -107,45 +85,5 @@ class StatisticsCollector:
 
     def statistics(self) -> dict[str, InputStatistics]:
         """Layer -> its statistics (for ``quantize(input_statistics=...)``); raises naming unreached layers."""
-        unreached = sorted(name for name, stats in self.inputs.items() if stats.rows == 0)
-        if unreached:
-            raise CalibrationError(
-                f"calibration data never reached layer(s) {unreached}; check forward_fn or the include/exclude patterns"
-            )
+        self.require_reached([name for name, stats in self.inputs.items() if stats.rows == 0])
         return dict(self.inputs)
-
-    def merge(self, other: StatisticsCollector) -> None:
-        for name, stats in self.inputs.items():
-            stats.merge(other.inputs[name])
-
-    def sync(self, reduce: Reduce) -> None:
-        """All-reduce every layer's statistics across processes (same layer order on every rank)."""
-        for name in sorted(self.inputs):
-            self.inputs[name].sync(reduce)
-
-    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: stats.state_dict() for name, stats in self.inputs.items()}
-
-    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Restore ``state_dict()``'s statistics, each checked (layers, keys, tensor kind and shape) first.
-
-        Example:
-            >>> collector = StatisticsCollector({"fc": nn.Linear(4, 2)}, QuantizationConfig(dtype="int4"))
-            >>> state = collector.state_dict()
-            >>> state["fc"]["xtx"] = torch.zeros(3, 3, dtype=torch.float64)
-            >>> collector.load_state_dict(state)
-            Traceback (most recent call last):
-            ...
-            mono_quant.errors.CalibrationError: input statistics ['fc']['xtx'] is torch.float64 [3, 3]; expected ...
-        """
-        if not isinstance(state, Mapping):
-            raise CalibrationError(
-                f"input statistics are a {type(state).__name__}; expected a mapping of layer -> state"
-            )
-        missing = sorted(set(self.inputs) - set(state))
-        if missing:
-            raise CalibrationError(f"input statistics have no entry for layer(s) {missing}")
-        for name, stats in self.inputs.items():
-            check_state(name, state[name], stats.state_dict(), "input statistics")
-        for name, stats in self.inputs.items():
-            stats.load_state_dict(dict(state[name]))
