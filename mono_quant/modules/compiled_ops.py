@@ -22,6 +22,7 @@ from mono_quant.config import Mode, Scheme
 
 _LAYERS: dict[tuple[str, int], weakref.ref] = {}  # (op, id(int8 weight)) -> the layer holding it
 _BUILT: dict[tuple[str, int], nn.Module] = {}  # layers built from a compiled graph's tensors (one per weight)
+MAX_BUILT = 512  # more layers than that in compiled graphs holding their own tensors: the oldest are rebuilt
 
 
 def remember(op: str, layer: nn.Module) -> None:
@@ -119,8 +120,12 @@ def _build_matmul(weight: torch.Tensor, tensors: tuple, mode: str) -> nn.Module:
 
 
 def _keep(op: str, weight: torch.Tensor, layer: nn.Module) -> nn.Module:
-    _BUILT[(op, id(weight))] = layer
-    _BUILT_REFS[(op, id(weight))] = weakref.ref(layer)
+    """Keep ``layer`` for the compiled graph's tensors: the ``MAX_BUILT`` most recently built (it holds them)."""
+    key = (op, id(weight))
+    _BUILT[key] = layer
+    _BUILT_REFS[key] = weakref.ref(layer)
+    while len(_BUILT) > MAX_BUILT:
+        _BUILT.pop(next(iter(_BUILT)))
     return layer
 
 
