@@ -1,6 +1,6 @@
 """int4 weight algorithms on real models: round-to-nearest vs GPTQ vs AWQ, against torchao in the same run.
 
-- MiniLM (all-MiniLM-L6-v2, ``minilm.py``): calibrated on sentences 256-383, evaluated on the first 256
+- MiniLM (all-MiniLM-L6-v2, ``minilm.py``): calibrated on sentences 256-511, evaluated on the first 256
   (held out): embedding cosine to float (mean, min) and nearest-neighbour agreement; quantize time and the
   process's peak memory growth during quantize (each variant in a fresh process, so peaks do not mix).
   torchao's int4 weight-only (``IntxWeightOnlyConfig``, its CPU path, Linear layers) where torchao imports.
@@ -48,7 +48,7 @@ def minilm_variant(algorithm: str, group: int, evaluate: int) -> dict:
     model, tokenizer = load_minilm()
     texts = sentences(512)
     batches, order = tokenize(tokenizer, texts[:evaluate])
-    calibration, _ = tokenize(tokenizer, texts[256:384])
+    calibration, _ = tokenize(tokenizer, texts[256:512])
     reference = encode(model, batches, order)
     base = _peak_mib()
     start = time.perf_counter()
@@ -121,7 +121,7 @@ def main() -> None:
         return
     print(f"CPU flags: {cpu_flags()}; torch {torch.__version__}, 2 threads\n")
     if not args.classifiers_only:
-        print(f"MiniLM, {evaluate} held-out sentences, calibrated on 128 others")
+        print(f"MiniLM, {evaluate} held-out sentences, calibrated on 256 others")
         print("| variant | cos mean | cos min | NN agree | quantize s | peak MiB |\n|---|---|---|---|---|---|")
     for algorithm, group in [] if args.classifiers_only else MINILM_VARIANTS:
         command = [sys.executable, __file__, "--variant", algorithm, str(group)] + (["--quick"] if args.quick else [])
