@@ -11,7 +11,6 @@ quantization on a copy: the user's module is never changed.
 from __future__ import annotations
 
 import os
-import reprlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from mono_quant_lightning.choices import MonitorMode, OnViolation, QuantizeOn, Q
 from mono_quant_lightning.fit_end import FitEndOutcome
 from mono_quant_lightning.gate import DropType
 from mono_quant_lightning.measure import quantize
-from mono_quant_lightning.messages import warn
 from mono_quant_lightning.observation import LogWatcher, Observation, check_monitor
 from mono_quant_lightning.options import CallbackOptions
 from mono_quant_lightning.preflight import check_layers, check_training_start
@@ -91,17 +89,10 @@ class QuantizationCallback(Callback):
             ``model(inputs)`` instead of using the forward inside ``validation_step``.
         verbose: report through Lightning's ``rank_zero_info`` (the report table, fidelity, the gate).
 
-    **Fitted int4 weights.** With ``config=mono_quant.QuantizationConfig(dtype="int4", algorithm="gptq")`` (or
-    ``"awq"``), or a fitted rung such as ``"int4-gptq"`` on ``fallback_ladder``, the callback collects the input
-    statistics (``InputStatistics``: ``X^T X``, mean and max ``|x|`` per input feature) of every int4 Linear layer on
-    the same validation batches the observers see (the last completed fit validation epoch, all-reduced across
-    processes so every rank fits the identical model), keeps them in its checkpoint state, and fits the int4
-    weights to them at fit end (``mono_quant.quantize(..., input_statistics=...)``); ``calibration_dataloader``
-    replaces the validation batches. Memory: the statistics of **all** int4 Linear layers are alive at once, in
-    float64 on the CPU and in the checkpoint: ``8 K^2`` bytes per layer with ``K`` inputs (128 MiB for a 4096-wide
-    layer, 0.9 GiB for an 11008-wide one; a decoder with hundreds of such layers needs tens of GiB); narrow the
-    layers with ``exclude`` or use ``algorithm="rtn"`` when that does not fit. The statistics are those of the float
-    model's inputs (not sequential GPTQ, where each layer sees the already quantized layers before it).
+    **Fitted int4 weights** (``config=QuantizationConfig(dtype="int4", algorithm="gptq")``, or an ``"int4-gptq"``
+    fallback rung): input statistics of every int4 Linear layer are collected on the observed validation batches,
+    all-reduced across processes, kept in checkpoints and fitted to at fit end; all of them are alive at once
+    (``8 K^2`` bytes per layer with ``K`` inputs: 128 MiB at 4096). docs/lightning.md has the details.
 
     Configuration errors that can be known before training (no validation data for static mode, ``monitor`` or
     ``metric``; an ``export_dir`` that is a file or not writable; int4 where no layer gets 4 bits; a
@@ -250,18 +241,7 @@ class QuantizationCallback(Callback):
             ...
             mono_quant.errors.CalibrationError: QuantizationCallback: the checkpoint's callback state {'observer': 3}...
         """
-        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("observer", ""), str):
-            raise mq.CalibrationError(
-                f"QuantizationCallback: the checkpoint's callback state {reprlib.repr(state_dict)} is not what "
-                "state_dict() writes ({'observer': name, 'statistics': per-layer tensors or None, "
-                "'input_statistics': per-layer tensors or None})"
-            )
-        if state_dict.get("observer", self.config.observer.value) != self.config.observer.value:
-            warn(f"checkpoint statistics come from observer={state_dict['observer']!r}; ignoring them")
-            return
-        self.observation.pending = state_dict.get("statistics")
-        self.observation.pending_inputs = state_dict.get("input_statistics")  # absent in older checkpoints
-        self.observation.apply_pending(self._module)
+        self.observation.restore(state_dict, self._module)
 
     # ------------------------------------------------------------------ hooks
 

@@ -9,6 +9,7 @@ Both remove everything they attach.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 import mono_quant as mq
 from mono_quant import calibrated_layers
+from mono_quant_lightning.messages import warn
 
 
 class Observation:
@@ -122,6 +124,29 @@ class Observation:
     def inputs_state_dict(self) -> dict[str, Any] | None:
         """The input statistics as plain tensors (``None`` when none were collected or none are collected)."""
         return self.inputs.state_dict() if self.inputs is not None else self.pending_inputs
+
+    def restore(self, state_dict: Any, module: nn.Module | None) -> None:
+        """Take the callback state ``QuantizationCallback.state_dict`` wrote (applied once ``module`` is known).
+
+        Example:
+            >>> Observation(mq.QuantizationConfig(mode="static"), 1).restore({"observer": 3}, None)
+            Traceback (most recent call last):
+            ...
+            mono_quant.errors.CalibrationError: QuantizationCallback: the checkpoint's callback state {'observer': 3}...
+        """
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("observer", ""), str):
+            raise mq.CalibrationError(
+                f"QuantizationCallback: the checkpoint's callback state {reprlib.repr(state_dict)} is not what "
+                "state_dict() writes ({'observer': name, 'statistics': per-layer tensors or None, "
+                "'input_statistics': per-layer tensors or None})"
+            )
+        observer = self.config.observer.value
+        if state_dict.get("observer", observer) != observer:
+            warn(f"checkpoint statistics come from observer={state_dict['observer']!r}; ignoring them")
+            return
+        self.pending = state_dict.get("statistics")
+        self.pending_inputs = state_dict.get("input_statistics")  # absent in older checkpoints
+        self.apply_pending(module)
 
     def apply_pending(self, module: nn.Module | None) -> None:
         """Turn statistics loaded from a checkpoint into a ``Calibrator`` (and a ``StatisticsCollector``) once the

@@ -6,7 +6,6 @@ extra memory beyond that copy is about one float copy of the largest layer.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,29 +21,26 @@ from mono_quant.config import Mode, QuantizationConfig, WeightAlgorithm
 from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
 from mono_quant.engine.bias_correction import corrected_check, require_data
 from mono_quant.engine.calibration import Calibrator
-from mono_quant.engine.output_check import OutputCheck, build_checked, capture_inputs, recording_inputs
-from mono_quant.engine.report import LayerReport, QuantizationReport
-from mono_quant.engine.selection import Selection, calibrated_layers, coverage_warning, matches, select_layers
+from mono_quant.engine.output_check import build_checked, capture_inputs, recording_inputs
+from mono_quant.engine.report import (
+    LayerReport,
+    QuantizationReport,
+    QuantizationResult,
+    check_finite,
+    layer_report,
+    module_bytes,
+)
+from mono_quant.engine.selection import Selection, calibrated_layers, coverage_warning, select_layers
+from mono_quant.engine.state_dict import quantize_state_dict
 from mono_quant.engine.weight_fitting import SequentialStatistics, fitter, input_groups
 from mono_quant.errors import CalibrationError, ConfigError, OutputCheckWarning, QuantizationError
 from mono_quant.graph.equalization import equalization_note, equalize_pairs
 from mono_quant.graph.folding import fold_batchnorm_notes
 from mono_quant.graph.fused_graph import enable_fused_forward
-from mono_quant.modules import ActivationQParams, QuantizedLayer, quantized_class_for, tensor_bytes
+from mono_quant.modules import ActivationQParams, QuantizedLayer
 from mono_quant.modules.attach import install, proxy_module
 from mono_quant.modules.base import float_weight
-from mono_quant.qparams import all_finite, weight_sqnr_db
 from mono_quant.skips import Skip, SkipKind, kind_of
-
-
-@dataclasses.dataclass
-class QuantizationResult:
-    """The quantized model (or state_dict), the skipped module names, the report and the config."""
-
-    model: nn.Module | dict[str, torch.Tensor]
-    skipped: list[str]
-    report: QuantizationReport
-    config: QuantizationConfig
 
 
 def quantize(
@@ -87,13 +83,13 @@ def quantize(
         )
     config = (config or QuantizationConfig()).replace(**overrides) if overrides else (config or QuantizationConfig())
     if isinstance(model, Mapping):
-        return _quantize_state_dict(model, config)
+        return quantize_state_dict(model, config)
     if not isinstance(model, nn.Module):
         raise QuantizationError(
             f"model of type {type(model).__name__} is not supported; expected a torch.nn.Module or a state_dict"
         )
     reject_meta_model(model)
-    bytes_before = _module_bytes(model)
+    bytes_before = module_bytes(model)
     q_model = copy_model(model)
     bake_parametrized_weights(q_model)  # weight norm & co: the effective weight is what gets quantized
     example = first_batch(calibration_data)  # proves conv->BatchNorm pairs by data flow
@@ -108,7 +104,7 @@ def quantize(
     modules = {name: q_model.get_submodule(name) for name in selection.chosen}
     for name, module in modules.items():
         attachment = selection.attached.get(name)
-        _check_finite(name, proxy_module(module, attachment) if attachment else module)
+        check_finite(name, proxy_module(module, attachment) if attachment else module)
     notes += smoothquant_notes(q_model, config, list(modules), calibration_data, forward_fn, activation_qparams)
     notes += awq_notes(q_model, config, _fitted(selection), calibration_data, forward_fn)
     with recording_inputs(q_model, list(selection.chosen)) as inputs:  # for the output checks
@@ -149,7 +145,7 @@ def quantize(
     enable_fused_forward(q_model)  # int8 conv+ReLU/add chains on CPU from a traced graph (load does the same)
     warn_moved_layers([name for name, moved in moved_layers.items() if moved], selection.skipped)
     warning = coverage_warning(q_model, quantized_numel, selection.skipped)
-    after = _module_bytes(q_model)
+    after = module_bytes(q_model)
     report = QuantizationReport(rows, selection.skipped, bytes_before, after, warning, speed_notes(rows) + notes)
     return QuantizationResult(q_model, list(selection.skipped), report, config)
 
@@ -279,31 +275,6 @@ def share_tied_tensors(first: nn.Module, second: nn.Module) -> None:
         second.prepare()  # derived kernel state from the shared tensors
 
 
-def _check_finite(name: str, module: nn.Module) -> None:
-    for param_name, tensor in module.named_parameters(recurse=False):
-        if tensor.is_floating_point() and not all_finite(tensor):
-            raise QuantizationError(f"layer {name!r} has NaN or Inf values in its {param_name!r}; fix the model first")
-
-
-def _module_bytes(module: nn.Module) -> int:
-    return tensor_bytes(*module.state_dict().values())
-
-
-def layer_report(
-    name: str, float_module: nn.Module, quantized: QuantizedLayer, checked: OutputCheck | None = None
-) -> LayerReport:
-    checked = checked or OutputCheck(None)
-    sqnr = checked.weight_sqnr_db
-    if sqnr is None:
-        reference = float_weight(float_module)  # the noise is computed in place: one float copy at a time
-        sqnr = weight_sqnr_db(name, reference, quantized.dequantized_weight().reshape(reference.shape))
-    meta = quantized.metadata()
-    return LayerReport(
-        name, meta["kind"], meta["mode"], meta["bits"], sqnr, _module_bytes(float_module), _module_bytes(quantized),
-        checked.sqnr_db, checked.note,
-    )  # fmt: skip
-
-
 def warn_moved_layers(moved: list[str], skipped: dict[str, str]) -> None:
     """One ``OutputCheckWarning`` naming the layers the output checks moved or kept float (report: why)."""
     kept = [name for name, reason in skipped.items() if kind_of(reason) is SkipKind.OUTPUT_FLOOR]
@@ -332,62 +303,3 @@ def speed_notes(rows: list[LayerReport]) -> list[str]:
         "batch 1 on CPU costs about what the int8 convolution saves (measured 0.9-1.3x float latency); "
         "mode='static' with calibration_data is faster at every batch size"
     ]
-
-
-def _quantize_state_dict(state: Mapping[str, torch.Tensor], config: QuantizationConfig) -> QuantizationResult:
-    """Quantize the 2-D (Linear-like) and 4-D (Conv-like) ``*.weight`` tensors of a state_dict.
-
-    The output tensors are exactly what the quantized module's ``state_dict`` would hold.
-    """
-    if config.needs_model_run:
-        raise ConfigError(
-            f"{', '.join(config.needs_model_run)} need(s) a model to run calibration data through; a state_dict "
-            "takes mode 'dynamic'/'weight_only' with algorithm='rtn' (pass the nn.Module instead)"
-        )
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise QuantizationError(f"model looks like a state_dict but entry {bad[0]!r} is not a named tensor")
-    out: dict[str, torch.Tensor] = {}
-    rows: list[LayerReport] = []
-    skipped: dict[str, str] = {}
-    layers = [
-        k[: -len(".weight")]
-        for k, v in state.items()
-        if k.endswith(".weight") and v.is_floating_point() and v.dim() in (2, 4)
-    ]
-    for name in layers:
-        weight = state[f"{name}.weight"]
-        reason = ""
-        if config.include is not None and not matches(name, config.include):
-            reason = f"not matched by include={list(config.include)}"
-        elif pattern := matches(name, config.exclude):
-            reason = f"excluded by pattern {pattern!r}"
-        elif weight.numel() < config.min_numel:
-            reason = f"{weight.numel()} weights < min_numel={config.min_numel}"
-        module = _layer_from_tensors(weight, state.get(f"{name}.bias"))
-        cls, why = quantized_class_for(module, config)
-        if reason or cls is None:
-            skipped[name] = reason or why
-            continue
-        _check_finite(name, module)
-        quantized = cls.from_float(module, config)
-        rows.append(layer_report(name, module, quantized))
-        out.update({f"{name}.{key}": value for key, value in quantized.state_dict().items()})
-    for key, value in state.items():
-        if key.rpartition(".")[0] not in {r.name for r in rows}:
-            out[key] = value
-    report = QuantizationReport(rows, skipped, tensor_bytes(*state.values()), tensor_bytes(*out.values()))
-    return QuantizationResult(out, list(skipped), report, config)
-
-
-def _layer_from_tensors(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    if weight.dim() == 2:
-        module: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    else:
-        module = nn.Conv2d(
-            weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=bias is not None, device="meta"
-        )
-    module.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    if bias is not None:
-        module.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return module

@@ -6,6 +6,16 @@ import dataclasses
 import math
 from typing import Any
 
+import torch
+from torch import nn
+
+from mono_quant.config import QuantizationConfig
+from mono_quant.engine.output_check import OutputCheck
+from mono_quant.errors import QuantizationError
+from mono_quant.modules import QuantizedLayer, tensor_bytes
+from mono_quant.modules.base import float_weight
+from mono_quant.qparams import all_finite, weight_sqnr_db
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerReport:
@@ -104,3 +114,64 @@ class QuantizationReport:
 
 def _db(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+@dataclasses.dataclass
+class QuantizationResult:
+    """The quantized model (or state_dict), the skipped module names, the report and the config."""
+
+    model: nn.Module | dict[str, torch.Tensor]
+    skipped: list[str]
+    report: QuantizationReport
+    config: QuantizationConfig
+
+
+def check_finite(name: str, module: nn.Module) -> None:
+    """Raise ``QuantizationError`` naming layer ``name`` and the parameter holding NaN or Inf.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     layer.bias[0] = float("nan")
+        >>> check_finite("fc", layer)
+        Traceback (most recent call last):
+        ...
+        mono_quant.errors.QuantizationError: layer 'fc' has NaN or Inf values in its 'bias'; fix the model first
+    """
+    for param_name, tensor in module.named_parameters(recurse=False):
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise QuantizationError(f"layer {name!r} has NaN or Inf values in its {param_name!r}; fix the model first")
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s state_dict (what a file holds).
+
+    Example:
+        >>> module_bytes(nn.Linear(4, 2))  # 8 weights and 2 biases, float32
+        40
+    """
+    return tensor_bytes(*module.state_dict().values())
+
+
+def layer_report(
+    name: str, float_module: nn.Module, quantized: QuantizedLayer, checked: OutputCheck | None = None
+) -> LayerReport:
+    """The report row of layer ``name``: kind, mode, bits, weight and output SQNR, bytes before and after.
+
+    Example:
+        >>> from mono_quant.modules import Int8Linear
+        >>> fc = nn.Linear(64, 8)
+        >>> row = layer_report("fc", fc, Int8Linear.from_float(fc, QuantizationConfig()))
+        >>> row.kind, row.bits, row.sqnr_db > 30
+        ('Linear', 8, True)
+    """
+    checked = checked or OutputCheck(None)
+    sqnr = checked.weight_sqnr_db
+    if sqnr is None:
+        reference = float_weight(float_module)  # the noise is computed in place: one float copy at a time
+        sqnr = weight_sqnr_db(name, reference, quantized.dequantized_weight().reshape(reference.shape))
+    meta = quantized.metadata()
+    return LayerReport(
+        name, meta["kind"], meta["mode"], meta["bits"], sqnr, module_bytes(float_module), module_bytes(quantized),
+        checked.sqnr_db, checked.note,
+    )  # fmt: skip
