@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from mono_quant.config import Scheme
-from mono_quant.qparams import QuantizedWeight, dequantize, quantize, scale_zero_point
+from mono_quant.config import Granularity, Scheme
+from mono_quant.qparams import QuantizedWeight, dequantize, quantize, quantize_weight, scale_zero_point
 
 DAMP = 0.01
 BLOCK = 128
@@ -39,6 +39,9 @@ def gptq_quantize(
     """Group-wise ``bits``-bit values and scales for ``weight`` (``[rows, cols]``) that minimize the output
     error under ``hessian`` (``[cols, cols]``, e.g. ``InputStatistics.hessian()``).
 
+    ``act_order`` rounds columns in order of decreasing ``H`` diagonal (input energy); the group ranges are then
+    ``static_groups``' (default: each group's min/max in ``weight``), fixed before any update.
+
     Example:
         >>> _ = torch.manual_seed(0)
         >>> x, w = torch.randn(512, 64) * torch.linspace(0.1, 3, 64), torch.randn(16, 64)
@@ -53,18 +56,19 @@ def gptq_quantize(
     rows, cols = weight.shape
     if cols % group_size:
         raise ValueError(f"group_size={group_size} does not divide the weight's {cols} columns")
+    if act_order and static_groups is None:  # permuted columns cannot take each group's range as it comes up
+        static_groups = quantize_weight(weight, bits, scheme, Granularity.PER_GROUP, group_size)
     w = weight.detach().to(torch.float64).clone()
     h = hessian.to(torch.float64).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * torch.diagonal(h).mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-    groups = cols // group_size
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
     if act_order:
         w, h = w[:, perm], h[perm][:, perm]
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    groups = cols // group_size
     if static_groups is not None:
         scale, zero_point = static_groups.scale, static_groups.zero_point
     else:

@@ -21,10 +21,10 @@ from mono_quant.algorithms.clipping import clipped_quantize
 from mono_quant.algorithms.gptq import gptq_quantize
 from mono_quant.algorithms.statistics import InputStatistics
 from mono_quant.batches import ForwardFn, ReachedLayer, feed_batches
-from mono_quant.config import Granularity, QuantizationConfig, WeightAlgorithm
+from mono_quant.config import QuantizationConfig, WeightAlgorithm
 from mono_quant.errors import CalibrationError
 from mono_quant.modules.int4_weight import group_size_for
-from mono_quant.qparams import QuantizedWeight, quantize_weight
+from mono_quant.qparams import QuantizedWeight
 
 Fit = Callable[[nn.Module, QuantizationConfig], QuantizedWeight]
 
@@ -52,9 +52,7 @@ def fit_weight(module: nn.Module, config: QuantizationConfig, statistics: InputS
     if config.algorithm is WeightAlgorithm.GPTQ:
         # columns in order of input energy, group ranges fixed up front (MiniLM g128: cosine 0.978 vs 0.974 in
         # column order with ranges taken as each group comes up)
-        static = quantize_weight(weight, 4, config.scheme, Granularity.PER_GROUP, group)
-        hessian = statistics.hessian()
-        return gptq_quantize(weight, hessian, 4, config.scheme, group, static_groups=static, act_order=True)
+        return gptq_quantize(weight, statistics.hessian(), 4, config.scheme, group, act_order=True)
     return clipped_quantize(weight, statistics.hessian(), 4, config.scheme, group)
 
 
