@@ -212,6 +212,13 @@ def peer_variants(
     return out
 
 
+def compiled_variant(variants: list[Variant], mode: str) -> Variant:
+    """``torch.compile`` of mono-quant's ``mode`` variant (compiled on its first timed call: the warm-up)."""
+    ours = next(v for v in variants if v.mode == mode and v.library == "mono-quant")
+    return Variant(mode, "mono-quant + compile", torch.compile(ours.model), ours.quantize_s, ours.file_bytes,
+                   "torch.compile (inductor); docs/kernels.md")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ MLPs
 
 
@@ -240,9 +247,10 @@ def mlp_rows(
                     q,
                     seconds,
                     our_file_bytes(q, folder),
-                    "int4 g128 sym" if mode.startswith("int4") else "",
+                    "int4 g128 asym" if mode.startswith("int4") else "",
                 )
             )
+        variants.append(compiled_variant(variants, "int8 dynamic"))
 
     def calibrate(q: nn.Module) -> None:
         for x in calibration[:8]:
@@ -313,6 +321,8 @@ def minilm_rows(quick: bool, peers: tuple[str, ...]) -> list[dict]:
                 continue
             q, seconds = timed(lambda b=build: b(model, batches[:8]))
             variants.append(Variant(mode, library, q, seconds, our_file_bytes(q, folder), note))
+        if not quick:
+            variants.append(compiled_variant(variants, "int8 dynamic"))
 
     def calibrate(q: nn.Module) -> None:
         for batch in batches[:8]:
