@@ -1,8 +1,8 @@
 """The float module's outputs on the last fit validation epoch, so the fit-end fidelity pass runs only the
 quantized model.
 
-During each fit validation epoch a forward hook keeps the module's first forward output of each batch (on the
-CPU, at most ``max_batches`` batches and ``MAX_BYTES`` in all) with a fingerprint of the batch. At fit end they
+During each fit validation epoch a forward hook keeps the module's first forward output of each batch (on its
+device, at most ``max_batches`` batches and ``MAX_BYTES`` in all) with a fingerprint of the batch. At fit end they
 serve as the float reference for every batch whose fingerprint matches, provided no training step ran since
 the epoch (``trainer.global_step`` unchanged: the module is the one that produced them); any other batch is run
 through the float module as before. On a short digits fit this halves the callback's fidelity pass.
@@ -21,20 +21,32 @@ Reference = Callable[[int, Any], "torch.Tensor | None"]  # reference(batch index
 MAX_BYTES = 64 << 20  # outputs kept per epoch (logits are small; a language model's vocabulary logits are not)
 
 
-def fingerprint(batch: Any) -> tuple[float, ...]:
-    """Sums and sizes of the floating/integer tensors in ``batch`` (nested tuples, lists, dicts), device-agnostic.
+def fingerprint(batch: Any) -> list[torch.Tensor]:
+    """A sum and a size per tensor in ``batch`` (nested tuples, lists, dicts), as float64 tensors on the batch's
+    device: computing one never waits for the device (no ``.item()`` in the validation loop); ``same`` compares.
 
     Example:
         >>> fingerprint((torch.ones(2, 3), torch.tensor([1, 2])))
-        (6.0, 6, 3.0, 2)
+        [tensor([6., 6.], dtype=torch.float64), tensor([3., 2.], dtype=torch.float64)]
     """
     if isinstance(batch, torch.Tensor):
-        return (float(batch.detach().double().sum()), batch.numel())
+        t = batch.detach()
+        return [torch.stack([t.double().sum(), torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device)])]
     if isinstance(batch, dict):
         batch = [batch[key] for key in sorted(batch, key=str)]
     if isinstance(batch, (list, tuple)):
-        return tuple(value for item in batch for value in fingerprint(item))
-    return ()
+        return [value for item in batch for value in fingerprint(item)]
+    return []
+
+
+def same(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
+    """Whether two fingerprints are equal (float rounding on another device counts as different: safe).
+
+    Example:
+        >>> same(fingerprint(torch.ones(2)), fingerprint(torch.ones(2))), same(fingerprint(torch.ones(2)), [])
+        (True, False)
+    """
+    return len(first) == len(second) and all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(first, second, strict=True))
 
 
 class ReferenceOutputs:
@@ -54,8 +66,8 @@ class ReferenceOutputs:
 
     def __init__(self, max_batches: int) -> None:
         self.max_batches = max_batches
-        self.kept: tuple[int, list[tuple[tuple[float, ...], torch.Tensor]]] | None = None
-        self._current: list[tuple[tuple[float, ...], torch.Tensor]] = []
+        self.kept: tuple[int, list[tuple[list[torch.Tensor], torch.Tensor]]] | None = None
+        self._current: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         self._step, self._bytes, self._key, self._handle = 0, 0, None, None
 
     def start(self, module: torch.nn.Module, global_step: int) -> None:
@@ -79,7 +91,7 @@ class ReferenceOutputs:
         if self._bytes + tensor.numel() * tensor.element_size() > MAX_BYTES:
             return
         self._bytes += tensor.numel() * tensor.element_size()
-        self._current.append((key, tensor.to("cpu", copy=True)))
+        self._current.append((key, tensor.clone()))  # on its device: a copy to the CPU would wait for it
 
     def epoch_end(self) -> None:
         """Keep this epoch's outputs (replacing the last epoch's) and remove the hook."""
@@ -100,7 +112,7 @@ class ReferenceOutputs:
         outputs = self.kept[1]
 
         def reference(index: int, batch: Any) -> torch.Tensor | None:
-            if index < len(outputs) and outputs[index][0] == fingerprint(batch):
+            if index < len(outputs) and same(outputs[index][0], fingerprint(batch)):
                 return outputs[index][1]
             return None
 
