@@ -12,8 +12,8 @@ import mono_quant as mq
 class CountingCNN(DigitsCNN):
     """Counts forward calls; ``mark`` is the count when the last validation epoch ended."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, batch_kind: str = "tuple") -> None:
+        super().__init__(batch_kind)
         self.calls, self.mark = 0, 0
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -25,12 +25,14 @@ class CountingCNN(DigitsCNN):
 
 
 def _independent_fidelity(module: CountingCNN, q_model, val) -> mq.FidelityReport:
-    return mq.compare(module, q_model, [batch[0] for batch in val])
+    images = [batch["image"] if isinstance(batch, dict) else batch[0] for batch in val]
+    return mq.compare(module, q_model, images)
 
 
-def test_fit_end_runs_only_the_quantized_model_on_validated_batches(tmp_path, digits) -> None:
-    train, val = loaders(digits)
-    module, callback = CountingCNN(), quiet()
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_fit_end_runs_only_the_quantized_model_on_validated_batches(tmp_path, digits, kind: str) -> None:
+    train, val = loaders(digits, kind)
+    module, callback = CountingCNN(kind), quiet()
     trainer(tmp_path, [callback]).fit(module, train, val)
     assert module.calls == module.mark  # no float forward after the last validation epoch
     expected = _independent_fidelity(module, callback.result.model, val)
