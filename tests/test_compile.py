@@ -80,7 +80,7 @@ def test_a_quantized_conv_is_one_op_in_a_full_graph(mode: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["static", "dynamic", "weight_only"])
+@pytest.mark.parametrize("mode", ["static", "weight_only"])
 def test_an_int8_linear_is_one_op_in_a_full_graph(mode: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()  # ReLU: exact when compiled
@@ -89,3 +89,26 @@ def test_an_int8_linear_is_one_op_in_a_full_graph(mode: str) -> None:
     with torch.no_grad():
         compiled = torch.compile(q, fullgraph=True)(x)  # the integer kernels run inside one opaque op each
         assert torch.equal(compiled, q(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_a_compiled_dynamic_linear_quantizes_in_traced_ops_and_matches_eager(rows: int) -> None:
+    """Dynamic mode: the per-row quantization is traced (inductor fuses it), the integer product is one op per
+    layer; the output is the eager output up to float rounding of the codes (inductor may fuse a multiply-add)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 32)).eval()
+    q = mq.quantize(model).model
+    targets: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return torch._inductor.compile(gm, example_inputs)
+
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        eager, reference = q(x), model(x)
+        compiled = torch.compile(q, fullgraph=True, backend=recording_backend)(x)
+    assert sum(target.startswith("mono_quant.int8_codes_matmul") for target in targets) == 2
+    assert not any("int8_matmul" in target for target in targets)
+    assert float((compiled - eager).abs().max()) <= 0.05 * float((eager - reference).abs().max())

@@ -1,14 +1,18 @@
-"""``mono_quant::int8_matmul`` and ``mono_quant::int8_conv2d``: an int8 layer call as one registered op, so
-``torch.compile`` keeps it whole.
+"""``mono_quant::int8_matmul``, ``mono_quant::int8_codes_matmul`` and ``mono_quant::int8_conv2d``: an int8 layer
+call (or, for dynamic matmuls, its product of already quantized codes) as one registered op, so ``torch.compile``
+keeps it whole.
 
 Inside a compiled graph each op is opaque: dynamo does not trace into the checked kernel choice or oneDNN's
 packed weight cache, the graph does not break, and at run time the op runs the layer's eager path (oneDNN's
 u8 x s8 kernels where they passed their check, ``_int_mm`` or im2col otherwise). Traced instead, the int8 path
 lost to eager everywhere but MiniLM (an MLP 1024-4096-1024 at batch 1: 4.3x float compiled, 1.0x eager; inductor
-copies the transposed weight for ``_int_mm``). Every tensor the result depends on is an argument, so nothing is
-baked into a cached graph: an op finds the layer that owns ``weight`` (registered when the layer is prepared),
-and where a compiled graph hands it other tensors (inductor's freezing, a graph loaded from the cache) it builds
-a layer from them once and keeps it for those tensors.
+copies the transposed weight for ``_int_mm``). A dynamic matmul's per-row quantization is the exception: it is
+traced (inductor fuses its ~8 eager ops into one kernel) and only the product of the codes is opaque.
+
+Every tensor the result depends on is an argument, so nothing is baked into a cached graph: an op finds the
+layer that owns ``weight`` (registered when the layer is prepared), and where a compiled graph hands it other
+tensors (inductor's freezing, a graph loaded from the cache) it builds a layer from them once and keeps it for
+those tensors.
 """
 
 from __future__ import annotations
@@ -52,6 +56,31 @@ def int8_matmul(
 @int8_matmul.register_fake
 def _(x, weight, weight_scale, weight_zero_point, bias, input_scale, input_zero_point, mode):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("mono_quant::int8_codes_matmul", mutates_args=())
+def int8_codes_matmul(
+    q: torch.Tensor,
+    row_max: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
+    input_zero_point: torch.Tensor | None,
+) -> torch.Tensor:
+    """``Int8Matmul.codes_matmul`` of the dynamic layer these tensors make up, for per-row codes ``q`` ``[rows, in]``
+    and their ``row_max`` ``[rows, 1]`` (quantized in traced ops, which inductor fuses)."""
+    tensors = (weight_scale, weight_zero_point, bias, input_scale, input_zero_point)
+    layer = _find("matmul", weight, [], tensors)
+    if layer is None:
+        layer = _build_matmul(weight, tensors, "dynamic")
+    return layer.codes_matmul(q, row_max).contiguous()
+
+
+@int8_codes_matmul.register_fake
+def _(q, row_max, weight, weight_scale, weight_zero_point, bias, input_scale, input_zero_point):
+    return row_max.new_empty(q.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("mono_quant::int8_conv2d", mutates_args=())

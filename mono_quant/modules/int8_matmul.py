@@ -151,8 +151,8 @@ class Int8Matmul(nn.Module):
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        if torch.compiler.is_compiling() and x2.device.type == "cpu":  # one opaque op: the eager kernels
-            out = torch.ops.mono_quant.int8_matmul(x2, *self.op_arguments()[0], self.mode.value)
+        if torch.compiler.is_compiling() and x2.device.type == "cpu":
+            out = self._compiled_matmul(x2)
         else:
             out = self.eager_matmul(x2)
         if out.dtype != x.dtype:
@@ -162,6 +162,39 @@ class Int8Matmul(nn.Module):
     def eager_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The float32 ``[rows, in]`` product outside ``torch.compile`` (also what the compiled graph's op runs)."""
         return self._weight_only_forward(x) if self.mode is Mode.WEIGHT_ONLY else self._run(self._kernel(x), x)
+
+    def _compiled_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Under ``torch.compile``: dynamic mode quantizes in traced ops (inductor fuses them into one kernel) and
+        multiplies the codes in one registered op; other modes run the whole eager call as one registered op."""
+        arguments = self.op_arguments()[0]
+        if self.mode is not Mode.DYNAMIC:
+            return torch.ops.mono_quant.int8_matmul(x, *arguments, self.mode.value)
+        q, row_max = kernels.quantize_per_row(x, self._fmt, self._rounding_offset)
+        return torch.ops.mono_quant.int8_codes_matmul(q, row_max, *arguments)
+
+    def codes_matmul(self, q: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+        """The dynamic product of per-row codes ``q`` (from ``kernels.quantize_per_row``): what the compiled op runs.
+
+        Example:
+            >>> from mono_quant.qparams import quantize_weight
+            >>> part = Int8Matmul(8, 4, False, Mode.DYNAMIC, Scheme.SYMMETRIC, (4,))
+            >>> part.set_quantized(quantize_weight(torch.randn(4, 8), 8, Scheme.SYMMETRIC), None, None)
+            >>> x = torch.randn(3, 8)
+            >>> q, row_max = kernels.quantize_per_row(x, part._fmt)
+            >>> torch.allclose(part.codes_matmul(q, row_max), part(x))
+            True
+        """
+        candidates = _KERNELS if self._symmetric and kernels.use_onednn(q) else _KERNELS[:1]
+        onednn_first = len(candidates) > 1 and kernels.onednn_default(q.shape[0], self.weight.numel())
+        scale, default = row_max / self._fmt.half, "onednn" if onednn_first else "int_mm"
+        kernel = choice.pick(
+            self._choice_kind + "_codes", self._shape, q, candidates, default,
+            lambda name: self._dynamic_product(name, q, row_max),
+            lambda: self._reference_codes(q, self._fmt.zero, scale),
+        )  # fmt: skip
+        if kernel == choice.FALLBACK:
+            return F.linear((q.float() - self._fmt.zero) * scale, self.dequantized_weight(), self.bias)
+        return self._dynamic_product(kernel, q, row_max)
 
     def op_arguments(self) -> tuple[tuple[torch.Tensor | None, ...], list[int]]:
         """What ``compiled_ops`` takes: ``(weight, weight_scale, weight_zero_point, bias, input scale, input zero
@@ -192,7 +225,12 @@ class Int8Matmul(nn.Module):
 
     def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact (float64) output of this call's first rows from its integer codes, and the check's bound."""
-        q, zero, scale = self._codes(x)
+        return self._reference_codes(*self._codes(x))
+
+    def _reference_codes(
+        self, q: torch.Tensor, zero: torch.Tensor | float, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_reference`` from the codes ``q``, their zero point and their scale (one, or one per row)."""
         weight = self.weight
         if self.weight_zero_point is not None:
             weight = weight.int() - self.weight_zero_point.int().reshape(-1, 1)
@@ -216,8 +254,11 @@ class Int8Matmul(nn.Module):
 
     def _dynamic_forward(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         """Per-row (token) scales at run time; uint8 codes on CPU (VNNI's u8 x s8; 7-bit without VNNI)."""
+        q, row_max = kernels.quantize_per_row(x, self._fmt, self._rounding_offset)
+        return self._dynamic_product(kernel, q, row_max)
+
+    def _dynamic_product(self, kernel: str, q: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
         fmt = self._fmt
-        q, row_max = kernels.quantize_per_row(x, fmt, self._rounding_offset)
         if kernel == "onednn":
             scale = self._weight_scale_step
             return kernels.onednn_linear_dynamic(q, row_max, self._onednn, self.weight, scale, self.bias, fmt.zero)
