@@ -25,9 +25,9 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from train_digits import DigitsCNN, digits_loaders  # noqa: E402  (the main example's model and real data)
+from train_digits import DigitsCNN, digits_loaders  # the main example's model and real data
 
-from mono_quant_lightning import QuantizationCallback  # noqa: E402
+from mono_quant_lightning import QuantizationCallback
 
 
 def fit_seconds(epochs: int, callback: Callable[[], QuantizationCallback] | None) -> float:
