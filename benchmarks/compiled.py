@@ -1,37 +1,33 @@
 """Eager vs ``torch.compile``: mono-quant against float and the peers, one process, round-robin timing.
 
 Rows (ratio = latency / float eager of the same workload in this run; lower is faster):
-- MLP 1024-4096-1024 int8 dynamic at batch 1, 8 and 64 (random inputs); peer: torch.ao dynamic (eager).
-- MiniLM (all-MiniLM-L6-v2, 8 real sentences) int8 dynamic; peer: torch.ao dynamic.
+- MLP 1024-4096-1024 int8 dynamic at batch 1, 8 and 64 (random inputs); peer: torch.ao dynamic (eager); at
+  batch 64 also int4 weight-only (group 128) eager and compiled.
+- MiniLM (all-MiniLM-L6-v2, 8 real sentences) int8 dynamic and int4 weight-only; peer: torch.ao dynamic.
 - ResNet-style CNN (3-channel, BatchNorm statistics from real photo crops) static int8 at batch 32 and 1;
   peer: torchao's PT2E recipe (``prepare_pt2e``/``convert_pt2e`` with the X86 inductor quantizer, then
   ``torch.compile`` with inductor freezing) where it imports.
 Each compiled variant is compiled (and run twice) before timing; compile seconds are printed.
 
     python benchmarks/compiled.py [--rounds 15] [--workloads mlp,minilm,cnn]
+
+``benchmarks/run.py --workloads compile`` puts the same rows into the main table.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import subprocess
 import time
 import warnings
 from collections.abc import Callable
 
 import torch
+from run import cpu_flags  # benchmarks/ is on sys.path when this file runs
 from timing import round_robin_ms
 from torch import nn
 
 import mono_quant as mq
-
-
-def cpu_flags() -> str:
-    out = subprocess.run(
-        "grep -o 'amx\\|avx512_vnni\\|avx2' /proc/cpuinfo | sort -u", shell=True, capture_output=True, text=True
-    )
-    return " ".join(out.stdout.split()) or "(none of amx, avx512_vnni, avx2)"
 
 
 def _torch_ao_dynamic(model: nn.Module) -> nn.Module:
@@ -71,18 +67,24 @@ def _compiled(fn: nn.Module, x: torch.Tensor, name: str) -> Callable[[], object]
     return lambda: compiled(x)
 
 
-def _table(workload: str, fns: dict[str, Callable[[], object]], rounds: int) -> None:
+Measured = list[tuple[str, str, dict[str, float]]]  # (workload, int8 mode, variant -> median ms)
+
+
+def _table(workload: str, mode: str, fns: dict[str, Callable[[], object]], rounds: int) -> tuple[str, str, dict]:
     ms = round_robin_ms(fns, rounds)
     base = ms["float eager"]
     for name, value in ms.items():
         print(f"| {workload} | {name} | {value:.3f} | {value / base:.2f} |", flush=True)
+    return f"{workload} {mode}", mode, ms
 
 
-def mlp(rounds: int) -> None:
+def mlp(rounds: int) -> Measured:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024)).eval()
     q = mq.quantize(model, dtype="int8").model
+    q4 = mq.quantize(model, dtype="int4").model
     ao = _torch_ao_dynamic(model)
+    out = []
     for batch in (1, 8, 64):
         x = torch.randn(batch, 1024)
         fns = {
@@ -91,33 +93,44 @@ def mlp(rounds: int) -> None:
             "mono-quant compiled": _compiled(q, x, f"mlp b{batch}"),
             "torch.ao eager": lambda x=x: ao(x),
         }
-        _table(f"MLP b{batch}", fns, rounds)
+        if batch == 64:  # int4 weight-only (g128), eager and compiled
+            fns["mono-quant int4 eager"] = lambda x=x: q4(x)
+            fns["mono-quant int4 compiled"] = _compiled(q4, x, "mlp int4 b64")
+        out.append(_table(f"MLP b{batch}", "int8 dynamic", fns, rounds))
+    return out
 
 
-def minilm(rounds: int) -> None:
+def minilm(rounds: int) -> Measured:
     from minilm import load_minilm, sentences, tokenize
 
     model, tokenizer = load_minilm()
     batch = tokenize(tokenizer, sentences(8))[0][0]
     q = mq.quantize(model, dtype="int8", layer_types=(nn.Linear,)).model
+    q4 = mq.quantize(model, dtype="int4", layer_types=(nn.Linear,)).model
     ao = _torch_ao_dynamic(model)
 
     def run(m: nn.Module) -> Callable[[], object]:
         return lambda: m(**batch)
 
-    start = time.perf_counter()
-    compiled = torch.compile(q)
-    compiled(**batch)
-    print(f"  compile minilm: {time.perf_counter() - start:.1f} s", flush=True)
-    fns = {"float eager": run(model), "mono-quant eager": run(q), "mono-quant compiled": run(compiled),
-           "torch.ao eager": run(ao)}  # fmt: skip
-    _table("MiniLM 8 sentences", fns, rounds)
+    def compiled(m: nn.Module, name: str) -> Callable[[], object]:
+        start = time.perf_counter()
+        fn = torch.compile(m)
+        fn(**batch)
+        fn(**batch)
+        print(f"  compile {name}: {time.perf_counter() - start:.1f} s", flush=True)
+        return run(fn)
+
+    fns = {"float eager": run(model), "mono-quant eager": run(q), "mono-quant compiled": compiled(q, "minilm"),
+           "torch.ao eager": run(ao), "mono-quant int4 eager": run(q4),
+           "mono-quant int4 compiled": compiled(q4, "minilm int4")}  # fmt: skip
+    return [_table("MiniLM 8 sentences", "int8 dynamic", fns, rounds)]
 
 
-def cnn(rounds: int) -> None:
+def cnn(rounds: int) -> Measured:
     from cnn_zoo import photo_crops, rgb_resnet
 
     model = rgb_resnet()
+    out = []
     calibration = [photo_crops(32, 32, seed=s) for s in range(2)]
     q = mq.quantize(model, mode="static", calibration_data=calibration).model
     for batch in (32, 1):
@@ -134,7 +147,11 @@ def cnn(rounds: int) -> None:
             fns["torchao PT2E + compile"] = lambda x=x, m=pt2e: m(x)
         except Exception as err:
             print(f"  torchao PT2E: {type(err).__name__}: {str(err)[:120]}")
-        _table(f"ResNet static b{batch}", fns, rounds)
+        out.append(_table(f"ResNet b{batch}", "int8 static", fns, rounds))
+    return out
+
+
+WORKLOADS: dict[str, Callable[[int], Measured]] = {"mlp": mlp, "minilm": minilm, "cnn": cnn}
 
 
 def main() -> None:
@@ -144,11 +161,11 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    print(f"CPU flags: {cpu_flags()}; torch {torch.__version__}, 2 threads\n")
+    print(f"{cpu_flags()}; torch {torch.__version__}, 2 threads\n")
     print("| workload | variant | median ms | ratio to float eager |\n|---|---|---|---|")
     with torch.inference_mode():
         for name in args.workloads.split(","):
-            {"mlp": mlp, "minilm": minilm, "cnn": cnn}[name](args.rounds)
+            WORKLOADS[name](args.rounds)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
     python benchmarks/run.py                      # full table (under ten minutes on 2 cores)
     python benchmarks/run.py --quick              # smoke run, under a minute (small subsets, torch.ao peer only)
-    python benchmarks/run.py --workloads minilm   # one workload (mlp, minilm, cnn; comma-separated)
+    python benchmarks/run.py --workloads minilm   # one workload (mlp, minilm, cnn, compile; comma-separated)
 
 Workloads: MLPs 1024-4096-1024 (and 4096-4096-4096 in the full run) at batch 1 and 64 on random
 inputs; the real all-MiniLM-L6-v2 sentence encoder on real sentences (``benchmarks/minilm.py``); a
-ResNet-style CNN trained on real digits (``benchmarks/cnn.py``).
+ResNet-style CNN trained on real digits (``benchmarks/cnn.py``); eager against ``torch.compile``
+(``benchmarks/compiled.py``: the MLP, MiniLM and a ResNet with torchao's PT2E + compile recipe as the peer).
 
 One table: workload, mode, library, median ms, ratio to float (mode ms / float ms of the same
 workload in this run: below 1.0 is faster), fidelity (output SQNR for the MLPs; cosine mean/min and
@@ -416,6 +417,37 @@ def cnn_zoo_table_rows(quick: bool) -> list[dict]:
     return out
 
 
+_COMPILE_VARIANTS = {  # benchmarks/compiled.py's variant -> (library, int4?)
+    "float eager": ("float", False),
+    "float compiled": ("float + compile", False),
+    "mono-quant eager": ("mono-quant", False),
+    "mono-quant compiled": ("mono-quant + compile", False),
+    "torch.ao eager": ("torch.ao", False),
+    "torchao PT2E + compile": ("torchao PT2E + compile", False),
+    "mono-quant int4 eager": ("mono-quant", True),
+    "mono-quant int4 compiled": ("mono-quant + compile", True),
+}
+
+
+def compile_rows(quick: bool) -> list[dict]:
+    """Eager against ``torch.compile`` (``benchmarks/compiled.py``: MLP, MiniLM, ResNet static with torchao's PT2E
+    recipe), latency only, as table rows."""
+    import compiled
+
+    out = []
+    for name, workload in compiled.WORKLOADS.items():
+        if quick and name == "minilm":
+            continue
+        for title, mode, ms in workload(5 if quick else 15):
+            for variant, value in ms.items():
+                library, int4 = _COMPILE_VARIANTS[variant]
+                row_mode = "int4 weight-only" if int4 else ("float" if library.startswith("float") else mode)
+                row = base_row(f"compile: {title}", Variant(row_mode, library, None), None)
+                row.update(median_ms=value, ratio_to_float=value / ms["float eager"])
+                out.append(row)
+    return out
+
+
 def add_ratio_to_torch_ao(rows: list[dict]) -> None:
     """``ratio_to_ao``: latency over torch.ao's for the same workload and mode, measured in the same run."""
     ao = {(r["workload"], r["mode"]): r["median_ms"] for r in rows if r["library"] == "torch.ao" and r["median_ms"]}
@@ -607,7 +639,9 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run (under a minute; torch.ao peer only)")
-    parser.add_argument("--workloads", default="mlp,minilm,cnn", help="comma-separated subset of mlp,minilm,cnn")
+    parser.add_argument(
+        "--workloads", default="mlp,minilm,cnn,compile", help="comma-separated subset of mlp,minilm,cnn,compile"
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip optimum-quanto and torchao")
     parser.add_argument("--all-peers", action="store_true", help="measure optimum-quanto and torchao with --quick too")
     parser.add_argument("--out", default=str(HERE / "results"), help="path prefix of the .md/.json/.png outputs")
@@ -629,6 +663,8 @@ def main() -> None:
     if "cnn" in chosen:
         rows += cnn_rows(args.quick)
         rows += cnn_zoo_table_rows(args.quick)
+    if "compile" in chosen:
+        rows += compile_rows(args.quick)
     add_ratio_to_torch_ao(rows)
     for r in rows:
         if r["library"] == "float" and r["median_ms"] is not None:
