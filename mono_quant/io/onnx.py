@@ -25,7 +25,8 @@ from mono_quant.copying import eval_mode
 from mono_quant.errors import ConfigError, SerializationError
 from mono_quant.io.disk import atomic_write
 from mono_quant.io.onnx_checks import checked_export, tracer_lines
-from mono_quant.io.onnx_ops import FLOAT_TWINS, export_forward, float_forward
+from mono_quant.io.onnx_epilogues import conv_epilogues
+from mono_quant.io.onnx_ops import CONV_EPILOGUES, FLOAT_TWINS, export_forward, float_forward
 from mono_quant.modules import quantized_layers
 from mono_quant.modules.base import implements, require
 
@@ -84,7 +85,7 @@ def export_onnx(
 
     def export(chosen_axes: dict[str, dict[int, str]]) -> tuple[bytes, list[str]]:
         buffer = io.BytesIO()
-        with _export_forwards(list(layers.values())), warnings.catch_warnings(record=True) as recorded:
+        with _export_forwards(q_model, list(layers.values())), warnings.catch_warnings(record=True) as recorded:
             warnings.simplefilter("always")
             torch.onnx.export(
                 wrapper,
@@ -182,12 +183,14 @@ def _flat(out: Any, prefix: str = "output") -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _export_forwards(layers: list[nn.Module]) -> Iterator[None]:
+def _export_forwards(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
     """Swap the quantized classes' ``forward`` for the export form while tracing (restored afterwards): the
-    integer graph for int8 classes, the dequantized float layer for the others."""
+    integer graph for int8 classes, the dequantized float layer for the others; static convolutions that
+    ``model``'s fused graph requantizes get their ``ConvEpilogue``."""
     classes = {type(layer) for layer in layers}
     saved = {cls: cls.__dict__.get("forward") for cls in classes}
     try:
+        CONV_EPILOGUES.update(conv_epilogues(model))
         floats = [layer for layer in layers if not implements(layer, "onnx_forward")]
         FLOAT_TWINS.update({id(layer): layer.dequantize().requires_grad_(False) for layer in floats})
         for cls in classes:
@@ -195,6 +198,7 @@ def _export_forwards(layers: list[nn.Module]) -> Iterator[None]:
         yield
     finally:
         FLOAT_TWINS.clear()
+        CONV_EPILOGUES.clear()
         for cls, forward in saved.items():
             if forward is None:
                 del cls.forward

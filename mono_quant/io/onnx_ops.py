@@ -26,12 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.io.onnx_epilogues import ConvEpilogue
 from mono_quant.modules import QuantizedLayer
 
 _UINT8, _FLOAT = 2, 1  # ONNX TensorProto data types
 
 
 FLOAT_TWINS: dict[int, nn.Module] = {}  # id(layer) -> its dequantized float layer, during one export
+CONV_EPILOGUES: dict[int, ConvEpilogue] = {}  # id(int8 weight) -> its output requantization, during one export
 
 
 def float_forward(self: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,18 +93,35 @@ class OnnxOps:
         bias: torch.Tensor | None,
         input_qparams: tuple[torch.Tensor, torch.Tensor] | None,
         geometry: tuple[Any, Any, Any, int],
+        epilogue: ConvEpilogue | None = None,
     ) -> torch.Tensor:
-        """Static: ``QuantizeLinear``/``DequantizeLinear`` on the input and a per-channel ``DequantizeLinear`` on the
-        int8 ``weight`` ``[out, in/groups, kh, kw]`` around a ``Conv``: the QDQ form ONNX Runtime fuses into
-        ``QLinearConv`` where the next layer quantizes the output (digits ResNet batch 32: 0.55x the float session,
-        against 2.0x as ``ConvInteger``). Dynamic: ``ConvInteger`` on ``DynamicQuantizeLinear`` codes.
-        ``geometry``: stride, padding, dilation, groups."""
-        if input_qparams is not None:  # static: the QDQ form ONNX Runtime fuses into QLinearConv
-            scale, zero_point = input_qparams
-            zero_u8 = (zero_point.to(torch.int16).reshape(()) + 128).to(torch.uint8)
-            return _ConvQDQ.apply(x, weight, weight_scale.float(), bias, scale.float().reshape(()), zero_u8, geometry)
+        """Static: ``QuantizeLinear``/``DequantizeLinear`` on the input around a ``Conv``, and by ``epilogue``:
+
+        - requantized output (``out_qparams``): a per-channel ``DequantizeLinear`` on the int8 ``weight``
+          ``[out, in/groups, kh, kw]``, the activation, ``QuantizeLinear``/``DequantizeLinear``: one ``QLinearConv``;
+        - float output (``out_qparams`` None): ``Identity`` + ``Cast`` + ``Mul`` on the int8 weight, which ONNX
+          Runtime folds into a float initializer for its NCHWc float convolution (a ``DequantizeLinear`` weight
+          it keeps, and convolves in plain NCHW, 3x slower);
+        - no plan (``None``: the model does not trace): the per-channel ``DequantizeLinear`` weight, which ONNX
+          Runtime fuses where a ``QuantizeLinear`` follows (a float weight there it requantizes per tensor).
+
+        Dynamic: ``ConvInteger`` on ``DynamicQuantizeLinear`` codes. ``geometry``: stride, padding, dilation, groups."""
+        if input_qparams is not None:
+            in_scale, in_zero = _uint8_qparams(input_qparams)
+            if epilogue is not None and epilogue.out_qparams is None:
+                return _ConvFloatWeight.apply(x, weight, weight_scale.float(), bias, in_scale, in_zero, geometry)
+            unary, out_scale, out_zero = ("none", []), None, None
+            if epilogue is not None:
+                unary, (out_scale, out_zero) = epilogue.unary, _uint8_qparams(epilogue.out_qparams)
+            return _ConvQDQ.apply(x, weight, weight_scale.float(), bias, in_scale, in_zero, geometry, unary,
+                                  out_scale, out_zero)  # fmt: skip
         unsigned = (weight.to(torch.int16) + 128).to(torch.uint8)  # ORT's ConvInteger: uint8 weights
         return _Conv.apply(x, unsigned, weight_scale, bias, *_static(input_qparams, weight_scale), geometry)
+
+    @staticmethod
+    def conv_epilogue(weight: torch.Tensor) -> ConvEpilogue | None:
+        """The requantizing epilogue ``export_onnx`` found for the static convolution with this int8 ``weight``."""
+        return CONV_EPILOGUES.get(id(weight))
 
     @staticmethod
     def embedding(indices: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -129,6 +148,12 @@ def _static(
     zero_point = zero_point.to(torch.int16).reshape(()) + 128
     scale = scale.float().reshape(())
     return 1.0 / scale, zero_point.float(), zero_point.to(torch.uint8), scale * weight_scale
+
+
+def _uint8_qparams(qparams: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored int8 ``(scale, zero point)`` as the 0-d float scale and uint8 zero point of the same range."""
+    scale, zero_point = qparams
+    return scale.float().reshape(()), (zero_point.to(torch.int16).reshape(()) + 128).to(torch.uint8)
 
 
 def _const(g: Any, value: Any) -> Any:
@@ -197,25 +222,68 @@ class _Conv(torch.autograd.Function):
         return out if _is_none(bias) else g.op("Add", out, g.op("Unsqueeze", bias, _const(g, [1, 2])))
 
 
+def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_u8: torch.Tensor) -> torch.Tensor:
+    """``DequantizeLinear(QuantizeLinear(x))`` at uint8 ``(scale, zero point)`` (round half to even, as ONNX)."""
+    codes = torch.clamp(torch.round(x / scale) + zero_u8.float(), 0, 255)
+    return (codes - zero_u8.float()) * scale
+
+
+def _qdq(g: Any, x: Any, scale: Any, zero_u8: Any) -> Any:
+    return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_u8), scale, zero_u8)
+
+
+def _float_conv(g: Any, x: Any, weight: Any, bias: Any, geometry: tuple[Any, Any, Any, int]) -> Any:
+    stride, padding, dilation, groups = geometry
+    inputs = [x, weight] if _is_none(bias) else [x, weight, bias]
+    return g.op("Conv", *inputs, strides_i=list(stride), pads_i=[*padding, *padding], dilations_i=list(dilation),
+                group_i=groups)  # fmt: skip
+
+
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: Any, geometry: Any) -> torch.Tensor:
+    stride, padding, dilation, groups = geometry
+    w = weight.float() * w_scale.reshape(-1, 1, 1, 1)
+    return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+
 class _ConvQDQ(torch.autograd.Function):
-    """Static int8 convolution in QDQ form: ``DQ(Q(x)) * DQ(w)`` (per output channel) + bias."""
+    """Static int8 convolution in QDQ form, ``DQ(Q(x)) * DQ(w)`` (per output channel) + bias, then the activation
+    and ``Q``/``DQ`` at ``out_scale`` when given (ONNX Runtime: one ``QLinearConv``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, w_scale, bias, scale, zero_u8, geometry, unary, out_scale, out_zero_u8):  # type: ignore[override]
+        out = _conv2d(_fake_quantize(x, scale, zero_u8), weight, w_scale, bias, geometry)
+        if unary[0] == "relu":
+            out = torch.relu(out)
+        elif unary[0] == "hardtanh":
+            out = out.clamp(*unary[1])
+        return out if out_scale is None else _fake_quantize(out, out_scale, out_zero_u8)
+
+    @staticmethod
+    def symbolic(g, x, weight, w_scale, bias, scale, zero_u8, geometry, unary, out_scale, out_zero_u8):  # type: ignore[override]
+        zeros = _const(g, torch.zeros(w_scale.type().sizes()[0], dtype=torch.int8))
+        w_dq = g.op("DequantizeLinear", weight, w_scale, zeros, axis_i=0)
+        out = _float_conv(g, _qdq(g, x, scale, zero_u8), w_dq, bias, geometry)
+        if unary[0] == "relu":
+            out = g.op("Relu", out)
+        elif unary[0] == "hardtanh":
+            out = g.op("Clip", out, _const(g, float(unary[1][0])), _const(g, float(unary[1][1])))
+        return out if _is_none(out_scale) else _qdq(g, out, out_scale, out_zero_u8)
+
+
+class _ConvFloatWeight(torch.autograd.Function):
+    """Static int8 convolution with a float output: ``DQ(Q(x))`` convolved with ``Cast(w) * scale``, which ONNX
+    Runtime constant-folds into a float weight (the int8 weight stays what the file stores)."""
 
     @staticmethod
     def forward(ctx, x, weight, w_scale, bias, scale, zero_u8, geometry):  # type: ignore[override]
-        codes = torch.clamp(torch.round(x / scale) + zero_u8.float(), 0, 255)
-        stride, padding, dilation, groups = geometry
-        w = weight.float() * w_scale.reshape(-1, 1, 1, 1)
-        return torch.nn.functional.conv2d((codes - zero_u8.float()) * scale, w, bias, stride, padding, dilation, groups)
+        return _conv2d(_fake_quantize(x, scale, zero_u8), weight, w_scale, bias, geometry)
 
     @staticmethod
     def symbolic(g, x, weight, w_scale, bias, scale, zero_u8, geometry):  # type: ignore[override]
-        stride, padding, dilation, groups = geometry
-        x_dq = g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_u8), scale, zero_u8)
-        zeros = _const(g, torch.zeros(w_scale.type().sizes()[0], dtype=torch.int8))
-        w_dq = g.op("DequantizeLinear", weight, w_scale, zeros, axis_i=0)
-        inputs = [x_dq, w_dq] if _is_none(bias) else [x_dq, w_dq, bias]
-        return g.op("Conv", *inputs, strides_i=list(stride), pads_i=[*padding, *padding], dilations_i=list(dilation),
-                    group_i=groups)  # fmt: skip
+        # Identity: torch's exporter would fold Cast(initializer) into a float initializer in the file itself
+        w_int = g.op("Cast", g.op("Identity", weight), to_i=_FLOAT)
+        w_float = g.op("Mul", w_int, g.op("Unsqueeze", w_scale, _const(g, [1, 2, 3])))
+        return _float_conv(g, _qdq(g, x, scale, zero_u8), w_float, bias, geometry)
 
 
 class _Embedding(torch.autograd.Function):
