@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from kit.helpers import SEVEN_BIT_CPU, int8_atol
 from torch import nn
 
@@ -92,3 +93,31 @@ def test_unfused_model_exports_the_same_fast_graph(digits, tmp_path: Path, monke
     with torch.no_grad():
         want = q(images[:64])
     assert torch.allclose(got, want, atol=int8_atol(1e-2) * want.abs().max().item())
+
+
+class SamePadConv(nn.Conv2d):
+    """TF "same" padding in ``forward`` (as EfficientNet-Lite's ``Conv2dStaticSamePadding``): asymmetric at stride 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_padding_in_forward_folds_into_the_quantized_conv(digits, tmp_path: Path) -> None:
+    images = digits[0].reshape(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU6(), SamePadConv(16, 16, 2, stride=2, groups=16),
+                          nn.ReLU6(), nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()  # fmt: skip
+    q = mq.quantize(model, mode="static", calibration_data=[images[i : i + 64] for i in range(0, 512, 64)]).model
+    path = export_onnx(q, images[:4], tmp_path / "same.onnx")
+    assert "Pad" not in {node.op_type for node in onnx.load(str(path)).graph.node}
+    ops, _ = optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == 2 and "Pad" not in ops, ops  # the 1x1 conv feeds the head: float output
+    got = torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"input_0": images[:128].numpy()})[0])
+    with torch.no_grad():
+        want = q(images[:128])
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= (0.97 if SEVEN_BIT_CPU else 0.99)
+    assert sqnr_db(want, got) >= (25.0 if SEVEN_BIT_CPU else 40.0)

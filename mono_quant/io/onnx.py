@@ -27,6 +27,7 @@ from mono_quant.io.disk import atomic_write
 from mono_quant.io.onnx_checks import checked_export, tracer_lines
 from mono_quant.io.onnx_epilogues import conv_epilogues
 from mono_quant.io.onnx_ops import CONV_EPILOGUES, FLOAT_TWINS, export_forward, float_forward
+from mono_quant.io.onnx_pads import fold_pads_into_convs
 from mono_quant.modules import quantized_layers
 from mono_quant.modules.base import implements, require
 
@@ -98,7 +99,7 @@ def export_onnx(
                 dynamic_axes=chosen_axes,
                 do_constant_folding=True,
             )
-        return buffer.getvalue(), tracer_lines(recorded)
+        return fold_pads_into_convs(buffer.getvalue()), tracer_lines(recorded)
 
     def eager(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
