@@ -4,8 +4,10 @@ Runtime's CPU provider runs as int8 kernels (MLAS u8 x s8 GEMM and convolution).
 How: the model is traced by torch's TorchScript exporter (``dynamo=False``) while every quantized class's
 ``forward`` is an export-only function: its ``onnx_forward``, built from the integer operators of
 ``mono_quant.io.onnx_ops`` (whose ``symbolic`` emits the integer graph directly, so no dequantized weight ever
-enters the file and ORT needs no QDQ fusion to find the int8 path), or, for classes without one (int4,
-fp16/bf16, plugin layers by default), the dequantized float layer, with a warning naming them.
+enters the file; static convolutions in the QDQ form ORT fuses into ``QLinearConv`` where mono-quant's fused
+graph requantizes their outputs, ``onnx_epilogues``), or, for classes without one (int4, fp16/bf16, plugin
+layers by default), the dequantized float layer, with a warning naming them. Zero pads in front of
+quantized convolutions are then folded into them (``onnx_pads``), before the checks run on the final graph.
 """
 
 from __future__ import annotations

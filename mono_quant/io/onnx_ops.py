@@ -9,9 +9,19 @@ built-in classes emit:
   ``Cast`` + ``Mul`` by row scale x channel scale, ``Add`` bias.
 - int8 Linear, static: ``Round``/``Clip`` with the calibrated scale and zero point (uint8), ``MatMulInteger``,
   one ``Mul`` by the combined scale, ``Add`` bias.
-- int8 Conv2d (dynamic or static): ``DynamicQuantizeLinear`` (per-tensor uint8, what mono-quant's CPU path does)
-  or the calibrated uint8 quantization, ``ConvInteger`` (weight stored uint8 = int8 + 128 with
-  ``w_zero_point=128``: ORT's ConvInteger takes uint8 weights only), ``Mul`` per channel, ``Add`` bias.
+- int8 Conv2d, dynamic: ``DynamicQuantizeLinear`` (per-tensor uint8, what mono-quant's CPU path does),
+  ``ConvInteger`` (weight stored uint8 = int8 + 128 with ``w_zero_point=128``: ORT's ConvInteger takes uint8
+  weights only), ``Mul`` per channel, ``Add`` bias.
+- int8 Conv2d, static: QDQ (``OnnxOps.conv``): ``QuantizeLinear``/``DequantizeLinear`` on the input (calibrated
+  uint8); where mono-quant's fused graph requantizes the output (``onnx_epilogues``), a per-channel
+  ``DequantizeLinear`` int8 weight, the activation and an output ``QuantizeLinear``/``DequantizeLinear`` at the
+  next convolutions' input scale, which ORT fuses into ``QLinearConv``; elsewhere ``Identity``/``Cast``/``Mul``
+  on the int8 weight, which ORT folds for its float NCHWc ``Conv``. Zero pads a conv subclass applies in its
+  ``forward`` are folded into ``Conv`` (``onnx_pads``). Measured in ORT 1.32 at batch 32 on 2 cores
+  (``benchmarks/deploy_results.md``): the digits ResNet went from 1.64x the float session (every conv a DQ-weight
+  float conv or ``QLinearConv``) to about 1.1x, EfficientNet-Lite0 from 1.55x (1.73x before the pad folding) to
+  about 1.0x; the convs still float are those feeding a residual add or a pooling layer, whose outputs
+  mono-quant never quantizes, so there is no calibrated scale to quantize them at.
 - int8 Embedding: ``Gather`` of the int8 table and of the row scales, ``Mul``.
 - int8 weight-only Linear (and asymmetric-weight Linear): ``DequantizeLinear`` (per channel) on the int8
   ``[in, out]`` initializer, ``MatMul``; weight-only or asymmetric-weight convolutions: float ``Conv``.
@@ -116,7 +126,7 @@ class OnnxOps:
             return _ConvQDQ.apply(x, weight, weight_scale.float(), bias, in_scale, in_zero, geometry, unary,
                                   out_scale, out_zero)  # fmt: skip
         unsigned = (weight.to(torch.int16) + 128).to(torch.uint8)  # ORT's ConvInteger: uint8 weights
-        return _Conv.apply(x, unsigned, weight_scale, bias, *_static(input_qparams, weight_scale), geometry)
+        return _DynamicConv.apply(x, unsigned, weight_scale, bias, geometry)
 
     @staticmethod
     def conv_epilogue(weight: torch.Tensor) -> ConvEpilogue | None:
@@ -164,13 +174,10 @@ def _is_none(value: Any) -> bool:
     return value is None or (hasattr(value, "node") and value.node().mustBeNone())
 
 
-def _quantize(g: Any, x: Any, inv_scale: Any, zero_point: Any, zero_point_u8: Any) -> tuple[Any, Any]:
-    """uint8 activations ``(q, zero point)``: calibrated (static) or ``DynamicQuantizeLinear`` (``inv_scale`` None)."""
-    if _is_none(inv_scale):
-        q, scale, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
-        return q, zp, scale
+def _quantize(g: Any, x: Any, inv_scale: Any, zero_point: Any) -> Any:
+    """Calibrated uint8 codes of ``x`` (``Round``, ``Clip``: mono-quant's own rounding)."""
     q = g.op("Add", g.op("Round", g.op("Mul", x, inv_scale)), zero_point)
-    return g.op("Cast", g.op("Clip", q, _const(g, 0.0), _const(g, 255.0)), to_i=_UINT8), zero_point_u8, None
+    return g.op("Cast", g.op("Clip", q, _const(g, 0.0), _const(g, 255.0)), to_i=_UINT8)
 
 
 def _rescale(g: Any, acc: Any, scale: Any, bias: Any, cast: bool = True) -> Any:
@@ -197,28 +204,28 @@ class _Linear(torch.autograd.Function):
             # and (1.32) treats whatever that Mul multiplies by as a per-column scale, wrong for per-row scales
             out = _rescale(g, acc, g.op("Div", w_scale, _const(g, 127.0)), None)
             return _rescale(g, out, row_max, bias, cast=False)
-        q, zp, _ = _quantize(g, x, inv_scale, zero_point, zero_point_u8)
-        return _rescale(g, g.op("MatMulInteger", q, w_t, zp), out_scale, bias)
+        q = _quantize(g, x, inv_scale, zero_point)
+        return _rescale(g, g.op("MatMulInteger", q, w_t, zero_point_u8), out_scale, bias)
 
 
-class _Conv(torch.autograd.Function):
-    """``ConvInteger`` on uint8 activations (dynamic per tensor or static) and uint8 (+128) weights."""
+class _DynamicConv(torch.autograd.Function):
+    """``ConvInteger`` on ``DynamicQuantizeLinear`` (per-tensor uint8) codes and uint8 (+128) weights."""
 
     @staticmethod
-    def forward(ctx, x, w_u8, w_scale, bias, inv_scale, zero_point, zero_point_u8, out_scale, geometry):  # type: ignore[override]
+    def forward(ctx, x, w_u8, w_scale, bias, geometry):  # type: ignore[override]
         weight = (w_u8.float() - 128) * w_scale.reshape(-1, 1, 1, 1)
         stride, padding, dilation, groups = geometry
         return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
-    def symbolic(g, x, w_u8, w_scale, bias, inv_scale, zero_point, zero_point_u8, out_scale, geometry):  # type: ignore[override]
+    def symbolic(g, x, w_u8, w_scale, bias, geometry):  # type: ignore[override]
         stride, padding, dilation, groups = geometry
-        q, zp, dynamic_scale = _quantize(g, x, inv_scale, zero_point, zero_point_u8)
+        q, scale, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
         acc = g.op("ConvInteger", q, w_u8, zp, _const(g, torch.tensor(128, dtype=torch.uint8)),
                    strides_i=list(stride), pads_i=[*padding, *padding], dilations_i=list(dilation),
                    group_i=groups)  # fmt: skip
-        scale = out_scale if dynamic_scale is None else g.op("Mul", dynamic_scale, w_scale)
-        out = g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), g.op("Unsqueeze", scale, _const(g, [1, 2])))
+        scale = g.op("Unsqueeze", g.op("Mul", scale, w_scale), _const(g, [1, 2]))
+        out = g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), scale)
         return out if _is_none(bias) else g.op("Add", out, g.op("Unsqueeze", bias, _const(g, [1, 2])))
 
 
