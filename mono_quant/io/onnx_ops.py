@@ -17,14 +17,11 @@ built-in classes emit:
   ``DequantizeLinear`` int8 weight, the activation and an output ``QuantizeLinear``/``DequantizeLinear`` at the
   next convolutions' input scale, which ORT fuses into ``QLinearConv``; elsewhere ``Identity``/``Cast``/``Mul``
   on the int8 weight, which ORT folds for its float NCHWc ``Conv``. Zero pads a conv subclass applies in its
-  ``forward`` are folded into ``Conv`` (``onnx_pads``). Measured in ORT 1.32 at batch 32 on 2 cores
-  (``benchmarks/deploy_results.md``): the digits ResNet went from 1.64x the float session (every conv a DQ-weight
-  float conv or ``QLinearConv``) to about 1.1x, EfficientNet-Lite0 from 1.55x (1.73x before the pad folding) to
-  about 1.0x; the convs still float are those feeding a residual add or a pooling layer, whose outputs
-  mono-quant never quantizes, so there is no calibrated scale to quantize them at.
-- int8 Embedding: ``Gather`` of the int8 table and of the row scales, ``Mul``.
-- int8 weight-only Linear (and asymmetric-weight Linear): ``DequantizeLinear`` (per channel) on the int8
-  ``[in, out]`` initializer, ``MatMul``; weight-only or asymmetric-weight convolutions: float ``Conv``.
+  ``forward`` are folded into ``Conv`` (``onnx_pads``). Measured in ORT 1.32, batch 32, 2 threads, int8 session
+  latency over the float session's (``benchmarks/deploy_results.md``, one round-robin run): digits ResNet 1.64x
+  (every static conv a DQ-weight float conv but the 3 ``QLinearConv``) -> 1.00x (4 ``QLinearConv``, 5 NCHWc float
+  convs); EfficientNet-Lite0 1.55x (39 ``QLinearConv`` behind 17 float ``Pad``) -> 0.82x. The convs still float
+  feed a residual add or a pooling layer: mono-quant never quantizes those outputs, so no calibrated scale exists.
 Classes without ``onnx_forward`` (int4, fp16/bf16, plugin layers by default) are exported through their
 ``dequantize()`` (``float_forward``: float initializers).
 """
