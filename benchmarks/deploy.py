@@ -6,7 +6,8 @@
    configuration, ``minilm.quantize_int4``) through ``mq.save_pretrained`` -> ``transformers.AutoModel`` in a
    fresh process that never imports mono_quant: mean-pooled embedding cosine to float on 512 real sentences,
    weight file size vs the float ``model.safetensors``.
-2. The digits ResNet (int8 static, ``benchmarks/cnn.py``) and MiniLM (int8 dynamic) through ``mq.export_onnx`` ->
+2. The digits ResNet (int8 static, ``benchmarks/cnn.py``), EfficientNet-Lite0 (int8 static, real ImageNet weights,
+   ``benchmarks/cnn_zoo.py``; top-1 on 64 photo crops) and MiniLM (int8 dynamic) through ``mq.export_onnx`` ->
    ONNX Runtime (CPU provider, 2 threads like torch): agreement with the mono-quant model (top-1 on the 360
    test digits; embedding cosine on 512 sentences), file size vs the float ONNX of the same network, median
    latency at batch 32 vs the float ONNX in ONNX Runtime and vs mono-quant in PyTorch, all in one run and
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cnn  # benchmarks/ is on sys.path when this file runs
+import cnn_zoo
 import minilm
 from run import machine
 from timing import round_robin_ms
@@ -126,6 +128,19 @@ def onnx_row(name, folder, float_model, q_model, example, feeds, agree) -> str:
             f"{ms['mono-quant torch'] / ms['int8 ORT']:.2f}x | {ms['float torch']:.2f} |")  # fmt: skip
 
 
+def top1_agreement(q_session, q_model, float_model, test_x) -> str:
+    """ORT's top-1 agreement with mono-quant's torch model, and each one's with the float model."""
+    got = torch.cat([torch.from_numpy(q_session.run(None, {"input_0": c.numpy()})[0]) for c in test_x.split(BATCH)])
+    ort_top1, mq_top1 = got.argmax(1), cnn.predictions(q_model, test_x)
+    float_top1 = cnn.predictions(float_model, test_x)
+
+    def share(a: torch.Tensor, b: torch.Tensor) -> str:
+        return f"{(a == b).float().mean().item():.4f}"
+
+    versus_float = f"ORT {share(ort_top1, float_top1)}, torch {share(mq_top1, float_top1)}"
+    return f"top-1 {share(ort_top1, mq_top1)} (vs float: {versus_float})"
+
+
 def call(model, inputs):
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
@@ -135,12 +150,24 @@ def cnn_onnx_row(folder: Path) -> str:
     q = mq.quantize(model, mode="static", calibration_data=calib).model
 
     def agree(q_session, q_model) -> str:
-        got = torch.cat([torch.from_numpy(q_session.run(None, {"input_0": c.numpy()})[0]) for c in test_x.split(BATCH)])
-        return f"top-1 {(got.argmax(1) == cnn.predictions(q_model, test_x)).float().mean().item():.4f}"
+        return top1_agreement(q_session, q_model, model, test_x)
 
     batch = test_x[:BATCH]
     return onnx_row("digits ResNet int8 static", folder, model, q, test_x[:4], ({"input_0": batch.numpy()}, batch),
                     agree)  # fmt: skip
+
+
+def lite0_onnx_row(folder: Path) -> str:
+    model = cnn_zoo.efficientnet_lite0()
+    q = mq.quantize(model, mode="static", calibration_data=list(cnn_zoo.photo_crops(224, 32, seed=1).split(8))).model
+    test_x = cnn_zoo.photo_crops(224, 64, seed=2)
+
+    def agree(q_session, q_model) -> str:
+        return top1_agreement(q_session, q_model, model, test_x)
+
+    batch = test_x[:BATCH]
+    return onnx_row("EfficientNet-Lite0 int8 static", folder, model, q, test_x[:2],
+                    ({"input_0": batch.numpy()}, batch), agree)  # fmt: skip
 
 
 def minilm_onnx_row(folder: Path, model, batches, order) -> str:
@@ -182,6 +209,7 @@ def main() -> None:
               "mono-quant torch | int8 ORT vs torch | float torch |\n" + "|---" * 9 + "|")  # fmt: skip
         print(minilm_onnx_row(folder, model, batches, order), flush=True)
         print(cnn_onnx_row(folder), flush=True)
+        print(lite0_onnx_row(folder), flush=True)
 
 
 if __name__ == "__main__":

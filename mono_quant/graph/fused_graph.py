@@ -40,7 +40,7 @@ from mono_quant.graph.plan import fusable, plan_convs
 from mono_quant.modules.base import QuantizedLayer
 from mono_quant.modules.weight_tensor import QuantizedTensor
 
-__all__ = ["FusedConv", "FusedForward", "enable_fused_forward", "fusable", "fuse_static_convs"]
+__all__ = ["FusedConv", "FusedForward", "enable_fused_forward", "fusable", "fuse_static_convs", "traced_plans"]
 
 
 def _dead_after(value: fx.Node, reader: fx.Node, gm: fx.GraphModule, order: dict[fx.Node, int]) -> bool:
@@ -72,18 +72,10 @@ def fuse_static_convs(model: nn.Module) -> fx.GraphModule | None:
         >>> [m.unary[0] for m in gm.modules() if isinstance(m, FusedConv)], gm(torch.rand(2, 1, 12, 12)).shape
         (['relu', 'hardtanh'], torch.Size([2, 4, 8, 8]))
     """
-    try:
-        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
-    except Exception:  # dynamic control flow, unsupported ops: keep the eager path
+    planned = traced_plans(model)
+    if planned is None:
         return None
-    modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):  # identities (an unprojected shortcut) pass their input on
-        if node.op == "call_module" and type(modules[node.target]) is nn.Identity and len(node.args) == 1:
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-    plans = plan_convs(gm.graph, modules)
-    if not plans:
-        return None
+    gm, modules, plans = planned
     quantized: dict[tuple[fx.Node, tuple[float, int]], fx.Node] = {}
 
     def uint8_of(value: fx.Node, qparams: tuple[float, int]) -> fx.Node:
@@ -123,6 +115,32 @@ def fuse_static_convs(model: nn.Module) -> fx.GraphModule | None:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def traced_plans(
+    model: nn.Module, full_codes: bool = False
+) -> tuple[fx.GraphModule, dict[str, nn.Module], dict[fx.Node, dict[str, Any]]]:
+    """``model`` traced (identities removed), its modules by name and its convolutions' plans (``plan.plan_convs``),
+    or ``None`` when it does not trace or has no convolution to fuse.
+
+    Example:
+        >>> import mono_quant as mq
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+        >>> q = mq.quantize(net, mode="static", calibration_data=[torch.rand(4, 1, 12, 12)]).model
+        >>> [plan["unary"][0] for plan in traced_plans(q)[2].values()]
+        ['relu', 'none']
+    """
+    try:
+        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+    except Exception:  # dynamic control flow, unsupported ops: keep the eager path
+        return None
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):  # identities (an unprojected shortcut) pass their input on
+        if node.op == "call_module" and type(modules[node.target]) is nn.Identity and len(node.args) == 1:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    plans = plan_convs(gm.graph, modules, full_codes)
+    return (gm, modules, plans) if plans else None
 
 
 def enable_fused_forward(model: nn.Module) -> bool:

@@ -82,9 +82,12 @@ def _residual(node: fx.Node, conv: fx.Node) -> fx.Node | None:
     return other if isinstance(other, fx.Node) and other is not conv else None
 
 
-def plan_convs(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[fx.Node, dict[str, Any]]:
+def plan_convs(
+    graph: fx.Graph, modules: dict[str, nn.Module], full_codes: bool = False
+) -> dict[fx.Node, dict[str, Any]]:
     """conv node -> ``{"tail", "unary", "accum", "out", "accum_q"}``: the last fused node, the post-op, the residual
-    operand (or ``None``), the uint8 output ``(scale, zero_point)`` (or ``None``: float) and the uint8 accumulator's."""
+    operand (or ``None``), the uint8 output ``(scale, zero_point)`` (or ``None``: float) and the uint8 accumulator's.
+    ``full_codes``: plan uint8 outputs as if this CPU multiplied 8-bit codes (an ONNX export's runtime does)."""
     plans, claimed = {}, set()
     for node in graph.nodes:
         if node.op != "call_module" or not fusable(modules[node.target]) or len(node.args) != 1 or node.kwargs:
@@ -100,7 +103,7 @@ def plan_convs(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[fx.Node, 
             if len(after) == 1 and activation(after[0], modules) == ("relu", []):
                 plan.update(tail=after[0], unary=("relu", []))
         plans[node] = plan
-    _assign_uint8(plans, modules)
+    _assign_uint8(plans, modules, full_codes)
     return plans
 
 
@@ -108,13 +111,13 @@ def _static(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return input_qparams(modules[node.target].weight.layer) is not None
 
 
-def _assign_uint8(plans: dict[fx.Node, dict[str, Any]], modules: dict[str, nn.Module]) -> None:
+def _assign_uint8(plans: dict[fx.Node, dict[str, Any]], modules: dict[str, nn.Module], full_codes: bool) -> None:
     """Fill each plan's ``out`` and ``accum_q`` (decisions flow from the last convolution backwards).
 
     Not on CPUs that multiply 7-bit codes only (``kernels.numerics``): oneDNN requantizes outputs onto 0..255,
     and a value beyond the calibrated range would reach the next convolution above 127.
     """
-    if uint8_high() < _FULL_UINT8:
+    if uint8_high() < _FULL_UINT8 and not full_codes:
         return
     by_tail = {p["tail"]: p for p in plans.values()}
     by_add = {p["tail"] if p["unary"][0] == "none" else p["tail"].args[0]: p for p in plans.values() if p["accum"]}

@@ -4,8 +4,10 @@ Runtime's CPU provider runs as int8 kernels (MLAS u8 x s8 GEMM and convolution).
 How: the model is traced by torch's TorchScript exporter (``dynamo=False``) while every quantized class's
 ``forward`` is an export-only function: its ``onnx_forward``, built from the integer operators of
 ``mono_quant.io.onnx_ops`` (whose ``symbolic`` emits the integer graph directly, so no dequantized weight ever
-enters the file and ORT needs no QDQ fusion to find the int8 path), or, for classes without one (int4,
-fp16/bf16, plugin layers by default), the dequantized float layer, with a warning naming them.
+enters the file; static convolutions in the QDQ form ORT fuses into ``QLinearConv`` where mono-quant's fused
+graph requantizes their outputs, ``onnx_epilogues``), or, for classes without one (int4, fp16/bf16, plugin
+layers by default), the dequantized float layer, with a warning naming them. Zero pads in front of
+quantized convolutions are then folded into them (``onnx_pads``), before the checks run on the final graph.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from mono_quant.copying import eval_mode
 from mono_quant.errors import ConfigError, SerializationError
 from mono_quant.io.disk import atomic_write
 from mono_quant.io.onnx_checks import checked_export, tracer_lines
-from mono_quant.io.onnx_ops import FLOAT_TWINS, export_forward, float_forward
+from mono_quant.io.onnx_epilogues import conv_epilogues
+from mono_quant.io.onnx_ops import CONV_EPILOGUES, FLOAT_TWINS, export_forward, float_forward
+from mono_quant.io.onnx_pads import fold_pads_into_convs
 from mono_quant.modules import quantized_layers
 from mono_quant.modules.base import implements, require
 
@@ -84,7 +88,7 @@ def export_onnx(
 
     def export(chosen_axes: dict[str, dict[int, str]]) -> tuple[bytes, list[str]]:
         buffer = io.BytesIO()
-        with _export_forwards(list(layers.values())), warnings.catch_warnings(record=True) as recorded:
+        with _export_forwards(q_model, list(layers.values())), warnings.catch_warnings(record=True) as recorded:
             warnings.simplefilter("always")
             torch.onnx.export(
                 wrapper,
@@ -97,7 +101,7 @@ def export_onnx(
                 dynamic_axes=chosen_axes,
                 do_constant_folding=True,
             )
-        return buffer.getvalue(), tracer_lines(recorded)
+        return fold_pads_into_convs(buffer.getvalue()), tracer_lines(recorded)
 
     def eager(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
@@ -182,12 +186,14 @@ def _flat(out: Any, prefix: str = "output") -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _export_forwards(layers: list[nn.Module]) -> Iterator[None]:
+def _export_forwards(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
     """Swap the quantized classes' ``forward`` for the export form while tracing (restored afterwards): the
-    integer graph for int8 classes, the dequantized float layer for the others."""
+    integer graph for int8 classes, the dequantized float layer for the others; static convolutions that
+    ``model``'s fused graph requantizes get their ``ConvEpilogue``."""
     classes = {type(layer) for layer in layers}
     saved = {cls: cls.__dict__.get("forward") for cls in classes}
     try:
+        CONV_EPILOGUES.update(conv_epilogues(model))
         floats = [layer for layer in layers if not implements(layer, "onnx_forward")]
         FLOAT_TWINS.update({id(layer): layer.dequantize().requires_grad_(False) for layer in floats})
         for cls in classes:
@@ -195,6 +201,7 @@ def _export_forwards(layers: list[nn.Module]) -> Iterator[None]:
         yield
     finally:
         FLOAT_TWINS.clear()
+        CONV_EPILOGUES.clear()
         for cls, forward in saved.items():
             if forward is None:
                 del cls.forward

@@ -9,12 +9,19 @@ built-in classes emit:
   ``Cast`` + ``Mul`` by row scale x channel scale, ``Add`` bias.
 - int8 Linear, static: ``Round``/``Clip`` with the calibrated scale and zero point (uint8), ``MatMulInteger``,
   one ``Mul`` by the combined scale, ``Add`` bias.
-- int8 Conv2d (dynamic or static): ``DynamicQuantizeLinear`` (per-tensor uint8, what mono-quant's CPU path does)
-  or the calibrated uint8 quantization, ``ConvInteger`` (weight stored uint8 = int8 + 128 with
-  ``w_zero_point=128``: ORT's ConvInteger takes uint8 weights only), ``Mul`` per channel, ``Add`` bias.
-- int8 Embedding: ``Gather`` of the int8 table and of the row scales, ``Mul``.
-- int8 weight-only Linear (and asymmetric-weight Linear): ``DequantizeLinear`` (per channel) on the int8
-  ``[in, out]`` initializer, ``MatMul``; weight-only or asymmetric-weight convolutions: float ``Conv``.
+- int8 Conv2d, dynamic: ``DynamicQuantizeLinear`` (per-tensor uint8, what mono-quant's CPU path does),
+  ``ConvInteger`` (weight stored uint8 = int8 + 128 with ``w_zero_point=128``: ORT's ConvInteger takes uint8
+  weights only), ``Mul`` per channel, ``Add`` bias.
+- int8 Conv2d, static: QDQ (``OnnxOps.conv``): ``QuantizeLinear``/``DequantizeLinear`` on the input (calibrated
+  uint8); where mono-quant's fused graph requantizes the output (``onnx_epilogues``), a per-channel
+  ``DequantizeLinear`` int8 weight, the activation and an output ``QuantizeLinear``/``DequantizeLinear`` at the
+  next convolutions' input scale, which ORT fuses into ``QLinearConv``; elsewhere ``Identity``/``Cast``/``Mul``
+  on the int8 weight, which ORT folds for its float NCHWc ``Conv``. Zero pads a conv subclass applies in its
+  ``forward`` are folded into ``Conv`` (``onnx_pads``). Measured in ORT 1.32, batch 32, 2 threads, int8 session
+  latency over the float session's (``benchmarks/deploy_results.md``, one round-robin run): digits ResNet 1.64x
+  (every static conv a DQ-weight float conv but the 3 ``QLinearConv``) -> 1.00x (4 ``QLinearConv``, 5 NCHWc float
+  convs); EfficientNet-Lite0 1.55x (39 ``QLinearConv`` behind 17 float ``Pad``) -> 0.82x. The convs still float
+  feed a residual add or a pooling layer: mono-quant never quantizes those outputs, so no calibrated scale exists.
 Classes without ``onnx_forward`` (int4, fp16/bf16, plugin layers by default) are exported through their
 ``dequantize()`` (``float_forward``: float initializers).
 """
@@ -26,12 +33,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from mono_quant.io.onnx_epilogues import ConvEpilogue
 from mono_quant.modules import QuantizedLayer
 
 _UINT8, _FLOAT = 2, 1  # ONNX TensorProto data types
 
 
 FLOAT_TWINS: dict[int, nn.Module] = {}  # id(layer) -> its dequantized float layer, during one export
+CONV_EPILOGUES: dict[int, ConvEpilogue] = {}  # id(int8 weight) -> its output requantization, during one export
 
 
 def float_forward(self: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,18 +100,35 @@ class OnnxOps:
         bias: torch.Tensor | None,
         input_qparams: tuple[torch.Tensor, torch.Tensor] | None,
         geometry: tuple[Any, Any, Any, int],
+        epilogue: ConvEpilogue | None = None,
     ) -> torch.Tensor:
-        """Static: ``QuantizeLinear``/``DequantizeLinear`` on the input and a per-channel ``DequantizeLinear`` on the
-        int8 ``weight`` ``[out, in/groups, kh, kw]`` around a ``Conv``: the QDQ form ONNX Runtime fuses into
-        ``QLinearConv`` where the next layer quantizes the output (digits ResNet batch 32: 0.55x the float session,
-        against 2.0x as ``ConvInteger``). Dynamic: ``ConvInteger`` on ``DynamicQuantizeLinear`` codes.
-        ``geometry``: stride, padding, dilation, groups."""
-        if input_qparams is not None:  # static: the QDQ form ONNX Runtime fuses into QLinearConv
-            scale, zero_point = input_qparams
-            zero_u8 = (zero_point.to(torch.int16).reshape(()) + 128).to(torch.uint8)
-            return _ConvQDQ.apply(x, weight, weight_scale.float(), bias, scale.float().reshape(()), zero_u8, geometry)
+        """Static: ``QuantizeLinear``/``DequantizeLinear`` on the input around a ``Conv``, and by ``epilogue``:
+
+        - requantized output (``out_qparams``): a per-channel ``DequantizeLinear`` on the int8 ``weight``
+          ``[out, in/groups, kh, kw]``, the activation, ``QuantizeLinear``/``DequantizeLinear``: one ``QLinearConv``;
+        - float output (``out_qparams`` None): ``Identity`` + ``Cast`` + ``Mul`` on the int8 weight, which ONNX
+          Runtime folds into a float initializer for its NCHWc float convolution (a ``DequantizeLinear`` weight
+          it keeps, and convolves in plain NCHW, 3x slower);
+        - no plan (``None``: the model does not trace): the per-channel ``DequantizeLinear`` weight, which ONNX
+          Runtime fuses where a ``QuantizeLinear`` follows (a float weight there it requantizes per tensor).
+
+        Dynamic: ``ConvInteger`` on ``DynamicQuantizeLinear`` codes. ``geometry``: stride, padding, dilation, groups."""
+        if input_qparams is not None:
+            in_scale, in_zero = _uint8_qparams(input_qparams)
+            if epilogue is not None and epilogue.out_qparams is None:
+                return _ConvFloatWeight.apply(x, weight, weight_scale.float(), bias, in_scale, in_zero, geometry)
+            unary, out_scale, out_zero = ("none", []), None, None
+            if epilogue is not None:
+                unary, (out_scale, out_zero) = epilogue.unary, _uint8_qparams(epilogue.out_qparams)
+            return _ConvQDQ.apply(x, weight, weight_scale.float(), bias, in_scale, in_zero, geometry, unary,
+                                  out_scale, out_zero)  # fmt: skip
         unsigned = (weight.to(torch.int16) + 128).to(torch.uint8)  # ORT's ConvInteger: uint8 weights
-        return _Conv.apply(x, unsigned, weight_scale, bias, *_static(input_qparams, weight_scale), geometry)
+        return _DynamicConv.apply(x, unsigned, weight_scale, bias, geometry)
+
+    @staticmethod
+    def conv_epilogue(weight: torch.Tensor) -> ConvEpilogue | None:
+        """The requantizing epilogue ``export_onnx`` found for the static convolution with this int8 ``weight``."""
+        return CONV_EPILOGUES.get(id(weight))
 
     @staticmethod
     def embedding(indices: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -131,6 +157,12 @@ def _static(
     return 1.0 / scale, zero_point.float(), zero_point.to(torch.uint8), scale * weight_scale
 
 
+def _uint8_qparams(qparams: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored int8 ``(scale, zero point)`` as the 0-d float scale and uint8 zero point of the same range."""
+    scale, zero_point = qparams
+    return scale.float().reshape(()), (zero_point.to(torch.int16).reshape(()) + 128).to(torch.uint8)
+
+
 def _const(g: Any, value: Any) -> Any:
     return g.op("Constant", value_t=torch.as_tensor(value))
 
@@ -139,13 +171,10 @@ def _is_none(value: Any) -> bool:
     return value is None or (hasattr(value, "node") and value.node().mustBeNone())
 
 
-def _quantize(g: Any, x: Any, inv_scale: Any, zero_point: Any, zero_point_u8: Any) -> tuple[Any, Any]:
-    """uint8 activations ``(q, zero point)``: calibrated (static) or ``DynamicQuantizeLinear`` (``inv_scale`` None)."""
-    if _is_none(inv_scale):
-        q, scale, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
-        return q, zp, scale
+def _quantize(g: Any, x: Any, inv_scale: Any, zero_point: Any) -> Any:
+    """Calibrated uint8 codes of ``x`` (``Round``, ``Clip``: mono-quant's own rounding)."""
     q = g.op("Add", g.op("Round", g.op("Mul", x, inv_scale)), zero_point)
-    return g.op("Cast", g.op("Clip", q, _const(g, 0.0), _const(g, 255.0)), to_i=_UINT8), zero_point_u8, None
+    return g.op("Cast", g.op("Clip", q, _const(g, 0.0), _const(g, 255.0)), to_i=_UINT8)
 
 
 def _rescale(g: Any, acc: Any, scale: Any, bias: Any, cast: bool = True) -> Any:
@@ -172,50 +201,93 @@ class _Linear(torch.autograd.Function):
             # and (1.32) treats whatever that Mul multiplies by as a per-column scale, wrong for per-row scales
             out = _rescale(g, acc, g.op("Div", w_scale, _const(g, 127.0)), None)
             return _rescale(g, out, row_max, bias, cast=False)
-        q, zp, _ = _quantize(g, x, inv_scale, zero_point, zero_point_u8)
-        return _rescale(g, g.op("MatMulInteger", q, w_t, zp), out_scale, bias)
+        q = _quantize(g, x, inv_scale, zero_point)
+        return _rescale(g, g.op("MatMulInteger", q, w_t, zero_point_u8), out_scale, bias)
 
 
-class _Conv(torch.autograd.Function):
-    """``ConvInteger`` on uint8 activations (dynamic per tensor or static) and uint8 (+128) weights."""
+class _DynamicConv(torch.autograd.Function):
+    """``ConvInteger`` on ``DynamicQuantizeLinear`` (per-tensor uint8) codes and uint8 (+128) weights."""
 
     @staticmethod
-    def forward(ctx, x, w_u8, w_scale, bias, inv_scale, zero_point, zero_point_u8, out_scale, geometry):  # type: ignore[override]
+    def forward(ctx, x, w_u8, w_scale, bias, geometry):  # type: ignore[override]
         weight = (w_u8.float() - 128) * w_scale.reshape(-1, 1, 1, 1)
         stride, padding, dilation, groups = geometry
         return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
-    def symbolic(g, x, w_u8, w_scale, bias, inv_scale, zero_point, zero_point_u8, out_scale, geometry):  # type: ignore[override]
+    def symbolic(g, x, w_u8, w_scale, bias, geometry):  # type: ignore[override]
         stride, padding, dilation, groups = geometry
-        q, zp, dynamic_scale = _quantize(g, x, inv_scale, zero_point, zero_point_u8)
+        q, scale, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
         acc = g.op("ConvInteger", q, w_u8, zp, _const(g, torch.tensor(128, dtype=torch.uint8)),
                    strides_i=list(stride), pads_i=[*padding, *padding], dilations_i=list(dilation),
                    group_i=groups)  # fmt: skip
-        scale = out_scale if dynamic_scale is None else g.op("Mul", dynamic_scale, w_scale)
-        out = g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), g.op("Unsqueeze", scale, _const(g, [1, 2])))
+        scale = g.op("Unsqueeze", g.op("Mul", scale, w_scale), _const(g, [1, 2]))
+        out = g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), scale)
         return out if _is_none(bias) else g.op("Add", out, g.op("Unsqueeze", bias, _const(g, [1, 2])))
 
 
+def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_u8: torch.Tensor) -> torch.Tensor:
+    """``DequantizeLinear(QuantizeLinear(x))`` at uint8 ``(scale, zero point)`` (round half to even, as ONNX)."""
+    codes = torch.clamp(torch.round(x / scale) + zero_u8.float(), 0, 255)
+    return (codes - zero_u8.float()) * scale
+
+
+def _qdq(g: Any, x: Any, scale: Any, zero_u8: Any) -> Any:
+    return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_u8), scale, zero_u8)
+
+
+def _float_conv(g: Any, x: Any, weight: Any, bias: Any, geometry: tuple[Any, Any, Any, int]) -> Any:
+    stride, padding, dilation, groups = geometry
+    inputs = [x, weight] if _is_none(bias) else [x, weight, bias]
+    return g.op("Conv", *inputs, strides_i=list(stride), pads_i=[*padding, *padding], dilations_i=list(dilation),
+                group_i=groups)  # fmt: skip
+
+
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: Any, geometry: Any) -> torch.Tensor:
+    stride, padding, dilation, groups = geometry
+    w = weight.float() * w_scale.reshape(-1, 1, 1, 1)
+    return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+
 class _ConvQDQ(torch.autograd.Function):
-    """Static int8 convolution in QDQ form: ``DQ(Q(x)) * DQ(w)`` (per output channel) + bias."""
+    """Static int8 convolution in QDQ form, ``DQ(Q(x)) * DQ(w)`` (per output channel) + bias, then the activation
+    and ``Q``/``DQ`` at ``out_scale`` when given (ONNX Runtime: one ``QLinearConv``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, w_scale, bias, scale, zero_u8, geometry, unary, out_scale, out_zero_u8):  # type: ignore[override]
+        out = _conv2d(_fake_quantize(x, scale, zero_u8), weight, w_scale, bias, geometry)
+        if unary[0] == "relu":
+            out = torch.relu(out)
+        elif unary[0] == "hardtanh":
+            out = out.clamp(*unary[1])
+        return out if out_scale is None else _fake_quantize(out, out_scale, out_zero_u8)
+
+    @staticmethod
+    def symbolic(g, x, weight, w_scale, bias, scale, zero_u8, geometry, unary, out_scale, out_zero_u8):  # type: ignore[override]
+        zeros = _const(g, torch.zeros(w_scale.type().sizes()[0], dtype=torch.int8))
+        w_dq = g.op("DequantizeLinear", weight, w_scale, zeros, axis_i=0)
+        out = _float_conv(g, _qdq(g, x, scale, zero_u8), w_dq, bias, geometry)
+        if unary[0] == "relu":
+            out = g.op("Relu", out)
+        elif unary[0] == "hardtanh":
+            out = g.op("Clip", out, _const(g, float(unary[1][0])), _const(g, float(unary[1][1])))
+        return out if _is_none(out_scale) else _qdq(g, out, out_scale, out_zero_u8)
+
+
+class _ConvFloatWeight(torch.autograd.Function):
+    """Static int8 convolution with a float output: ``DQ(Q(x))`` convolved with ``Cast(w) * scale``, which ONNX
+    Runtime constant-folds into a float weight (the int8 weight stays what the file stores)."""
 
     @staticmethod
     def forward(ctx, x, weight, w_scale, bias, scale, zero_u8, geometry):  # type: ignore[override]
-        codes = torch.clamp(torch.round(x / scale) + zero_u8.float(), 0, 255)
-        stride, padding, dilation, groups = geometry
-        w = weight.float() * w_scale.reshape(-1, 1, 1, 1)
-        return torch.nn.functional.conv2d((codes - zero_u8.float()) * scale, w, bias, stride, padding, dilation, groups)
+        return _conv2d(_fake_quantize(x, scale, zero_u8), weight, w_scale, bias, geometry)
 
     @staticmethod
     def symbolic(g, x, weight, w_scale, bias, scale, zero_u8, geometry):  # type: ignore[override]
-        stride, padding, dilation, groups = geometry
-        x_dq = g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_u8), scale, zero_u8)
-        zeros = _const(g, torch.zeros(w_scale.type().sizes()[0], dtype=torch.int8))
-        w_dq = g.op("DequantizeLinear", weight, w_scale, zeros, axis_i=0)
-        inputs = [x_dq, w_dq] if _is_none(bias) else [x_dq, w_dq, bias]
-        return g.op("Conv", *inputs, strides_i=list(stride), pads_i=[*padding, *padding], dilations_i=list(dilation),
-                    group_i=groups)  # fmt: skip
+        # Identity: torch's exporter would fold Cast(initializer) into a float initializer in the file itself
+        w_int = g.op("Cast", g.op("Identity", weight), to_i=_FLOAT)
+        w_float = g.op("Mul", w_int, g.op("Unsqueeze", w_scale, _const(g, [1, 2, 3])))
+        return _float_conv(g, _qdq(g, x, scale, zero_u8), w_float, bias, geometry)
 
 
 class _Embedding(torch.autograd.Function):

@@ -222,14 +222,16 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
         return FusedConvParams(self.weight, self._weight_scale_n, self.bias, self.kernel_size, self.groups, static)
 
     def onnx_forward(self, ops: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """QDQ (static) or ``ConvInteger`` (dynamic); weight-only mode and asymmetric weights: a float ``Conv``.
-        ``bias`` is an attached conv owner's (``fuses_bias``); the layer's own is then None."""
+        """QDQ (static; requantized at the output where the fused graph does, ``OnnxOps.conv``) or ``ConvInteger``
+        (dynamic); weight-only mode and asymmetric weights: a float ``Conv``. ``bias`` is an attached conv
+        owner's (``fuses_bias``); the layer's own is then None."""
         if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None:
             return ops.float_layer(self, x, bias)
         weight = self.weight.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         geometry = (self.stride, self.padding, self.dilation, self.groups)
         layer_bias = self.bias if bias is None else bias
-        return ops.conv(x, weight, self._weight_scale_n, layer_bias, self.stored_input_qparams(), geometry)
+        epilogue = ops.conv_epilogue(self.weight)
+        return ops.conv(x, weight, self._weight_scale_n, layer_bias, self.stored_input_qparams(), geometry, epilogue)
 
     def dequantized_weight(self) -> torch.Tensor:
         return (
@@ -259,4 +261,3 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, groups={self.groups}, mode={self.mode.value}"
         )
-
