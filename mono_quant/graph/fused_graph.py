@@ -119,7 +119,7 @@ def fuse_static_convs(model: nn.Module) -> fx.GraphModule | None:
 
 def traced_plans(
     model: nn.Module, full_codes: bool = False
-) -> tuple[fx.GraphModule, dict[str, nn.Module], dict[fx.Node, dict[str, Any]]]:
+) -> tuple[fx.GraphModule, dict[str, nn.Module], dict[fx.Node, dict[str, Any]]] | None:
     """``model`` traced (identities removed), its modules by name and its convolutions' plans (``plan.plan_convs``),
     or ``None`` when it does not trace or has no convolution to fuse.
 
