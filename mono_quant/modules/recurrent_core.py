@@ -145,20 +145,29 @@ class QuantizedRecurrent(nn.Module, QuantizedLayer):
         """The bias buffer added to the matrix ``name``'s product (``None`` without biases)."""
         return getattr(self, "bias_" + name[len("weight_") :], None) if self.bias else None
 
-    def project(self, x: torch.Tensor, name: str, b: torch.Tensor | None) -> torch.Tensor:
-        """``x @ W.T + b`` for the 2-D float ``x`` and the stored matrix ``name``; ``b`` is added (or ``None``)."""
+    def int8_terms(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The int8 matrix ``name``, its ``scale / half`` and ``zero * rowsum`` (from ``prepare``)."""
+        return getattr(self, name), getattr(self, f"_{name}_step"), getattr(self, f"_{name}_offset")
+
+    def project(
+        self, x: torch.Tensor, name: str, b: torch.Tensor | None, columns: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(x @ W.T) * columns + b`` for the 2-D float ``x`` and the stored matrix ``name``; ``b`` and the
+        per-column factors ``columns`` may be ``None``. The int8 epilogue runs in the accumulator's memory."""
         weight = getattr(self, name)
         if weight.dtype != torch.int8:
-            return torch.addmm(b, x, weight.t()) if b is not None else x @ weight.t()
-        if self.mode is Mode.WEIGHT_ONLY:
+            out = x @ weight.t()
+        elif self.mode is Mode.WEIGHT_ONLY:
             out = kernels.int8_weight_only_mm(x, getattr(self, f"_{name}_packed"), getattr(self, f"{name}_scale"))
-            return out if b is None else out + b
-        fmt = kernels.input_format(x.device)
-        q, row_max = kernels.quantize_per_row(x, fmt)
-        acc = kernels.int_mm(q, weight)
-        if fmt.zero:
-            acc.sub_(getattr(self, f"_{name}_offset"))
-        return kernels.rescale(acc, row_max * getattr(self, f"_{name}_step"), b)
+        else:
+            fmt = kernels.input_format(x.device)
+            q, row_max = kernels.quantize_per_row(x, fmt)
+            _, step, offset = self.int8_terms(name)
+            step = step if columns is None else step * columns
+            return kernels.dynamic_rescale(kernels.int_mm(q, weight), offset if fmt.zero else None, row_max, step, b)
+        if columns is not None:
+            out = out * columns
+        return out if b is None else out + b
 
     # ---------------------------------------------------------------- describing
     def metadata(self) -> dict[str, Any]:
