@@ -1,8 +1,18 @@
 """``QuantizedLSTM`` and ``QuantizedGRU``: stacked, bidirectional, ``batch_first`` and (LSTM) ``proj_size``.
 
 Per layer and direction the input projection of every time step runs as one GEMM over ``[T * batch,
-input]``; the recurrent step runs the ``[batch, hidden]`` GEMM per step (``recurrent_core``). Packed
-sequences are refused with a ``TypeError`` that says how to pass them instead.
+input]`` with its epilogue (scales, both biases) in the accumulator's memory; the recurrent ``[batch,
+hidden]`` GEMM runs per step. In ``dynamic`` mode the step loop is ``recurrent_steps``: the hidden state
+is bounded, so it is quantized with a scale fixed per sequence and one ``addcmul`` per step applies the
+scales, the offset correction, the biases and the input gates. ``weight_only`` mode, ``proj_size`` (its
+hidden state is not bounded) and calls that autograd records run the per-row dynamic step (``project``).
+Packed sequences are refused with a ``TypeError`` that says how to pass them instead.
+
+Measured (``benchmarks/recurrent.py``, 40 -> 256, 2 layers, sequence 100, process CPU time at 1 thread
+on this project's AMX/VNNI CPU, ratio to float ``nn.LSTM``/``nn.GRU``; dynamic mode before -> after the
+fixed-scale loop): LSTM batch 1 4.2x -> 1.3x, batch 32 1.6x -> 0.9x; GRU batch 1 2.9x -> 0.7x, batch 32
+1.1x -> 0.7x. Batch 1 LSTM stays above float: float runs the whole step in one oneDNN call (~11-13 us),
+ours is 11 eager ops (``_int_mm`` ~4.7 us, each pointwise op ~0.7-1.3 us, plus Python per op).
 """
 
 from __future__ import annotations

@@ -7,10 +7,12 @@ float is measured on outputs: ``quantize`` keeps the first layer's input matrix 
 layer misses its output floor against float (``output_check``); ``metadata()["matrices"]`` records the
 choice per matrix.
 
-Kernels: a projection is ``x @ W.T + b``. In ``dynamic`` mode the input is quantized per row at run time
-and multiplied with ``kernels.int_mm`` (the ``Int8Linear`` path); in ``weight_only`` mode the packed int8
-weight-only kernel runs. The input projections of all time steps run as one GEMM; the recurrent step
-runs the small ``[batch, hidden]`` GEMM per step.
+Kernels: a projection is ``(x @ W.T) * columns + b`` (``project``). In ``dynamic`` mode the input is
+quantized per row at run time and multiplied with ``kernels.int_mm``, the epilogue written into the
+accumulator (``kernels.dynamic_rescale``); in ``weight_only`` mode the packed int8 weight-only kernel runs.
+The input projections of all time steps run as one GEMM; the layers' dynamic step loops, which quantize
+the bounded hidden state with a fixed scale, are in ``recurrent_steps``; ``prepare`` derives the terms
+both use (``scale / half``, ``zero * rowsum``), never saved.
 """
 
 from __future__ import annotations
