@@ -8,11 +8,12 @@ scales, the offset correction, the biases and the input gates. ``weight_only`` m
 hidden state is not bounded) and calls that autograd records run the per-row dynamic step (``project``).
 Packed sequences are refused with a ``TypeError`` that says how to pass them instead.
 
-Measured (``benchmarks/recurrent.py``, 40 -> 256, 2 layers, sequence 100, process CPU time at 1 thread
-on this project's AMX/VNNI CPU, ratio to float ``nn.LSTM``/``nn.GRU``; dynamic mode before -> after the
-fixed-scale loop): LSTM batch 1 4.2x -> 1.3x, batch 32 1.6x -> 0.9x; GRU batch 1 2.9x -> 0.7x, batch 32
-1.1x -> 0.7x. Batch 1 LSTM stays above float: float runs the whole step in one oneDNN call (~11-13 us),
-ours is 11 eager ops (``_int_mm`` ~4.7 us, each pointwise op ~0.7-1.3 us, plus Python per op).
+Measured (``benchmarks/recurrent.py``, 40 -> 256, 2 layers, sequence 100, this project's AMX/VNNI CPU,
+ratio to float ``nn.LSTM``/``nn.GRU``, dynamic mode before -> after the fixed-scale loop, 2 threads): LSTM
+batch 1 6.8x -> 2.2x, batch 32 3.5x -> 0.98x; GRU batch 1 3.7x -> 1.0x, batch 32 2.2x -> 0.83x (1 thread:
+LSTM 1.3x / 0.93x, GRU 0.76x / 0.70x). Batch 1 LSTM stays above float: float runs the whole step in one
+oneDNN call (~11-15 us), ours is 11 eager ops (``_int_mm`` ~4.7 us, each pointwise op ~0.7-1.3 us, plus
+Python per op; ``torch.profiler``).
 """
 
 from __future__ import annotations
