@@ -2,6 +2,7 @@
 
     python benchmarks/recurrent.py            # batch 1 and 32, sequence 100, 2 threads
     python benchmarks/recurrent.py --quick    # fewer rounds
+    python benchmarks/recurrent.py --threads 1
 
 Model: a 2-layer recurrent layer over 40 features (a speech front end's mel bands), hidden 256. Latency
 is the median over round-robin rounds (every variant once per round); fidelity is the output SQNR
@@ -20,11 +21,13 @@ import tempfile
 import warnings
 
 import torch
+from run import cpu_flags  # benchmarks/ is on sys.path when this file runs
 from safetensors.torch import save_file
-from timing import round_robin_ms  # benchmarks/ is on sys.path when this file runs
+from timing import round_robin_ms
 from torch import nn
 
 import mono_quant as mq
+from mono_quant.kernels import numerics
 from mono_quant.qparams import sqnr_db
 
 
@@ -62,11 +65,14 @@ def _variants(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rounds = 5 if args.quick else 15
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sequence 100, median of {rounds} rounds")
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "not set")
+    print(f"{cpu_flags()}; ONEDNN_MAX_CPU_ISA {isa}; {numerics.describe()}")
     print("| layer | batch | variant | ms | x float | output SQNR dB | file x float |")
     print("|---|---|---|---|---|---|---|")
     for float_type in (nn.LSTM, nn.GRU):

@@ -69,6 +69,23 @@ def test_cells_track_float(float_type, mode):
         assert _outputs(q(x[0, 0]))[0].shape == (32,)  # unbatched
 
 
+@pytest.mark.parametrize("float_type", [nn.LSTM, nn.GRU])
+def test_fixed_scale_step_handles_large_initial_states_and_autograd(float_type):
+    """The dynamic step quantizes h with a scale fixed per sequence (|h| <= max(1, |h_0|)): an h_0 far outside
+    (-1, 1) must widen that scale, not clip; inputs autograd records take the per-row step and agree."""
+    torch.manual_seed(0)
+    layer = float_type(16, 32, num_layers=2, bidirectional=True).eval()
+    q = mq.quantize(nn.Sequential(layer), mode="dynamic").model[0]
+    x, h0 = torch.randn(25, 6, 16), 4 * torch.randn(4, 6, 32)
+    state = (h0, 4 * torch.randn(4, 6, 32)) if float_type is nn.LSTM else h0
+    with torch.no_grad():
+        reference, fixed = _outputs(layer(x, state)), _outputs(q(x, state))
+    for expected, output in zip(reference, fixed, strict=True):
+        assert sqnr_db(expected, output) > (FLOOR_DB - 8 if float_type is nn.GRU else FLOOR_DB)  # GRU: wider scale
+    per_row = _outputs(q(x.requires_grad_(), state))
+    assert sqnr_db(reference[0], per_row[0].detach()) > FLOOR_DB
+
+
 def test_packed_sequences_are_refused_with_a_clear_error():
     q = mq.quantize(nn.Sequential(nn.LSTM(4, 8)), mode="dynamic").model[0]
     packed = pack_padded_sequence(torch.randn(5, 2, 4), torch.tensor([5, 3]))

@@ -19,12 +19,14 @@ from mono_quant.kernels.int8 import (
     int8_weight_only_mm,
     int_mm,
     prepare_int8_weight_only,
+    quantize_fixed_scale,
     quantize_per_row,
     quantize_static_input,
     rescale,
     rounding_offset,
     row_sums,
     static_rescale,
+    writable_in_place,
 )
 from mono_quant.kernels.numerics import SIGNED, Int8Input, input_format
 from mono_quant.kernels.onednn import (
@@ -62,6 +64,7 @@ __all__ = [
     "onednn_linear_dynamic",
     "pack_int4",
     "prepare_int8_weight_only",
+    "quantize_fixed_scale",
     "quantize_per_row",
     "quantize_static_input",
     "quantize_uint8_channels_last",
@@ -71,4 +74,5 @@ __all__ = [
     "row_sums",
     "use_onednn",
     "use_onednn_conv",
+    "writable_in_place",
 ]

@@ -73,6 +73,27 @@ def quantize_per_row(
     return torch.addcmul(offset, x, inverse).view(torch.int32).to(fmt.dtype), row_max
 
 
+def quantize_fixed_scale(
+    x: torch.Tensor, inverse: torch.Tensor | float, offset: torch.Tensor, codes: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
+    """``quantize_per_row`` with a known scale: ``codes = round(x * inverse) + zero``, written into ``codes``.
+
+    For inputs with a known bound (a recurrent layer's hidden state): ``inverse`` is ``half / bound`` (a
+    number or a ``[M, 1]`` tensor) and ``|x| <= bound``, so no clamp is needed. ``offset`` is
+    ``rounding_offset(K, zero)``; ``scratch`` a float32 tensor of ``x``'s shape. Two ops, no allocation.
+
+    Example:
+        >>> codes, scratch = torch.empty(1, 2, dtype=torch.uint8), torch.empty(1, 2)
+        >>> quantize_fixed_scale(torch.tensor([[0.5, -1.0]]), 127.0, rounding_offset(2, 128), codes, scratch)
+        tensor([[192,   1]], dtype=torch.uint8)
+    """
+    if isinstance(inverse, torch.Tensor):
+        torch.addcmul(offset, x, inverse, out=scratch)
+    else:
+        torch.add(offset, x, alpha=inverse, out=scratch)
+    return codes.copy_(scratch.view(torch.int32))
+
+
 def dynamic_rescale(
     acc: torch.Tensor,
     offset: torch.Tensor | None,
@@ -187,22 +208,31 @@ def dynamic_uint8_qparams(x: torch.Tensor, top: int = 255) -> tuple[float, int]:
     return scale, int(min(max(round(-low / scale), 0), top))
 
 
-def int_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def int_mm(
+    a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, weight_t: torch.Tensor | None = None
+) -> torch.Tensor:
     """``a @ weight.T`` for int8 ``a [M, K]`` (or uint8 on CPU) and int8 ``weight [N, K]``, accumulated in int32.
 
     CUDA needs ``M > 16`` and ``K, N`` multiples of 8: small ``M`` is zero-padded; other shapes
     (devices without the op, and ``K = 1`` on CPU, where ``torch._int_mm`` returns uninitialised memory)
     fall back to a float matmul of the integer values, which is exact while ``K * 255 * 128 < 2**24``
-    and within float32 rounding beyond.
+    and within float32 rounding beyond. ``out`` (int32 ``[M, N]``) receives the result on CPU without a
+    fresh allocation (a recurrent step's 128 KB output at batch 32 is an mmap and page faults otherwise);
+    ``weight_t`` is ``weight.t()``, made once by a caller that multiplies in a loop (1.5 us per call at batch 1).
 
     Example:
         >>> a = torch.tensor([[1, 2]], dtype=torch.int8); w = torch.tensor([[3, 4], [-1, 0]], dtype=torch.int8)
         >>> int_mm(a, w)
         tensor([[11, -1]], dtype=torch.int32)
+        >>> int_mm(a, w, out=torch.empty(1, 2, dtype=torch.int32))
+        tensor([[11, -1]], dtype=torch.int32)
     """
     rows = a.shape[0]
     if a.device.type == "cpu" and a.shape[1] >= _CPU_INT_MM_MIN_K:
-        return torch._int_mm(a, weight.t())
+        weight_t = weight.t() if weight_t is None else weight_t
+        return torch._int_mm(a, weight_t, out=out) if out is not None else torch._int_mm(a, weight_t)
+    if out is not None:
+        return out.copy_(int_mm(a, weight))
     if a.device.type == "cuda" and a.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0:
         if rows < _CUDA_INT_MM_MIN_ROWS:
             padded = a.new_zeros((32, a.shape[1]))
