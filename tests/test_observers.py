@@ -133,3 +133,29 @@ def test_state_dict_round_trip_is_plain_tensors(cls):
     restored = cls("x")
     restored.load_state_dict(state)
     assert torch.equal(restored.qparams().scale, obs.qparams().scale)
+
+
+def test_plain_convolutions_are_observed_by_a_module_hook_with_the_same_statistics() -> None:
+    """A plain zero-padded conv is observed through its module (cheap hook); a conv subclass or a reflect-padded
+    conv through its weight's call (its forward changes the input first). Both routes see the same values."""
+    from torch import nn
+
+    from mono_quant.config import QuantizationConfig
+    from mono_quant.engine.calibration import Calibrator
+    from mono_quant.engine.selection import calibrated_layers
+
+    class Padded(nn.Conv2d):
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Padded(4, 4, 3), nn.Conv2d(4, 4, 3, padding_mode="reflect"))
+    config = QuantizationConfig(mode="static")
+    targets = calibrated_layers(model, config)
+    assert targets["0"] is model[0]
+    assert targets["1"] is model[1].weight and targets["2"] is model[2].weight
+    data = [torch.randn(2, 3, 12, 12) for _ in range(3)]
+    by_hook = Calibrator(targets, config)
+    by_weight = Calibrator({"0": model[0].weight}, config)
+    by_hook.run(model, data)
+    by_weight.run(model, data)
+    assert by_hook.qparams()["0"] == by_weight.qparams()["0"]

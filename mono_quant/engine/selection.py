@@ -96,7 +96,10 @@ def calibrated_layers(model: nn.Module, config: QuantizationConfig) -> dict[str,
     """The layers whose inputs static quantization observes (int8 Linear/Conv2d); empty unless static.
 
     A swapped layer is observed through its module's input; an attached one through the weight tensor
-    (the input of the ``F.linear``/``F.conv2d``... call that uses it, wherever it is called from).
+    (the input of the ``F.linear``/``F.conv2d``... call that uses it, wherever it is called from), except a
+    plain ``nn.Conv1d/2d/3d`` with zero padding, whose forward hands its input to that call unchanged: a
+    module hook sees the same values without a torch function mode intercepting every op of the forward
+    (``benchmarks/callback_overhead.py``).
 
     Example:
         >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2))
@@ -111,8 +114,15 @@ def calibrated_layers(model: nn.Module, config: QuantizationConfig) -> dict[str,
         if cls.needs_calibration:
             module = model.get_submodule(name)
             attachment = selection.attached.get(name)
-            targets[name] = getattr(module, attachment.attribute) if attachment else module
+            observed_directly = attachment is None or _input_is_the_weight_call_input(module)
+            targets[name] = module if observed_directly else getattr(module, attachment.attribute)
     return targets
+
+
+def _input_is_the_weight_call_input(module: nn.Module) -> bool:
+    """Whether ``module``'s forward input is exactly the input of its weight's convolution call."""
+    plain = type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return plain and module.padding_mode == "zeros"
 
 
 def matmul_weight_numel(module: nn.Module) -> int:
