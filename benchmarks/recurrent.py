@@ -62,20 +62,11 @@ def _variants(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    rounds = 5 if args.quick else 15
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sequence 100, median of {rounds} rounds")
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "not set")
-    print(f"{cpu_flags()}; ONEDNN_MAX_CPU_ISA {isa}; {numerics.describe()}")
-    print("| layer | batch | variant | ms | x float | output SQNR dB | file x float |")
-    print("|---|---|---|---|---|---|---|")
+def measure(rounds: int) -> list[dict]:
+    """One row per layer, batch and variant: ``ms``, ``ratio`` (to float), ``sqnr`` (dB) and ``file_ratio``."""
+    rows = []
     for float_type in (nn.LSTM, nn.GRU):
+        torch.manual_seed(0)
         model = nn.Sequential(float_type(40, 256, num_layers=2, batch_first=True)).eval()
         variants = _variants(model)
         float_bytes = variants["float"][1]
@@ -86,11 +77,32 @@ def main() -> None:
                 fns = {name: (lambda m=m, x=x: m(x)) for name, (m, _) in variants.items()}
                 times = round_robin_ms(fns, rounds)
                 for name, (m, size) in variants.items():
-                    fidelity = sqnr_db(reference, m(x)[0]) if name != "float" else float("inf")
-                    print(
-                        f"| {float_type.__name__} | {batch} | {name} | {times[name]:.2f} | "
-                        f"{times[name] / times['float']:.2f} | {fidelity:.1f} | {size / float_bytes:.2f} |"
-                    )
+                    rows.append({
+                        "layer": float_type.__name__, "batch": batch, "variant": name, "ms": times[name],
+                        "ratio": times[name] / times["float"],
+                        "sqnr": sqnr_db(reference, m(x)[0]) if name != "float" else float("inf"),
+                        "file_ratio": size / float_bytes,
+                    })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rounds = 5 if args.quick else 15
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sequence 100, median of {rounds} rounds")
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "not set")
+    print(f"{cpu_flags()}; ONEDNN_MAX_CPU_ISA {isa}; {numerics.describe()}")
+    print("| layer | batch | variant | ms | x float | output SQNR dB | file x float |")
+    print("|---|---|---|---|---|---|---|")
+    for r in measure(rounds):
+        print(
+            f"| {r['layer']} | {r['batch']} | {r['variant']} | {r['ms']:.2f} | {r['ratio']:.2f} | {r['sqnr']:.1f} | "
+            f"{r['file_ratio']:.2f} |"
+        )
     sys.stdout.flush()
 
 

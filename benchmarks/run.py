@@ -2,12 +2,13 @@
 
     python benchmarks/run.py                      # full table (under ten minutes on 2 cores)
     python benchmarks/run.py --quick              # smoke run, under a minute (small subsets, torch.ao peer only)
-    python benchmarks/run.py --workloads minilm   # one workload (mlp, minilm, cnn, compile; comma-separated)
+    python benchmarks/run.py --workloads minilm   # one workload (mlp, minilm, cnn, compile, recurrent)
 
 Workloads: MLPs 1024-4096-1024 (and 4096-4096-4096 in the full run) at batch 1 and 64 on random
 inputs; the real all-MiniLM-L6-v2 sentence encoder on real sentences (``benchmarks/minilm.py``); a
 ResNet-style CNN trained on real digits (``benchmarks/cnn.py``); eager against ``torch.compile``
-(``benchmarks/compiled.py``: the MLP, MiniLM and a ResNet with torchao's PT2E + compile recipe as the peer).
+(``benchmarks/compiled.py``: the MLP, MiniLM and a ResNet with torchao's PT2E + compile recipe as the peer);
+LSTM/GRU layers at batch 1 and 32 (``benchmarks/recurrent.py``, peer torch.ao dynamic).
 
 One table: workload, mode, library, median ms, ratio to float (mode ms / float ms of the same
 workload in this run: below 1.0 is faster), fidelity (output SQNR for the MLPs; cosine mean/min and
@@ -448,6 +449,25 @@ def compile_rows(quick: bool) -> list[dict]:
     return out
 
 
+def recurrent_rows(quick: bool) -> list[dict]:
+    """LSTM/GRU 40->256 x2, sequence 100, batch 1 and 32 (``benchmarks/recurrent.py``), as table rows."""
+    import recurrent
+
+    libraries = {"float": ("float", "float"), "torch.ao dynamic": ("int8 dynamic", "torch.ao"),
+                 "mono-quant dynamic": ("int8 dynamic", "mono-quant"),
+                 "mono-quant weight_only": ("int8 weight-only", "mono-quant")}  # fmt: skip
+    out = []
+    for r in recurrent.measure(5 if quick else 15):
+        mode, library = libraries[r["variant"]]
+        row = base_row(f"{r['layer']} 2x256 seq 100 b{r['batch']}", Variant(mode, library, None), 1)
+        finite = math.isfinite(r["sqnr"])
+        row.update(median_ms=r["ms"], ratio_to_float=r["ratio"], file_ratio=r["file_ratio"],
+                   fidelity=f"SQNR {r['sqnr']:.1f} dB" if finite else "", metric=r["sqnr"] if finite else None,
+                   metric_name="output SQNR dB")  # fmt: skip
+        out.append(row)
+    return out
+
+
 def add_ratio_to_torch_ao(rows: list[dict]) -> None:
     """``ratio_to_ao``: latency over torch.ao's for the same workload and mode, measured in the same run."""
     ao = {(r["workload"], r["mode"]): r["median_ms"] for r in rows if r["library"] == "torch.ao" and r["median_ms"]}
@@ -640,7 +660,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run (under a minute; torch.ao peer only)")
     parser.add_argument(
-        "--workloads", default="mlp,minilm,cnn,compile", help="comma-separated subset of mlp,minilm,cnn,compile"
+        "--workloads",
+        default="mlp,minilm,cnn,compile,recurrent",
+        help="comma-separated subset of mlp,minilm,cnn,compile,recurrent",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip optimum-quanto and torchao")
     parser.add_argument("--all-peers", action="store_true", help="measure optimum-quanto and torchao with --quick too")
@@ -665,6 +687,8 @@ def main() -> None:
         rows += cnn_zoo_table_rows(args.quick)
     if "compile" in chosen:
         rows += compile_rows(args.quick)
+    if "recurrent" in chosen:
+        rows += recurrent_rows(args.quick)
     add_ratio_to_torch_ao(rows)
     for r in rows:
         if r["library"] == "float" and r["median_ms"] is not None:
