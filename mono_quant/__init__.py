@@ -29,7 +29,7 @@ from mono_quant.engine.fidelity import FidelityReport, compare, output_tensor
 from mono_quant.engine.fitting_statistics import StatisticsCollector, fitted_layers
 from mono_quant.engine.quantize import QuantizationResult, dynamic_quantize, quantize, static_quantize
 from mono_quant.engine.report import LayerReport, QuantizationReport
-from mono_quant.engine.selection import Selection, calibrated_layers, select_layers
+from mono_quant.engine.selection import Selection, calibrated_layers, calibrated_outputs, select_layers
 from mono_quant.errors import CalibrationError, ConfigError, QuantizationError, SerializationError
 from mono_quant.graph.folding import fold_batchnorm
 from mono_quant.io.hf_export import save_pretrained
@@ -54,6 +54,7 @@ __all__ = [
     "QuantizedTensor",
     "Selection",
     "calibrated_layers",
+    "calibrated_outputs",
     "fitted_layers",
     "output_tensor",
     "parse_dtype",

@@ -153,6 +153,7 @@ def test_layers_without_a_layout_are_written_float_with_a_warning() -> None:
     q = mq.quantize(model, dtype="int8", mode="static", calibration_data=[torch.rand(4, 1, 8, 8)]).model
     tensors, layers, ignored = hf_tensors(q)
     assert ignored == ["0"] and list(layers) == ["2"]
+    assert not any(key.startswith("0.output_") for key in tensors)  # the fused CPU graph's, with the int8 conv
     assert tensors["0.weight"].dtype == torch.float32 and tuple(tensors["0.weight"].shape) == (4, 1, 3, 3)
     assert torch.allclose(tensors["0.weight"], q[0].weight.dequantize())
 

@@ -37,13 +37,27 @@ class _ModeHandle:
 DEFAULT_BATCH_LIMIT = QuantizationConfig().calibration_batches
 
 
+OUTPUT = ":output"  # ``Calibrator`` key suffix of a layer's output observer: ``output_key(name)``
+
+
+def output_key(name: str) -> str:
+    """The key of layer ``name``'s calibrated output in ``Calibrator.qparams()``.
+
+    Example:
+        >>> output_key("layer1.0.downsample.0")
+        'layer1.0.downsample.0:output'
+    """
+    return name + OUTPUT
+
+
 class _WeightInputObserver(TorchFunctionMode):
     """Feeds an observer the input of every linear/conv/matmul call whose weight is a watched tensor
-    (or a view of one, such as ``weight.T``), wherever in the model the call is made."""
+    (or a view of one, such as ``weight.T``), wherever in the model the call is made; and ``outputs``'
+    observers that call's result."""
 
-    def __init__(self, watched: dict[int, Observer]) -> None:
+    def __init__(self, watched: dict[int, Observer], outputs: dict[int, Observer] | None = None) -> None:
         super().__init__()
-        self.watched = watched
+        self.watched, self.outputs = watched, outputs or {}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         call = WEIGHT_CALLS.get(func)
@@ -52,6 +66,11 @@ class _WeightInputObserver(TorchFunctionMode):
             observer = self.watched.get(id(weight)) or self.watched.get(id(getattr(weight, "_base", None)))
             if observer is not None and isinstance(x, torch.Tensor):
                 observer.update(x)
+            observer = self.outputs.get(id(weight)) or self.outputs.get(id(getattr(weight, "_base", None)))
+            if observer is not None:
+                out = func(*args, **(kwargs or {}))
+                observer.update(out)
+                return out
         return func(*args, **(kwargs or {}))
 
 
@@ -59,7 +78,9 @@ class Calibrator(PerLayer):
     """Observers on named layers, recording each layer's input while attached.
 
     A layer is a module (its forward input is observed) or a weight tensor (the input of each
-    ``F.linear``/``F.conv*``/``addmm``/``matmul`` that uses it is observed).
+    ``F.linear``/``F.conv*``/``addmm``/``matmul`` that uses it is observed). ``outputs`` names layers whose
+    output is also observed (a module's forward output, or the result of its weight's call), under
+    ``output_key(name)``; an output the data never reached is left out of ``qparams()``, not an error.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -70,33 +91,48 @@ class Calibrator(PerLayer):
         ['0', '2']
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module | torch.Tensor], config: QuantizationConfig) -> None:
+    def __init__(
+        self,
+        layers: Mapping[str, nn.Module | torch.Tensor],
+        config: QuantizationConfig,
+        outputs: Mapping[str, nn.Module | torch.Tensor] | None = None,
+    ) -> None:
         self.layers = dict(layers)
-        super().__init__({name: make_observer(config, name) for name in self.layers}, "observer state", config)
+        self.outputs = {output_key(name): layer for name, layer in (outputs or {}).items()}
+        names = [*self.layers, *self.outputs]
+        super().__init__({name: make_observer(config, name) for name in names}, "observer state", config)
         self.observers: dict[str, Observer] = self.items
 
     def attach(self) -> None:
         """Start observing (idempotent)."""
         if self._handles:
             return
-        watched = {}
+        watched, outputs = {}, {}
         for name, layer in self.layers.items():
             observer = self.observers[name]
             if isinstance(layer, torch.Tensor):
                 watched[id(layer)] = observer
             else:
                 self._handles.append(layer.register_forward_pre_hook(lambda _m, a, obs=observer: obs.update(a[0])))
-        if watched:
-            mode = _WeightInputObserver(watched)
+        for name, layer in self.outputs.items():
+            observer = self.observers[name]
+            if isinstance(layer, torch.Tensor):
+                outputs[id(layer)] = observer
+            else:
+                self._handles.append(layer.register_forward_hook(lambda _m, _a, out, obs=observer: obs.update(out)))
+        if watched or outputs:
+            mode = _WeightInputObserver(watched, outputs)
             mode.__enter__()
             self._handles.append(_ModeHandle(mode))
 
     def qparams(self, scheme: Scheme | None = None) -> dict[str, ActivationQParams]:
         """Per-layer activation parameters; raises naming every layer the data never reached."""
-        self.require_reached([name for name, obs in self.observers.items() if obs.empty])
+        self.require_reached([name for name, obs in self.observers.items() if obs.empty and name in self.layers])
         scheme = scheme or self.config.activation_scheme
         out = {}
         for name, observer in self.observers.items():
+            if observer.empty:
+                continue  # an output never observed (or absent from restored state): not calibrated
             try:  # ActivationQParams refuses a scale that is not finite and positive (a range beyond float32)
                 out[name] = observer.qparams(scheme)
             except ConfigError as err:
@@ -105,6 +141,13 @@ class Calibrator(PerLayer):
                     "calibration data and the layers before this one"
                 ) from None
         return out
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """``PerLayer.load_state_dict``; a state without this calibrator's output entries (saved before outputs
+        were observed) leaves those outputs unobserved instead of failing."""
+        if isinstance(state, Mapping):
+            state = {**{name: self.observers[name].state_dict() for name in self.outputs if name not in state}, **state}
+        super().load_state_dict(state)
 
 
 def check_state(layer: str, state: Any, expected: Mapping[str, torch.Tensor], what: str = "observer state") -> None:

@@ -20,7 +20,7 @@ from mono_quant.batches import ForwardFn, first_batch
 from mono_quant.config import Mode, QuantizationConfig, WeightAlgorithm
 from mono_quant.copying import bake_parametrized_weights, copy_model, reject_meta_model
 from mono_quant.engine.bias_correction import corrected_check, require_data
-from mono_quant.engine.calibration import Calibrator
+from mono_quant.engine.calibration import OUTPUT, Calibrator, output_key
 from mono_quant.engine.output_check import build_checked, capture_inputs, recording_inputs
 from mono_quant.engine.report import (
     LayerReport,
@@ -30,7 +30,13 @@ from mono_quant.engine.report import (
     layer_report,
     module_bytes,
 )
-from mono_quant.engine.selection import Selection, calibrated_layers, coverage_warning, select_layers
+from mono_quant.engine.selection import (
+    Selection,
+    calibrated_layers,
+    calibrated_outputs,
+    coverage_warning,
+    select_layers,
+)
 from mono_quant.engine.state_dict import quantize_state_dict
 from mono_quant.engine.weight_fitting import SequentialStatistics, fitter, input_groups
 from mono_quant.errors import CalibrationError, ConfigError, OutputCheckWarning, QuantizationError
@@ -58,7 +64,9 @@ def quantize(
     ``config`` may also be a dtype name (``quantize(model, "int4")``).
 
     In static mode, ``activation_qparams`` (layer name -> ``ActivationQParams``, e.g. from a
-    ``Calibrator`` fed elsewhere) is used instead of calibrating on ``calibration_data``. With
+    ``Calibrator`` fed elsewhere) is used instead of calibrating on ``calibration_data``; its calibrated conv
+    outputs (``Calibrator(..., outputs=...)``) are used only where no BatchNorm was folded, since they may have
+    been observed before folding. With
     ``algorithm="gptq"``/``"awq"``, int4 Linear weights are fitted to ``calibration_data`` layer by layer
     (``engine.weight_fitting``), or to ``input_statistics`` (layer name -> ``InputStatistics``) gathered elsewhere.
 
@@ -109,6 +117,9 @@ def quantize(
     notes += awq_notes(q_model, config, _fitted(selection), calibration_data, forward_fn)
     with recording_inputs(q_model, list(selection.chosen)) as inputs:  # for the output checks
         activations = _static_activations(q_model, config, calibration_data, forward_fn, activation_qparams)
+    if activation_qparams is not None and any(kind_of(r) is SkipKind.FOLDED for r in folded.values()):
+        # observed elsewhere, maybe before BatchNorm folding (Lightning: on the training model): not this output
+        activations = {name: q for name, q in activations.items() if not name.endswith(OUTPUT)}
     inputs = dict(inputs) or capture_inputs(q_model, list(selection.chosen), example, forward_fn)
     statistics_for = _fitting_statistics(q_model, config, inputs, calibration_data, forward_fn, input_statistics)
     order = [name for name in inputs if name in selection.chosen]  # call order: fitting corrects predecessors
@@ -126,6 +137,9 @@ def quantize(
         if quantized is None:
             selection.skipped[name] = Skip(SkipKind.OUTPUT_FLOOR, checked.note)
             continue
+        output = activations.get(output_key(name))
+        if isinstance(output, ActivationQParams) and hasattr(quantized, "set_output_qparams"):
+            quantized.set_output_qparams(output)  # the fused CPU graph's uint8 output where nothing else sets one
         if corrects_bias:
             checked = corrected_check(checked, quantized, float_module, module if attachment else None, x)
         weight_id = id(getattr(module, attachment.attribute if attachment else "weight", module))
@@ -217,7 +231,7 @@ def _static_activations(
         return dict(given)
     if calibration_data is None:
         raise CalibrationError("mode='static' needs calibration_data (or use mode='dynamic')")
-    calibrator = Calibrator(calibrated, config)
+    calibrator = Calibrator(calibrated, config, calibrated_outputs(q_model, config))
     calibrator.run(q_model, calibration_data, forward_fn)
     return calibrator.qparams()
 

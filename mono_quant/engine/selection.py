@@ -119,6 +119,29 @@ def calibrated_layers(model: nn.Module, config: QuantizationConfig) -> dict[str,
     return targets
 
 
+def calibrated_outputs(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.Module | torch.Tensor]:
+    """The static layers whose outputs calibration also observes (``calibrates_output``: int8 ``nn.Conv2d``,
+    whose fused CPU graph can then keep a projection shortcut's output uint8); empty unless static.
+
+    Observed as ``calibrated_layers`` observes inputs: a plain zero-padded ``nn.Conv2d`` through its module's
+    forward output, any other through the result of its weight's call. BatchNorm is folded before calibration
+    (``quantize``), so that is the value a residual add receives.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(2, 2))
+        >>> list(calibrated_outputs(model, QuantizationConfig(mode="static")))
+        ['0']
+    """
+    inputs = calibrated_layers(model, config)
+    selection = select_layers(model, config) if inputs else None
+    return {
+        name: target
+        for name, target in inputs.items()
+        if getattr(selection.chosen[name], "calibrates_output", False)
+        and isinstance(model.get_submodule(name), nn.Conv2d)
+    }
+
+
 def _input_is_the_weight_call_input(module: nn.Module) -> bool:
     """Whether ``module``'s forward input is exactly the input of its weight's convolution call."""
     plain = type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -5,9 +5,10 @@ SiLU as oneDNN post-ops), or the residual add whose other operand becomes the ac
 only ReLU may follow: oneDNN takes no other activation after a sum); where the output goes uint8
 (every reader is a static convolution at one input scale, or a residual add that can itself run
 uint8); and whether a residual add's accumulator can be uint8 (its value is a uint8 output already,
-or is quantized for a convolution anyway, and the add's result goes uint8). Scales come only from
-calibrated convolution inputs: a value no convolution reads (a projection shortcut's output) has
-none, so its add stays float32.
+or is quantized for a convolution anyway, and the add's result goes uint8). Scales come from
+calibrated convolution inputs, and for a value no convolution reads (a projection shortcut's output)
+from its convolution's calibrated output (``Int8Conv2d.set_output_qparams``), where it has one;
+otherwise that add stays float32.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from mono_quant.graph.fused_conv import Unary, input_qparams
+from mono_quant.graph.fused_conv import Unary, fused_params, input_qparams
 from mono_quant.kernels.numerics import uint8_high
 from mono_quant.modules.weight_tensor import QuantizedTensor
 
@@ -147,7 +148,25 @@ def _assign_uint8(plans: dict[fx.Node, dict[str, Any]], modules: dict[str, nn.Mo
             continue
         if accum in by_tail and by_tail[accum]["out"] is not None:
             plan["accum_q"] = by_tail[accum]["out"]
+        elif not full_codes and (own := _calibrated_output(accum, by_tail, modules)) is not None:
+            by_tail[accum]["out"] = plan["accum_q"] = own  # a projection shortcut: uint8 at its own scale
         elif len(qparams := readers_qparams(accum)) == 1:
             plan["accum_q"] = qparams.pop()  # quantized for a convolution anyway: the same uint8 tensor
         if plan["accum_q"] is None:
             plan["out"] = None  # a float32 accumulator gives a float32 output
+
+
+def _calibrated_output(
+    accum: fx.Node, by_tail: dict[fx.Node, dict[str, Any]], modules: dict[str, nn.Module]
+) -> tuple[float, int] | None:
+    """The calibrated output ``(scale, zero_point)`` of the convolution whose float output ``accum`` is, where
+    the add is its only reader and that output is the convolution's own (no sum; ReLU only narrows it).
+
+    Not for an ONNX export's plan (``full_codes``): its epilogues requantize only for a reading convolution.
+    """
+    plan = by_tail.get(accum)
+    if plan is None or plan["accum"] is not None or plan["unary"][0] not in ("none", "relu") or len(accum.users) != 1:
+        return None
+    conv = accum if plan["unary"][0] == "none" else accum.args[0]
+    params = fused_params(modules[conv.target].weight.layer)
+    return params.output_qparams if params.input_qparams is not None else None

@@ -43,7 +43,8 @@ def to_compressed_tensors(tensors: dict[str, torch.Tensor], own: Mapping[str, st
     int8: ``weight_scale``/``weight_zero_point`` ``[out]`` -> ``[out, 1]`` (per tensor ``[1]``), static input
     parameters -> ``[1]`` (a zero ``input_zero_point`` is left out). int4 asymmetric or Embedding: the values one
     per int8 (``naive-quantized``, recorded in ``entry["storage_format"]``); transformers 5.x + compressed-tensors
-    0.20 load neither packed group zero points nor packed embeddings.
+    0.20 load neither packed group zero points nor packed embeddings. A static convolution's calibrated output
+    parameters (mono-quant's fused CPU graph only) have no compressed-tensors field: they are left out.
 
     Example:
         >>> tensors = {"fc.weight": torch.zeros(4, 8, dtype=torch.int8), "fc.weight_scale": torch.ones(4)}
@@ -51,6 +52,9 @@ def to_compressed_tensors(tensors: dict[str, torch.Tensor], own: Mapping[str, st
         >>> tuple(tensors["fc.weight_scale"].shape)
         (4, 1)
     """
+    for key in ("output_scale", "output_zero_point"):
+        tensors.pop(own.get(key, ""), None)
+    entry.pop("output_qparams", None)
     if entry["bits"] == 4:
         if entry.get("scheme") == "asymmetric" or entry["kind"] == "Embedding":
             packed = tensors.pop(own["weight_packed"])

@@ -104,6 +104,8 @@ def _validate_layer(path: Path, name: str, entry: dict[str, Any]) -> None:
         return
     if entry.get("scheme") not in _SCHEMES:
         raise bad("scheme", f"one of {sorted(_SCHEMES)}")
+    if type(entry.get("output_qparams", False)) is not bool:  # true: the file holds output_scale/_zero_point
+        raise bad("output_qparams", "true or false (whether the layer stores a calibrated output scale)")
     if "scale_shape" in entry and checked_shape(entry["scale_shape"], minimum=1) is None:
         raise bad("scale_shape", "a list of positive integers")
     if entry["bits"] == 4 and not (type(entry.get("group_size")) is int and entry["group_size"] > 0):

@@ -47,7 +47,8 @@ class FusedConvParams:
 
     ``weight``: int8 ``[out, in/groups * kh * kw]`` (symmetric); ``weight_scale``: float32 ``[out]``;
     ``input_qparams``: the static uint8 input ``(scale, zero_point)`` in this CPU's codes, ``None`` in
-    dynamic mode (each call's min/max).
+    dynamic mode (each call's min/max); ``output_qparams``: the calibrated output ``(scale, zero_point)`` in
+    the same codes, ``None`` where the output was not calibrated.
     """
 
     weight: torch.Tensor
@@ -56,6 +57,7 @@ class FusedConvParams:
     kernel_size: tuple[int, int]
     groups: int
     input_qparams: tuple[float, int] | None
+    output_qparams: tuple[float, int] | None = None
 
 
 class QuantizedLayer:

@@ -44,6 +44,7 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
     dtypes = (QuantDtype.INT8,)
     bits = 8
     needs_calibration = True  # in static mode
+    calibrates_output = True  # static: the output too (``set_output_qparams``)
     weight_ranks = (2, 4)
 
     @classmethod
@@ -62,6 +63,26 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
         self._geometry = (list(self.stride), list(self.padding), list(self.dilation))
         self._conv_kind = self._kind_label()
         self._onednn_conv = kernels.OneDNNConvWeight()
+        self.register_buffer("output_scale", None)  # static: the calibrated output, where it was observed
+        self.register_buffer("output_zero_point", None)
+
+    def set_output_qparams(self, qparams: ActivationQParams | None) -> None:
+        """Hold the calibrated output ``qparams`` (static mode only; ``None`` clears them), which the fused CPU
+        graph uses to write this convolution's output as uint8 where nothing else calibrates it (a projection
+        shortcut feeding a residual add).
+
+        Example:
+            >>> conv = Int8Conv2d.from_float(nn.Conv2d(1, 2, 3), QuantizationConfig(mode="static"),
+            ...                              ActivationQParams(0.1, 0))
+            >>> conv.set_output_qparams(ActivationQParams(0.2, -5))
+            >>> conv.output_scale.item(), conv.output_zero_point.item(), conv.metadata()["output_qparams"]
+            (0.20000000298023224, -5, True)
+        """
+        if qparams is None or self.mode is not Mode.STATIC:
+            self.output_scale = self.output_zero_point = None
+            return
+        self.output_scale = qparams.scale.detach().float().reshape(()).to(self.weight.device)
+        self.output_zero_point = qparams.zero_point.to(torch.int8).reshape(()).to(self.weight.device)
 
     def _kind_label(self) -> str:
         """The kernel-choice key's kind for this layer's convolutions (built once, not per call)."""
@@ -93,7 +114,10 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
     @classmethod
     def from_metadata(cls, module: nn.Conv2d, metadata: dict[str, Any]) -> Int8Conv2d:
         scale_shape = tuple(metadata.get("scale_shape", (module.out_channels,)))
-        return cls(module, Mode(metadata["mode"]), Scheme(metadata["scheme"]), scale_shape)
+        layer = cls(module, Mode(metadata["mode"]), Scheme(metadata["scheme"]), scale_shape)
+        if metadata.get("output_qparams") and layer.mode is Mode.STATIC:  # the file holds them: expect them
+            layer.output_scale, layer.output_zero_point = torch.ones(()), torch.zeros((), dtype=torch.int8)
+        return layer
 
     def with_geometry(self, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> Int8Conv2d:
         """A layer sharing this one's int8 state but convolving with other stride/padding/dilation."""
@@ -208,18 +232,25 @@ class Int8Conv2d(Int8Matmul, QuantizedLayer):
         return part
 
     def metadata(self) -> dict[str, Any]:
-        return {**self.int8_metadata("Conv2d"), "groups": self.groups}
+        extra = {"output_qparams": True} if self.output_scale is not None else {}
+        return {**self.int8_metadata("Conv2d"), "groups": self.groups, **extra}
 
     @classmethod
     def state_dict_entry(cls, tensors: Mapping[str, torch.Tensor], name: str, mode: str) -> dict[str, Any] | None:
-        return int8_state_dict_entry(cls.float_type.__name__, tensors, name, mode)
+        entry = int8_state_dict_entry(cls.float_type.__name__, tensors, name, mode)
+        if entry is not None and entry["mode"] == "static" and f"{name}.output_scale" in tensors:
+            entry["output_qparams"] = True
+        return entry
 
     def fused_conv_params(self) -> FusedConvParams | None:
         """Symmetric static or dynamic weights on the CPU fuse; weight-only mode and asymmetric weights do not."""
         if self.mode is Mode.WEIGHT_ONLY or self.weight_zero_point is not None or self.weight.device.type != "cpu":
             return None
         static = None if self.mode is not Mode.STATIC else (float(self._input_scale_k), int(self._input_zero_k))
-        return FusedConvParams(self.weight, self._weight_scale_n, self.bias, self.kernel_size, self.groups, static)
+        out = None
+        if static is not None and self.output_scale is not None:  # in this CPU's codes, as the input's
+            out = self._fmt.static_qparams(float(self.output_scale), int(self.output_zero_point))
+        return FusedConvParams(self.weight, self._weight_scale_n, self.bias, self.kernel_size, self.groups, static, out)
 
     def onnx_forward(self, ops: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """QDQ (static; requantized at the output where the fused graph does, ``OnnxOps.conv``) or ``ConvInteger``
