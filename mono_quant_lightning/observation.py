@@ -17,7 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
 import mono_quant as mq
-from mono_quant import calibrated_layers, calibrated_outputs
+from mono_quant import calibrated_layers
 from mono_quant_lightning.messages import warn
 
 
@@ -66,8 +66,7 @@ class Observation:
 
     def calibrator(self, module: nn.Module) -> mq.Calibrator:
         """A new ``Calibrator`` on the layers of ``module`` that static quantization observes."""
-        outputs = calibrated_outputs(module, self.config)  # used where no BatchNorm folds (mq.quantize)
-        return mq.Calibrator(calibrated_layers(module, self.config), self.config, outputs)
+        return mq.Calibrator(calibrated_layers(module, self.config), self.config)
 
     def collector(self, module: nn.Module) -> mq.StatisticsCollector:
         """A new ``StatisticsCollector`` on the int4 Linear layers of ``module`` whose weights are fitted."""
