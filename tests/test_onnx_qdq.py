@@ -58,12 +58,13 @@ def test_requantized_convs_fuse_into_qlinearconv_and_outputs_match(digits, tmp_p
     assert "forward" in q.__dict__, "the static CNN runs mono-quant's fused CPU graph"
     path = export_onnx(q, images[:4], tmp_path / "residual.onnx")
     ops, graph = optimized_ops(path, tmp_path)
-    # stem conv 1 -> stem conv 2 -> conv1: requantized in the fused graph; conv2 (residual add) and down (head
-    # next) keep float outputs there, so they stay float convolutions on folded float weights
-    assert ops["QLinearConv"] == 3, ops
+    # stem conv 1 -> stem conv 2 -> conv1: requantized at the next conv's input scale as in the fused graph;
+    # conv2 (the residual add's operand) at its own calibrated output scale; ``down`` (head next) as ONNX Runtime
+    # decides: a float convolution on a folded float weight where it does not fuse
+    assert ops["QLinearConv"] >= 4, ops
     produced = {out: node.op_type for node in graph.node for out in node.output}
     float_convs = [node for node in graph.node if node.op_type in ("Conv", "FusedConv")]
-    assert len(float_convs) == 2, ops
+    assert len(float_convs) + ops["QLinearConv"] == 5, ops
     assert all(produced.get(node.input[1]) != "DequantizeLinear" for node in float_convs), ops
     assert "ConvInteger" not in ops
     test = x_test.reshape(-1, 1, 8, 8)
@@ -88,7 +89,7 @@ def test_unfused_model_exports_the_same_fast_graph(digits, tmp_path: Path, monke
     assert "forward" not in q.__dict__
     path = export_onnx(q, images[:4], tmp_path / "unfused.onnx")
     ops, _ = optimized_ops(path, tmp_path)
-    assert ops["QLinearConv"] == 3 and ops["Conv"] + ops["FusedConv"] == 2, ops
+    assert ops["QLinearConv"] >= 4 and ops["QLinearConv"] + ops["Conv"] + ops["FusedConv"] == 5, ops
     got = torch.from_numpy(ort.InferenceSession(str(path)).run(None, {"input_0": images[:64].numpy()})[0])
     with torch.no_grad():
         want = q(images[:64])

@@ -20,8 +20,8 @@ built-in classes emit:
   ``forward`` are folded into ``Conv`` (``onnx_pads``). Measured in ORT 1.32, batch 32, 2 threads, int8 session
   latency over the float session's (``benchmarks/deploy_results.md``, one round-robin run): digits ResNet 1.64x
   (every static conv a DQ-weight float conv but the 3 ``QLinearConv``) -> 1.00-1.09x (4 ``QLinearConv``, 5 NCHWc
-  float convs); EfficientNet-Lite0 1.55x (39 ``QLinearConv`` behind 17 float ``Pad``) -> 0.82-0.99x. The convs
-  still float feed a residual add or a pooling layer, which the export keeps float.
+  float convs) -> 0.60x with residual operands quantized (``onnx_epilogues``); EfficientNet-Lite0 1.55x (39
+  ``QLinearConv`` behind 17 float ``Pad``) -> 0.82-0.99x -> 0.52x. Convs before pooling or a head stay float.
 Classes without ``onnx_forward`` (int4, fp16/bf16, plugin layers by default) are exported through their
 ``dequantize()`` (``float_forward``: float initializers).
 """
