@@ -47,10 +47,7 @@ def int8_matmul(
 ) -> torch.Tensor:
     """``Int8Matmul.forward`` of the layer these tensors make up, for a float32 ``x`` ``[rows, in]``."""
     tensors = (weight_scale, weight_zero_point, bias, input_scale, input_zero_point)
-    layer = _find("matmul", weight, [], tensors)
-    if layer is None:
-        layer = _build_matmul(weight, tensors, mode)
-    return layer.eager_matmul(x).contiguous()
+    return _matmul_layer(weight, tensors, mode).eager_matmul(x).contiguous()
 
 
 @int8_matmul.register_fake
@@ -72,10 +69,7 @@ def int8_codes_matmul(
     """``Int8Matmul.codes_matmul`` of the dynamic layer these tensors make up, for per-row codes ``q`` ``[rows, in]``
     and their ``row_max`` ``[rows, 1]`` (quantized in traced ops, which inductor fuses)."""
     tensors = (weight_scale, weight_zero_point, bias, input_scale, input_zero_point)
-    layer = _find("matmul", weight, [], tensors)
-    if layer is None:
-        layer = _build_matmul(weight, tensors, "dynamic")
-    return layer.codes_matmul(q, row_max).contiguous()
+    return _matmul_layer(weight, tensors, "dynamic").codes_matmul(q, row_max).contiguous()
 
 
 @int8_codes_matmul.register_fake
@@ -131,6 +125,12 @@ def _find(op: str, weight: torch.Tensor, geometry: list[int], tensors: tuple) ->
         for a, b in zip(tensors, held[1:], strict=True)
     )
     return layer if same and held_geometry == geometry else None
+
+
+def _matmul_layer(weight: torch.Tensor, tensors: tuple, mode: str) -> nn.Module:
+    """The registered ``Int8Matmul`` holding exactly these tensors, else one built from them (and kept)."""
+    layer = _find("matmul", weight, [], tensors)
+    return layer if layer is not None else _build_matmul(weight, tensors, mode)
 
 
 def _build_matmul(weight: torch.Tensor, tensors: tuple, mode: str) -> nn.Module:
