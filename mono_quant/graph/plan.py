@@ -162,7 +162,8 @@ def _calibrated_output(
     """The calibrated output ``(scale, zero_point)`` of the convolution whose float output ``accum`` is, where
     the add is its only reader and that output is the convolution's own (no sum; ReLU only narrows it).
 
-    Not for an ONNX export's plan (``full_codes``): its epilogues requantize only for a reading convolution.
+    Not for an ONNX export's plan (``full_codes``): ``io/onnx_epilogues`` quantizes both operands of a residual add
+    at their convolutions' own output ranges instead, for ONNX Runtime's quantized add.
     """
     plan = by_tail.get(accum)
     if plan is None or plan["accum"] is not None or plan["unary"][0] not in ("none", "relu") or len(accum.users) != 1:
