@@ -97,6 +97,21 @@ def test_a_layer_whose_kernels_all_fail_computes_in_float(monkeypatch: pytest.Mo
     assert choice.chosen()["int8_linear_dynamic (24, 48) 2-8 cpu torch.float32"] == choice.FALLBACK
 
 
+def test_a_compiled_layer_whose_kernels_all_fail_computes_in_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled path's codes op checks its kernels too: none passing, it multiplies the dequantized codes."""
+    layer = nn.Linear(48, 24).eval()
+    q = mq.quantize(nn.Sequential(layer), dtype="int8").model
+    x = torch.randn(6, 48)
+    with torch.no_grad():
+        exact = q(x)  # before breaking the check: the integer kernels
+    choice.set_kernel_choice("measure")
+    monkeypatch.setattr(kernels.check, "STEP_FRACTION", -1.0)
+    with torch.no_grad(), pytest.warns(KernelCheckWarning):
+        out = torch.compile(q, fullgraph=True)(x)
+    assert choice.chosen()["int8_linear_dynamic_codes (24, 48) 2-8 cpu torch.uint8"] == choice.FALLBACK
+    torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-4)  # the same codes, multiplied in float
+
+
 def test_the_report_gives_output_sqnr_and_why_a_layer_moved() -> None:
     torch.manual_seed(0)
     lstm = nn.LSTM(4, 16)

@@ -186,14 +186,15 @@ class Int8Matmul(nn.Module):
         """
         candidates = _KERNELS if self._symmetric and kernels.use_onednn(q) else _KERNELS[:1]
         onednn_first = len(candidates) > 1 and kernels.onednn_default(q.shape[0], self.weight.numel())
-        scale, default = row_max / self._fmt.half, "onednn" if onednn_first else "int_mm"
+        default = "onednn" if onednn_first else "int_mm"
         kernel = choice.pick(
             self._choice_kind + "_codes", self._shape, q, candidates, default,
             lambda name: self._dynamic_product(name, q, row_max),
-            lambda: self._reference_codes(q, self._fmt.zero, scale),
+            lambda: self._reference_codes(q, self._fmt.zero, row_max / self._fmt.half),
         )  # fmt: skip
-        if kernel == choice.FALLBACK:
-            return F.linear((q.float() - self._fmt.zero) * scale, self.dequantized_weight(), self.bias)
+        if kernel == choice.FALLBACK:  # no integer kernel passed its check on this machine
+            dequantized = (q.float() - self._fmt.zero) * (row_max / self._fmt.half)
+            return F.linear(dequantized, self.dequantized_weight(), self.bias)
         return self._dynamic_product(kernel, q, row_max)
 
     def op_arguments(self) -> tuple[tuple[torch.Tensor | None, ...], list[int]]:
